@@ -1,0 +1,39 @@
+# Two set-up commands: `make up` (install, then start the node) and `make test` (install, then all tests).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONFIG ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install install-test peers up test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# torch from this machine's disk, then sam2 as an sdist built against it (../shared/docs/medsam2.md),
+# then the project itself. Re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation sam2==1.1.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The real DICOM peers the tests talk to: DCMTK, dicom3tools, Orthanc (Debian packages).
+peers:
+	@command -v /usr/bin/storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null)
+	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
+
+up: install
+	$(VENV)/bin/medsam2-cxr up $(if $(CONFIG),--config $(CONFIG),)
+
+test: install peers
+	$(VENV)/bin/python -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

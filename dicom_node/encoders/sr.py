@@ -1,0 +1,274 @@
+"""Prediction -> Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR style).
+
+One measurement group (TID 1501) per CheXpert label carries: finding type, Present/Absent, the
+calibrated probability, and the confidence tier as Certainty of Finding. One more group carries the
+out-of-distribution score. Warnings a reader must see (not for primary diagnosis, synthetic
+training) go in the TID 1500 "Qualitative Evaluations" container as TEXT items, and the synthetic
+notice also as a TID 4019 Algorithm Parameter so each group repeats it.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.valuerep import DA, DT, TM
+
+from dicom_node import codes
+from dicom_node.uids import ResultUIDs, derive_uid
+from models.prediction import ModelIdentity, Prediction
+
+SR_SERIES_NUMBER = 9901
+NOT_FOR_DIAGNOSIS = "AI result, not for primary diagnosis"
+SYNTHETIC_NOTICE = "Trained on synthetic phantom radiographs only - not clinically validated"
+OOD_NOTICE = "Image outside the model's experience - interpret with care"
+
+
+def software_version(model: ModelIdentity) -> str:
+    """Version plus short bundle digest: the version alone does not identify the weights."""
+    return f"{model.version}+{model.short_digest}"
+
+
+def device_uid(model: ModelIdentity) -> str:
+    """One Device UID per model bundle, stable across runs and hosts."""
+    return derive_uid("device", model.digest)
+
+
+def series_description(model: ModelIdentity, kind: str) -> str:
+    """Series description (LO, 64 chars) that says what the series is and what it is not."""
+    if model.synthetic_training:
+        text = f"AI {kind} - MedSAM2-CXR (phantom-trained, not for diagnosis)"
+    else:
+        text = f"AI {kind} - MedSAM2-CXR (not for primary diagnosis)"
+    return text[:64]
+
+
+def contributing_equipment(model: ModelIdentity, now: datetime.datetime) -> Dataset:
+    """The IHE AIR "Processing Algorithm" item naming this model.
+
+    Built by hand: highdicom's ContributingEquipment only accepts DCM purposes, and AIR wants
+    (Newcode1, 99IHE) plus a Device UID.
+    """
+    item = Dataset()
+    item.Manufacturer = model.manufacturer or codes.MANUFACTURER
+    item.ManufacturerModelName = model.name[:64]
+    item.SoftwareVersions = software_version(model)[:64]
+    item.DeviceUID = device_uid(model)
+    item.ContributionDateTime = DT(now)
+    item.ContributionDescription = f"{codes.ALGORITHM_NAME}; {NOT_FOR_DIAGNOSIS}"[:64]
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]
+    return item
+
+
+def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime) -> None:
+    """Replace highdicom's own clock readings with `now` and add our equipment item.
+
+    Outputs then depend only on their inputs: encoding twice gives identical objects.
+    """
+    for date_kw, time_kw in (
+        ("InstanceCreationDate", "InstanceCreationTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ):
+        if date_kw in ds or date_kw == "SeriesDate":
+            setattr(ds, date_kw, DA(now.date()))
+            setattr(ds, time_kw, TM(now.time()))
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") == "Highdicom open-source contributors":
+            item.ContributionDateTime = DT(now)
+    if "ContributingEquipmentSequence" not in ds:
+        ds.ContributingEquipmentSequence = []
+    ds.ContributingEquipmentSequence.append(contributing_equipment(model, now))
+
+
+def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    params = [f"bundle sha256 {model.digest}"[:1024]]
+    if model.synthetic_training:
+        params.append(SYNTHETIC_NOTICE)
+    return hd.sr.AlgorithmIdentification(
+        name=codes.ALGORITHM_NAME, version=software_version(model), parameters=params
+    )
+
+
+def _finding_groups(
+    source: Dataset,
+    prediction: Prediction,
+    algorithm: hd.sr.AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = []
+    for finding in prediction.findings:
+        concept = codes.LABEL_CODES[finding.label]
+        site = codes.LABEL_FINDING_SITES.get(finding.label)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derive_uid("tracking", uids.sr_instance, finding.label),
+                    identifier=finding.label,
+                ),
+                finding_type=concept,
+                finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.PROBABILITY,
+                        value=round(float(finding.probability), 4),
+                        unit=codes.UNITLESS,
+                    )
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=concept, value=codes.PRESENT if finding.present else codes.ABSENT
+                    ),
+                    hd.sr.QualitativeEvaluation(
+                        name=codes.CERTAINTY, value=codes.TIER_CODES[finding.tier]
+                    ),
+                ],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            )
+        )
+    return groups
+
+
+def _ood_group(
+    source: Dataset,
+    prediction: Prediction,
+    algorithm: hd.sr.AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid("tracking", uids.sr_instance, "ood"),
+            identifier="Out of distribution",
+        ),
+        finding_type=codes.OUTSIDE_EXPERIENCE,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.OOD_SCORE,
+                value=round(float(prediction.ood_score), 4),
+                unit=codes.UNITLESS,
+            ),
+            hd.sr.Measurement(
+                name=codes.OOD_THRESHOLD,
+                value=round(float(prediction.ood_threshold), 4),
+                unit=codes.UNITLESS,
+            ),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.OUTSIDE_EXPERIENCE,
+                value=codes.YES if prediction.out_of_distribution else codes.NO,
+            )
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+
+
+def notices(prediction: Prediction, model: ModelIdentity) -> list[str]:
+    """The sentences every rendering of a result must carry, most important first."""
+    lines = [NOT_FOR_DIAGNOSIS + "."]
+    if model.synthetic_training:
+        lines.append(SYNTHETIC_NOTICE + ".")
+    if prediction.out_of_distribution:
+        lines.append(OOD_NOTICE + ".")
+    lines.append(f"Model: {model.name} {software_version(model)}.")
+    if model.intended_use:
+        lines.append(f"Intended use: {model.intended_use}")
+    if model.training_data:
+        lines.append(f"Training data: {model.training_data}")
+    return lines
+
+
+def _notice_container(prediction: Prediction, model: ModelIdentity) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 10-12: document-level qualitative evaluations, here free-text notices."""
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.COMMENT,
+                value=line[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in notices(prediction, model)
+        ]
+    )
+    return container
+
+
+def _library_describable(source: Dataset) -> bool:
+    """Whether highdicom can write TID 1600 Image Library descriptors for this source.
+
+    For CR/DX/MG/etc. it needs Patient Orientation and Imager Pixel Spacing; many real CRs lack
+    the latter. Rather than invent a spacing we then omit the optional library: every measurement
+    group and the evidence sequence still reference the source image.
+    """
+    projection = str(source.get("Modality", "")) in {"CR", "DX", "MG", "IO", "PX", "RF", "XA"}
+    if not projection:
+        return True
+    return bool(source.get("PatientOrientation")) and bool(source.get("ImagerPixelSpacing"))
+
+
+def encode_sr(
+    source: Dataset,
+    prediction: Prediction,
+    model: ModelIdentity,
+    uids: ResultUIDs,
+    now: datetime.datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """Encode one prediction as a TID 1500 SR in the source's study, in the model's SR series.
+
+    Raises
+    ------
+    KeyError
+        A finding label or tier without a code (a contract violation upstream).
+    """
+    algorithm = _algorithm(model)
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DEVICE_OBSERVER,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid(model),
+                name=model.name,
+                manufacturer_name=model.manufacturer or codes.MANUFACTURER,
+                model_name=codes.ALGORITHM_NAME,
+            ),
+        )
+    )
+    groups = _finding_groups(source, prediction, algorithm, uids)
+    groups.append(_ood_group(source, prediction, algorithm, uids))
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=codes.PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+        referenced_images=[source] if _library_describable(source) else None,
+    )
+    report[0].ContentSequence.append(_notice_container(prediction, model))
+
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=uids.sr_series,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=1,
+        manufacturer=codes.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[codes.CODING_SCHEME_IDENTIFICATION],
+        series_description=series_description(model, "findings"),
+        manufacturer_model_name=model.name,
+        software_versions=software_version(model),
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+    )
+    finish(sr, model, now)
+    return sr

@@ -1,0 +1,201 @@
+"""The durable job table in the spool: the source of truth for what was received and what is owed.
+
+The broker may forget messages (Redis here keeps nothing across a restart); this table does not.
+Every state change is a single SQLite transaction with synchronous=FULL, so a row that says
+"queued" survives a power cut, and claims are compare-and-set with a lease so that two workers
+never process the same job at once and a killed worker's job is picked up again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # frontal CXR stored, waiting for inference
+    SKIPPED = "skipped"  # stored but not processed (reason says why)
+    INFERRING = "inferring"  # claimed by a GPU worker (lease)
+    INFERRED = "inferred"  # prediction written, results owed to the destination
+    SENDING = "sending"  # claimed by a sender (lease)
+    DONE = "done"  # results stored at the destination
+    DEAD = "dead"  # results in the dead-letter folder after the last attempt
+
+
+# States a reconciler may need to re-enqueue, and the state a worker claims them into.
+PENDING = {JobState.QUEUED: JobState.INFERRING, JobState.INFERRED: JobState.SENDING}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_sop ON jobs (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    calling_aet: str
+    path: str  # relative to the spool root
+    state: JobState
+    reason: str | None
+    attempts: int
+    created_at: float
+    updated_at: float
+    lease_until: float
+
+
+class JobStore:
+    """SQLite job table; safe to share between the listener thread and worker processes."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)  # executescript commits on its own
+        finally:
+            db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per transaction: simple across threads and forked processes.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.close()
+
+    @staticmethod
+    def _row(row: tuple | None) -> Job | None:
+        if row is None:
+            return None
+        job = Job(*row)
+        return Job(**{**job.__dict__, "state": JobState(job.state)})
+
+    def add(
+        self,
+        *,
+        job_id: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        calling_aet: str,
+        path: str,
+        state: JobState,
+        reason: str | None = None,
+    ) -> tuple[Job, Job | None]:
+        """Record a received instance. Returns (the new job, the earlier live job for the same
+        SOP Instance UID or None). A resent instance whose earlier job is live or finished is
+        recorded as skipped, so the same image never yields a second result."""
+        now = self._clock()
+        with self._tx() as db:
+            earlier = self._row(
+                db.execute(
+                    "SELECT * FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?) "
+                    "ORDER BY created_at LIMIT 1",
+                    (sop_instance_uid, JobState.SKIPPED, JobState.DEAD),
+                ).fetchone()
+            )
+            if earlier is not None and state == JobState.QUEUED:
+                state, reason = JobState.SKIPPED, f"duplicate of job {earlier.id}"
+            db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,0,?,?,0)",
+                (job_id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path,
+                 state, reason, now, now),
+            )
+            job = self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+        assert job is not None
+        return job, earlier
+
+    def get(self, job_id: str) -> Job | None:
+        with self._tx() as db:
+            return self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def claim(self, job_id: str, from_state: JobState, to_state: JobState, lease_s: float) -> Job | None:
+        """Compare-and-set from_state -> to_state with a lease. A job already in to_state whose
+        lease ran out (its worker died) can be claimed again. None: someone else has it, or it
+        has moved on (a duplicate message: drop it)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, lease_until=?, attempts=attempts+1, updated_at=? "
+                "WHERE id=? AND (state=? OR (state=? AND lease_until<?))",
+                (to_state, now + lease_s, now, job_id, from_state, to_state, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def advance(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
+        """Move a claimed job on; False if it was not in from_state (another worker won)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), lease_until=0, updated_at=? "
+                "WHERE id=? AND state=?",
+                (to_state, reason, now, job_id, from_state),
+            )
+            return cur.rowcount == 1
+
+    def release(self, job_id: str, claimed_state: JobState, back_to: JobState, reason: str | None = None) -> bool:
+        """Give a claimed job back (for a retry later) without counting it as done."""
+        return self.advance(job_id, claimed_state, back_to, reason)
+
+    def stale(self, older_than_s: float) -> list[Job]:
+        """Jobs whose broker message may be lost: waiting longer than older_than_s, or claimed by
+        a worker whose lease ran out."""
+        now = self._clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE (state IN (?, ?) AND updated_at < ?) "
+                "OR (state IN (?, ?) AND lease_until < ?) ORDER BY created_at",
+                (JobState.QUEUED, JobState.INFERRED, now - older_than_s,
+                 JobState.INFERRING, JobState.SENDING, now),
+            ).fetchall()
+        return [j for j in map(self._row, rows) if j is not None]
+
+    def touch(self, job_id: str) -> None:
+        """Mark a job as just (re-)enqueued, so the reconciler waits before trying again."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET updated_at=? WHERE id=?", (self._clock(), job_id))
+
+    def counts(self) -> dict[str, int]:
+        with self._tx() as db:
+            return dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    def by_state(self, state: JobState) -> list[Job]:
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY created_at", (state,)).fetchall()
+        return [j for j in map(self._row, rows) if j is not None]

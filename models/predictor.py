@@ -1,0 +1,96 @@
+"""Batch prediction: images -> encoder -> box -> BL-TTA -> calibration -> tiers, OOD, saliency.
+
+Takes a batch of preprocessed images (float [0, 1], any size) and returns one Prediction each.
+The device is chosen when the Predictor is built, which a worker does lazily after any fork.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.boxhead import ood_score, pool_features
+from models.bundle import Bundle
+from models.calibration import tier
+from models.labels import LABELS
+from models.prediction import Finding, Prediction
+from models.saliency import grad_cam
+from models.tta import bl_tta
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+NO_FINDING = LABELS.index("No Finding")
+
+
+def to_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """MedSAM2 preprocessing: gray [0,1] -> resize to size x size -> 3 channels -> ImageNet norm."""
+    batch = []
+    for img in images:
+        t = torch.as_tensor(np.ascontiguousarray(img), dtype=torch.float32)[None, None]
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        batch.append(t)
+    x = torch.cat(batch).clamp(0, 1).expand(-1, 3, -1, -1)
+    return (x - _MEAN) / _STD
+
+
+class Predictor:
+    def __init__(self, bundle: Bundle, device: str | None = None) -> None:
+        self.bundle = bundle
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder = bundle.encoder.to(self.device)
+        if self.device.type == "cuda":
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self.head = bundle.head.to(self.device)
+        self.samples = bundle.samples.to(self.device)
+        self.temperature = bundle.temperature.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder forward; returns vision_features (B, C, h, w) in float32."""
+        x = x.to(self.device)
+        if self.device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                vf = self.encoder(x)["vision_features"]
+        else:
+            vf = self.encoder(x)["vision_features"]
+        return vf.float()
+
+    def predict(self, images: Sequence[np.ndarray], saliency_top: int = 3) -> list[Prediction]:
+        if not images:
+            return []
+        vf = self.encode(to_input(images, self.bundle.image_size)).requires_grad_(True)
+        with torch.enable_grad():
+            c, r = self.head(pool_features(vf))
+            probs_n = bl_tta(self.head, c, r, self.samples, self.temperature)  # (B, N, L)
+            p = probs_n.mean(1).detach().cpu().numpy()
+            spread = probs_n.std(1, unbiased=False).detach().cpu().numpy()
+            thr = self.bundle.thresholds
+            targets = [self._shown(p[b], thr, saliency_top) for b in range(len(images))]
+            center_logits = self.head.logits(c) / self.temperature
+            maps = grad_cam(vf, center_logits, targets) if saliency_top > 0 else [{} for _ in images]
+        scores = ood_score(r).detach().cpu().numpy()
+        out = []
+        for b in range(len(images)):
+            findings = tuple(
+                Finding(label=LABELS[k], probability=float(p[b, k]), threshold=float(thr[k]),
+                        tier=tier(float(p[b, k]), float(thr[k]), float(spread[b, k])), spread=float(spread[b, k]))
+                for k in range(len(LABELS))
+            )
+            out.append(Prediction(
+                findings=findings, ood_score=float(scores[b]), ood_threshold=self.bundle.ood_threshold,
+                center=c[b].detach().cpu().numpy(), radius=r[b].detach().cpu().numpy(),
+                saliency={LABELS[k]: m.cpu().numpy() for k, m in maps[b].items()},
+            ))
+        return out
+
+    @staticmethod
+    def _shown(p: np.ndarray, thr: np.ndarray, top: int) -> list[int]:
+        """Findings a reader sees on the SC: those present, most probable first, else the top one."""
+        order = [k for k in np.argsort(-p) if k != NO_FINDING]
+        present = [k for k in order if p[k] >= thr[k]]
+        return (present or order[:1])[:top]

@@ -1,0 +1,180 @@
+"""End to end with real parts: Orthanc as the PACS (Lua autoroute on stable study), DCMTK
+storescu as the modality, the node's listener and two Celery workers as separate processes on
+the Redis broker. The SR and SC must come back into the same study and pass dciodvfy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+import redis
+from pydicom.data import get_testdata_file
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = 7
+
+
+def _need(*tools: str) -> None:
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.fail(f"{t} is not installed: run `make peers` (Debian packages dcmtk dicom3tools orthanc)")
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    _need("Orthanc")
+    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
+    lua = (REPO / "deploy" / "orthanc" / "autoroute.lua").read_text()
+    (tmp_path / "autoroute.lua").write_text(lua)
+    cfg = {
+        "Name": "PACS", "DicomAet": "PACS", "DicomPort": dicom_port, "HttpPort": http_port,
+        "StorageDirectory": str(tmp_path / "orthanc-db"), "IndexDirectory": str(tmp_path / "orthanc-db"),
+        "StableAge": 2, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+        "DicomModalities": {"medsam2": ["MEDSAM2CXR", "127.0.0.1", node_port]},
+        "LuaScripts": [str(tmp_path / "autoroute.lua")], "DicomCheckCalledAet": False,
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(cfg))
+    log = (tmp_path / "orthanc.log").open("w")
+    proc = subprocess.Popen(["Orthanc", str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait(lambda: _try(lambda: _get(base + "/system")), 30, "Orthanc to start")
+        yield {"dicom_port": dicom_port, "base": base, "node_port": node_port}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir, tmp_path):
+    _need("/usr/bin/storescu", "dciodvfy")
+    r = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379: run `make peers`")
+    r.flushdb()
+    spool = tmp_path / "spool"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nport = {orthanc["node_port"]}\nmin_free_mb = 16\n'
+        f'[destination]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {orthanc["dicom_port"]}\n'
+        f'[broker]\nurl = "redis://127.0.0.1:6379/{REDIS_DB}"\n[paths]\nspool = "{spool}"\n'
+        f'[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
+        f'[sender]\nattempts = 3\nbackoff_s = 1.0\n[worker]\nreconcile_every_s = 2\nstale_after_s = 20\n'
+    )
+    exe = [sys.executable, "-m", "worker.cli"]
+    logs = {name: (tmp_path / f"{name}.log") for name in ("listen", "gpu", "io")}
+    procs = [
+        subprocess.Popen(exe + ["listen", "--config", str(config)], stdout=logs["listen"].open("w"), stderr=subprocess.STDOUT, cwd=REPO),
+        subprocess.Popen(exe + ["worker", "--queues", "gpu", "--config", str(config)], stdout=logs["gpu"].open("w"), stderr=subprocess.STDOUT, cwd=REPO),
+        subprocess.Popen(exe + ["worker", "--queues", "io", "--config", str(config)], stdout=logs["io"].open("w"), stderr=subprocess.STDOUT, cwd=REPO),
+    ]
+    try:
+        _wait(lambda: "listening" in logs["listen"].read_text(), 60, "the node to listen")
+        phantom = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+        sources = [phantom, Path(get_testdata_file("RG1_J2KR.dcm"))]
+        t0 = time.time()
+        for src in sources:  # one association per file: each its own study
+            out = subprocess.run(["/usr/bin/storescu", "-aec", "PACS", "127.0.0.1", str(orthanc["dicom_port"]), str(src)],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+
+        def results():
+            found = {}
+            for src in sources:
+                ds = pydicom.dcmread(src, stop_before_pixels=True)
+                hits = _get(orthanc["base"] + "/instances?expand")
+                mine = [i for i in hits if i["MainDicomTags"].get("SOPInstanceUID") != ds.SOPInstanceUID
+                        and _study_uid(orthanc["base"], i) == ds.StudyInstanceUID]
+                if len(mine) < 2:
+                    return None
+                found[src.name] = mine
+            return found
+
+        found = _wait(results, 240, "the SR and SC in Orthanc", step=2)
+        elapsed = time.time() - t0
+        print(f"storescu -> SR+SC in Orthanc for {len(sources)} studies: {elapsed:.1f} s")
+        for src in sources:
+            source = pydicom.dcmread(src, stop_before_pixels=True)
+            kinds = []
+            for inst in found[src.name]:
+                data = urllib.request.urlopen(f"{orthanc['base']}/instances/{inst['ID']}/file", timeout=10).read()
+                path = tmp_path / f"{inst['ID']}.dcm"
+                path.write_bytes(data)
+                ds = pydicom.dcmread(path)
+                assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+                assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+                kinds.append(ds.SOPClassUID.name)
+                v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+                errors = [l for l in (v.stdout + v.stderr).splitlines() if l.startswith("Error")]
+                assert not errors, f"dciodvfy on the {ds.Modality} for {src.name}: {errors}"
+            assert sorted(kinds) == ["Comprehensive 3D SR Storage", "Secondary Capture Image Storage"], kinds
+        # Exactly one SR and one SC per source, even though Orthanc routes the study again once
+        # the results arrive (the node sees its own results and the resent source, and skips both).
+        time.sleep(6)
+        for src in sources:
+            assert len(results()[src.name]) == 2
+        # No patient identifier in any log line or audit record of the run.
+        names = set()
+        for src in sources:
+            ds = pydicom.dcmread(src, stop_before_pixels=True)
+            names |= {str(ds.PatientName), ds.PatientID, str(ds.PatientName).replace("^", " "), ds.get("PatientBirthDate", "")}
+        names.discard("")
+        text = "".join(p.read_text() for p in logs.values()) + (spool / "audit.jsonl").read_text()
+        leaked = [n for n in names if n in text]
+        assert not leaked, f"patient identifiers in logs: {leaked}"
+        audit = [json.loads(l) for l in (spool / "audit.jsonl").read_text().splitlines()]
+        assert sum(a["event"] == "sent" for a in audit) == len(sources)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        r.flushdb()
+
+
+_STUDY_CACHE: dict[str, str] = {}
+
+
+def _study_uid(base: str, inst: dict) -> str:
+    series = inst["ParentSeries"]
+    if series not in _STUDY_CACHE:
+        s = _get(f"{base}/series/{series}")
+        _STUDY_CACHE[series] = _get(f"{base}/studies/{s['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"]
+    return _STUDY_CACHE[series]

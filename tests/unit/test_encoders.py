@@ -1,0 +1,250 @@
+"""SR and SC encoders: valid DICOM (dciodvfy), readable SR (dsrdump), deterministic UIDs."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node import codes
+from dicom_node.encoders.sc import encode_sc
+from dicom_node.encoders.sr import SYNTHETIC_NOTICE, encode_sr
+from dicom_node.uids import ResultUIDs, derive_uid
+from models.labels import LABELS
+from models.prediction import Finding, ModelIdentity, Prediction
+from models.preprocess import read_image
+
+NOW = datetime.datetime(2025, 3, 4, 5, 6, 7)
+DIGEST = "3f" * 32
+
+
+def _blob(cy: float, cx: float, sigma: float = 3.0, n: int = 32) -> np.ndarray:
+    y, x = np.mgrid[0:n, 0:n]
+    return np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+
+
+def _prediction(ood: bool = True) -> Prediction:
+    probs = [0.1, 0.2, 0.35, 0.81, 0.72, 0.05, 0.4, 0.3, 0.2, 0.03, 0.64, 0.1, 0.05, 0.93]
+    tiers = ("high", "medium", "low")
+    findings = tuple(
+        Finding(label, p, 0.5, tiers[i % 3], 0.02 + 0.01 * i)
+        for i, (label, p) in enumerate(zip(LABELS, probs, strict=True))
+    )
+    saliency = {
+        "Lung Opacity": _blob(12, 9),
+        "Lung Lesion": _blob(20, 22),
+        "Pleural Effusion": _blob(27, 6),
+        "Support Devices": _blob(8, 16, 2),
+    }
+    return Prediction(
+        findings=findings,
+        ood_score=1.4 if ood else 0.2,
+        ood_threshold=1.0,
+        center=np.zeros(16, dtype=np.float32),
+        radius=np.full(16, 0.1, dtype=np.float32),
+        saliency=saliency,
+    )
+
+
+def _model(digest: str = DIGEST, synthetic: bool = True) -> ModelIdentity:
+    return ModelIdentity(
+        name="medsam2-cxr-boxlatent",
+        version="0.1.0",
+        digest=digest,
+        manufacturer=codes.MANUFACTURER,
+        synthetic_training=synthetic,
+        training_data="synthetic phantom radiographs" if synthetic else "CheXpert",
+        intended_use="research and engineering tests",
+    )
+
+
+def _real_cr() -> Dataset:
+    path = get_testdata_file("RG1_UNCI.dcm")
+    if path is None:
+        pytest.skip("RG1_UNCI.dcm not available: install the test extras (pydicom-data)")
+    return pydicom.dcmread(path)
+
+
+def _synthetic_dx() -> Dataset:
+    """A small, complete DX For Presentation image with imager pixel spacing and orientation."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Test^Dx"
+    ds.PatientID = "DX-001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20250301"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "DX"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "Test"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.Rows, ds.Columns = 300, 256
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    y, x = np.mgrid[0:300, 0:256]
+    ds.PixelData = ((np.sin(x / 20.0) + np.cos(y / 25.0) + 2) * 1000).astype(np.uint16).tobytes()
+    return ds
+
+
+SOURCES = {"cr": _real_cr, "dx": _synthetic_dx}
+
+
+@pytest.fixture(scope="module", params=sorted(SOURCES))
+def encoded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Encode SR and SC once per source; the tests below inspect the saved files."""
+    source = SOURCES[request.param]()
+    model = _model()
+    prediction = _prediction()
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    sr = encode_sr(source, prediction, model, uids, NOW)
+    sc = encode_sc(source, read_image(source), prediction, model, uids, NOW)
+    out = tmp_path_factory.mktemp(request.param)
+    sr_path, sc_path = out / "sr.dcm", out / "sc.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    sc.save_as(sc_path, enforce_file_format=True)
+    return {"source": source, "model": model, "prediction": prediction, "uids": uids,
+            "sr": sr, "sc": sc, "sr_path": sr_path, "sc_path": sc_path}
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    proc = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+    return (proc.stdout + proc.stderr).splitlines()
+
+
+@pytest.mark.parametrize("kind", ["sr_path", "sc_path"])
+def test_dciodvfy_reports_no_errors(encoded: dict, kind: str) -> None:
+    lines = _dciodvfy(encoded[kind])
+    for line in lines:
+        if "Warning" in line:
+            print(f"{kind}: {line}")  # shown with -s; warnings are information only
+    errors = [line for line in lines if "Error" in line]
+    assert not errors, "\n".join(errors)
+
+
+def test_dsrdump_shows_labels_algorithm_and_synthetic_notice(encoded: dict) -> None:
+    binary = shutil.which("dsrdump")
+    if binary is None:
+        pytest.skip("dsrdump not installed (Debian package dcmtk)")
+    proc = subprocess.run(
+        [binary, "+Pi", "+Pn", str(encoded["sr_path"])], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    dump = proc.stdout
+    for label in LABELS:
+        assert f'"{label}"' in dump, label  # tracking identifier
+    assert codes.ALGORITHM_NAME in dump
+    assert "Trained on synthetic" in dump
+
+
+def test_sr_content(encoded: dict) -> None:
+    sr, source, uids = encoded["sr"], encoded["source"], encoded["uids"]
+    assert sr.SOPInstanceUID == uids.sr_instance
+    assert sr.SeriesInstanceUID == uids.sr_series
+    assert sr.InstanceNumber == 1
+    for kw in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber"):
+        assert sr.get(kw) == source.get(kw), kw
+    assert str(sr.ContentDate) == NOW.strftime("%Y%m%d")
+    assert str(sr.SeriesDate) == NOW.strftime("%Y%m%d")
+    assert "not for" in sr.SeriesDescription
+    equipment = [
+        item for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+    ]
+    assert len(equipment) == 1
+    assert equipment[0].PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    assert encoded["model"].short_digest in equipment[0].SoftwareVersions
+    assert equipment[0].DeviceUID
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99MSCXR"
+    # 14 label groups + 1 out-of-distribution group
+    parsed = pydicom.dcmread(encoded["sr_path"])
+    root = parsed.ContentSequence
+    imaging = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    assert len(imaging.ContentSequence) == len(LABELS) + 1
+    texts = [
+        i.TextValue for i in next(
+            i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        ).ContentSequence
+    ]
+    assert any(SYNTHETIC_NOTICE in t for t in texts)
+    assert any("outside the model's experience" in t for t in texts)
+
+
+def test_sr_says_nothing_synthetic_for_a_clinical_model() -> None:
+    source = _synthetic_dx()
+    model = _model(synthetic=False)
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    sr = encode_sr(source, _prediction(ood=False), model, uids, NOW)
+    assert "synthetic" not in str(sr).lower()
+
+
+def test_sc_content(encoded: dict) -> None:
+    sc, source, uids = encoded["sc"], encoded["source"], encoded["uids"]
+    assert sc.SOPInstanceUID == uids.sc_instance
+    assert sc.SeriesInstanceUID == uids.sc_series
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientID == source.PatientID
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.BitsAllocated == 8 and sc.SamplesPerPixel == 3
+    assert sc.BurnedInAnnotation == "YES"
+    assert max(sc.Rows, sc.Columns) <= 2048
+    pixels = pydicom.dcmread(encoded["sc_path"]).pixel_array
+    assert pixels.shape == (sc.Rows, sc.Columns, 3)
+    # The heat map adds colour: some pixels are far from gray.
+    spread = pixels.max(axis=2).astype(int) - pixels.min(axis=2).astype(int)
+    assert (spread > 60).mean() > 0.01
+
+
+def test_encoding_is_deterministic(encoded: dict) -> None:
+    source, model, prediction, uids = (encoded[k] for k in ("source", "model", "prediction", "uids"))
+    again = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    assert again == uids
+    sr2 = encode_sr(source, prediction, model, again, NOW)
+    assert sr2.SOPInstanceUID == encoded["sr"].SOPInstanceUID
+    # No hidden clock or random UID anywhere: the whole file is reproducible.
+    buf = io.BytesIO()
+    sr2.save_as(buf, enforce_file_format=True)
+    assert buf.getvalue() == encoded["sr_path"].read_bytes()
+
+
+def test_uids_change_with_any_input() -> None:
+    base = ResultUIDs.for_source("1.2.3", "1.2.3.4", DIGEST)
+    other_bundle = ResultUIDs.for_source("1.2.3", "1.2.3.4", "00" * 32)
+    other_image = ResultUIDs.for_source("1.2.3", "1.2.3.5", DIGEST)
+    all_uids = [*vars(base).values()]
+    assert len(set(all_uids)) == 6
+    assert not set(all_uids) & set(vars(other_bundle).values())
+    # Same study and model: shared series, new instances.
+    assert other_image.sr_series == base.sr_series and other_image.sc_series == base.sc_series
+    assert other_image.sr_instance != base.sr_instance
+    for uid in all_uids:
+        assert uid.startswith("2.25.") and len(uid) <= 64
+        assert pydicom.uid.UID(uid).is_valid
+    assert derive_uid("ab", "c") != derive_uid("a", "bc")

@@ -1,0 +1,158 @@
+"""Encoder loading, box head, BL-TTA against its closed form, calibration, bundle round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import encoder as enc
+from models.boxhead import BoxHead, ood_score, pool_features
+from models.bundle import BundleError, load_bundle, write_bundle
+from models.calibration import fit_temperature, fit_thresholds, tier
+from models.labels import LABELS
+from models.predictor import Predictor, to_input
+from models.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc, split_patients
+from models.tta import bl_tta, box_samples, linear_limit
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return enc.build_encoder("tiny")
+
+
+def test_tiny_encoder_outputs_fixed_dict(tiny):
+    out = tiny(torch.zeros(2, 3, 128, 128))
+    assert set(out) == {"vision_features", "vision_pos_enc", "backbone_fpn"}
+    assert out["vision_features"].shape == (2, 32, 8, 8)
+
+
+def test_checkpoint_round_trip_is_strict(tiny, tmp_path):
+    path = tmp_path / "MedSAM2_like.pt"
+    digest = enc.save_checkpoint(tiny, path)
+    blob = torch.load(path, weights_only=True)
+    assert all(k.startswith("image_encoder.") for k in blob["model"])
+    other = enc.build_encoder("tiny", seed=1)
+    assert enc.load_checkpoint(other, path) == digest
+    for a, b in zip(tiny.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    # A checkpoint missing one tensor, or of another graph, is refused with the reason.
+    state = dict(blob["model"])
+    state.pop(next(iter(state)))
+    torch.save({"model": state}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="1 missing"):
+        enc.load_checkpoint(other, tmp_path / "partial.pt")
+    torch.save({"state_dict": {}}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="not a MedSAM2 checkpoint"):
+        enc.load_checkpoint(other, tmp_path / "wrong.pt")
+
+
+@pytest.mark.slow
+def test_medsam2_512_graph_has_the_documented_layout(tmp_path):
+    e = enc.build_encoder("t512")
+    assert sum(p.numel() for p in e.parameters()) == 27_219_136
+    assert len(enc.encoder_state(e)) == 162
+    with torch.no_grad():
+        out = e(torch.zeros(1, 3, 512, 512))
+    assert out["vision_features"].shape == (1, 256, 32, 32)
+    assert [tuple(f.shape[1:]) for f in out["backbone_fpn"]] == [(256, 128, 128), (256, 64, 64), (256, 32, 32)]
+
+
+def test_bl_tta_converges_to_the_linear_closed_form():
+    torch.manual_seed(0)
+    d = 64
+    head = BoxHead(in_dim=8, latent_dim=d, hidden=16)
+    c = torch.randn(16, d)
+    r = torch.rand(16, d) * 0.8
+    limit = linear_limit(head.classifier.weight, head.classifier.bias, c, r)
+    errors = {}
+    with torch.no_grad():
+        for n in (1, 8, 64, 4096):
+            p = bl_tta(head, c, r, box_samples(n, d)).mean(1)
+            errors[n] = (p - limit).abs().mean().item()
+    assert errors[4096] < 0.01  # the probit approximation itself is accurate to about this
+    assert errors[64] <= errors[1]
+    assert errors[8] < errors[1]
+
+
+def test_box_samples_are_antithetic_and_deterministic():
+    s = box_samples(8, 32)
+    assert torch.allclose(s[:4], -s[4:])
+    assert torch.equal(s, box_samples(8, 32))
+    assert s.abs().max() <= 1
+    assert torch.equal(box_samples(1, 4), torch.zeros(1, 4))
+
+
+def test_pool_features_and_ood_score():
+    vf = torch.randn(3, 4, 8, 8)
+    assert pool_features(vf).shape == (3, 20)
+    assert ood_score(torch.full((2, 5), 0.5)).allclose(torch.log(torch.tensor([0.5, 0.5])))
+
+
+def test_temperature_undoes_overconfidence():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, (2000, 1))
+    y = (rng.random((2000, 1)) < 1 / (1 + np.exp(-true_logit))).astype(float)
+    logits = (true_logit * 4)[:, None, :]  # 4x overconfident
+    t = fit_temperature(logits, y)
+    assert 3.0 < t[0] < 5.5
+    thr = fit_thresholds(1 / (1 + np.exp(-logits[:, 0] / t)), y)
+    assert 0.2 < thr[0] < 0.8
+    assert tier(0.97, 0.5, 0.01) == "high" and tier(0.52, 0.5, 0.01) == "low"
+
+
+def _synthetic_features(n=300, d=24, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    w = rng.normal(size=(len(LABELS), d))
+    x = y @ w + rng.normal(0, 1.0, (n, d))
+    return FeatureSet(x.astype(np.float32), y, np.array([f"p{i // 2}" for i in range(n)]),
+                      (x + rng.normal(0, 0.3, x.shape)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["B0", "B3", "B4", "B5"])
+def test_heads_learn_separable_features(name):
+    fs = _synthetic_features()
+    tr, va, te = split_patients(fs.patients, seed=0)
+    assert not set(fs.patients[tr]) & set(fs.patients[te])
+    head = fit_head(FeatureSet(fs.x[tr], fs.y[tr], fs.patients[tr], fs.x_shift[tr]), VARIANTS[name], seed=0, epochs=30)
+    cal = calibrate(head, VARIANTS[name], FeatureSet(fs.x[va], fs.y[va], fs.patients[va]))
+    assert cal["validation"]["macro_auroc"] > 0.85
+    assert cal["validation"]["labels_scored"] == len(LABELS)
+
+
+def test_macro_auroc_skips_single_class_labels():
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, np.nan]], dtype=float)
+    p = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3], [0.2, 0.4]])
+    assert macro_auroc(y, p) == (1.0, 1)
+
+
+def test_bundle_round_trip_and_tamper_detection(tiny, tmp_path):
+    fs = _synthetic_features(d=160)
+    head = fit_head(fs, VARIANTS["B5"], seed=0, epochs=2)
+    cal = calibrate(head, VARIANTS["B5"], fs)
+    card = {"name": "t", "version": "0", "synthetic_training": True, "training_data": "synthetic features",
+            "intended_use": "tests", "encoder": {"spec": "tiny", "image_size": 128}, **cal}
+    written = write_bundle(tmp_path / "b", card, tiny, head)
+    b = load_bundle(tmp_path / "b")
+    assert b.digest == written["digest"] and b.identity().synthetic_training
+    preds = Predictor(b, device="cpu").predict([np.random.default_rng(0).random((300, 250)).astype(np.float32)] * 2)
+    assert len(preds) == 2 and len(preds[0].findings) == len(LABELS)
+    assert preds[0].to_json() == preds[1].to_json()  # deterministic
+    assert preds[0].saliency and all(m.shape == (8, 8) for m in preds[0].saliency.values())
+    assert all(0 <= f.probability <= 1 for f in preds[0].findings)
+    # Altering the card or a weight file is caught.
+    card_path = tmp_path / "b" / "model_card.json"
+    body = json.loads(card_path.read_text())
+    body["thresholds"]["Cardiomegaly"] = 0.01
+    card_path.write_text(json.dumps(body))
+    with pytest.raises(BundleError, match="altered"):
+        load_bundle(tmp_path / "b")
+
+
+def test_to_input_normalises_like_medsam2():
+    x = to_input([np.ones((10, 20), np.float32)], 16)
+    assert x.shape == (1, 3, 16, 16)
+    assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))

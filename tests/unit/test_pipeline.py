@@ -1,0 +1,137 @@
+"""The pipeline as plain functions, with the tiny phantom-trained bundle and no Celery."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.audit import AuditLog
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.sender import DeliveryFailed, Destination
+from dicom_node.spool import Spool
+from models.bundle import load_bundle
+from models.predictor import Predictor
+from worker import pipeline
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    clock = Clock()
+    c = pipeline.Context(spool=Spool(tmp_path / "spool"), jobs=JobStore(tmp_path / "spool" / "jobs.sqlite", clock=clock),
+                         audit=AuditLog(tmp_path / "spool" / "audit.jsonl"), lease_s=60,
+                         now=lambda: dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc))
+    c.clock = clock  # type: ignore[attr-defined]
+    return c
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle):
+    return Predictor(load_bundle(tiny_bundle), device="cpu")
+
+
+def _receive(ctx, src: Path, job_id: str) -> None:
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    ctx.spool.write_atomic(ctx.spool.incoming_path(job_id), src.read_bytes())
+    ctx.jobs.add(job_id=job_id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                 study_instance_uid=ds.StudyInstanceUID, calling_aet="MODALITY",
+                 path=ctx.spool.relative(ctx.spool.incoming_path(job_id)), state=JobState.QUEUED)
+
+
+def test_infer_then_deliver_once(ctx, predictor, phantom_dir):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    _receive(ctx, src, "job1")
+    sends: list[str] = []
+    assert pipeline.infer_jobs(["job1", "job1"], ctx, predictor, sends.append) == ["job1"]
+    assert sends == ["job1"] and ctx.jobs.get("job1").state == JobState.INFERRED
+    delivered: list[tuple[list[Path], Destination]] = []
+    dest = Destination("PACS", "127.0.0.1", 4242)
+    assert pipeline.deliver_job("job1", ctx, lambda aet: dest, lambda f, d: delivered.append((f, d))) == JobState.DONE
+    files = delivered[0][0]
+    sr, sc = (pydicom.dcmread(f) for f in files)
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.ContentSequence  # TID 1500 content
+    # A duplicate message for either step does nothing.
+    assert pipeline.infer_jobs(["job1"], ctx, predictor, sends.append) == []
+    assert pipeline.deliver_job("job1", ctx, lambda aet: dest, lambda f, d: delivered.append((f, d))) is None
+    assert len(delivered) == 1
+    events = [r["event"] for r in ctx.audit.read()]
+    assert events == ["inferred", "sent"]
+    if shutil.which("dciodvfy"):
+        for f in files:
+            out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+            assert not [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+
+
+def test_results_are_deterministic_across_reruns(ctx, predictor, phantom_dir, tmp_path):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[1]
+    image = pipeline.read_image(pydicom.dcmread(src))
+    pred = predictor.predict([image])[0]
+    model = predictor.bundle.identity()
+    now = dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc)
+    a = [pipeline.to_bytes(d) for d in pipeline.encode_results(pydicom.dcmread(src), image, pred, model, now)]
+    b = [pipeline.to_bytes(d) for d in pipeline.encode_results(pydicom.dcmread(src), image, pred, model, now)]
+    assert a == b
+
+
+def test_permanent_failure_dead_letters_and_resend_recovers(ctx, predictor, phantom_dir):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[2]
+    _receive(ctx, src, "job2")
+    queue: list[str] = []
+    pipeline.infer_jobs(["job2"], ctx, predictor, queue.append)
+
+    def refuse(files, dest):
+        raise DeliveryFailed(f"{dest}: association refused")
+
+    dest = Destination("PACS", "127.0.0.1", 1)
+    assert pipeline.deliver_job("job2", ctx, lambda aet: dest, refuse) == JobState.DEAD
+    assert ctx.spool.dead_letters() == ["job2"]
+    reason = json.loads((ctx.spool.dead / "job2" / "reason.json").read_text())
+    assert "refused" in reason["reason"]
+    pipeline.resend("job2", ctx, queue.append)
+    assert ctx.jobs.get("job2").state == JobState.INFERRED and queue[-1] == "job2"
+    sent = []
+    assert pipeline.deliver_job("job2", ctx, lambda aet: dest, lambda f, d: sent.append(f)) == JobState.DONE
+    assert [r["event"] for r in ctx.audit.read()] == ["inferred", "dead_letter", "resent", "sent"]
+
+
+def test_reconciler_requeues_lost_messages_and_dead_workers(ctx, predictor, phantom_dir):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[3]
+    _receive(ctx, src, "job3")
+    infers: list[str] = []
+    sends: list[str] = []
+    assert pipeline.reconcile(ctx, 30, infers.append, sends.append) == 0  # fresh: its message may still come
+    ctx.clock.t += 31  # the broker lost the message
+    assert pipeline.reconcile(ctx, 30, infers.append, sends.append) == 1 and infers == ["job3"]
+    # A worker claims it and dies: nobody else may take it until the lease runs out.
+    assert ctx.jobs.claim("job3", JobState.QUEUED, JobState.INFERRING, 60) is not None
+    assert pipeline.infer_jobs(["job3"], ctx, predictor, sends.append) == []
+    ctx.clock.t += 61
+    assert pipeline.reconcile(ctx, 30, infers.append, sends.append) == 1 and infers[-1] == "job3"
+    assert pipeline.infer_jobs(["job3"], ctx, predictor, sends.append) == ["job3"]
+
+
+def test_an_undecodable_image_is_skipped_with_its_reason(ctx, predictor, phantom_dir, tmp_path):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    ds.PixelData = ds.PixelData[:100]  # lies about its size
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    _receive(ctx, bad, "job4")
+    assert pipeline.infer_jobs(["job4"], ctx, predictor, lambda j: None) == []
+    job = ctx.jobs.get("job4")
+    assert job.state == JobState.SKIPPED and "cannot read image" in job.reason

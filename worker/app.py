@@ -1,0 +1,54 @@
+"""The Celery app: two queues (gpu for inference, io for sending), reliability settings per
+../shared/docs/operations.md, and a serverless filesystem transport in the spool by default."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+INFER = "medsam2.infer"
+SEND = "medsam2.send"
+
+
+def broker_options(settings: Settings) -> tuple[str, dict]:
+    if settings.broker.url:
+        # Longer than the longest task, so a slow task is not delivered twice.
+        return settings.broker.url, {"visibility_timeout": 3600}
+    folder = settings.spool / "broker"
+    for sub in ("queue", "processed"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                             "processed_folder": str(folder / "processed"), "store_processed": False}
+
+
+def make_app(settings: Settings) -> Celery:
+    url, transport = broker_options(settings)
+    app = Celery("medsam2_cxr", broker=url, include=["worker.tasks"])
+    app.conf.update(
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_routes={INFER: {"queue": "gpu"}, SEND: {"queue": "io"}},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        medsam2_settings=settings.model_dump(mode="json"),
+    )
+    return app
+
+
+def enqueuers(app: Celery) -> tuple:
+    """(enqueue_infer, enqueue_send): the only way the rest of the node talks to the broker."""
+    def infer(job_id: str) -> None:
+        app.send_task(INFER, args=[job_id], queue="gpu")
+
+    def send(job_id: str) -> None:
+        app.send_task(SEND, args=[job_id], queue="io")
+
+    return infer, send

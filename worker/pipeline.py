@@ -1,0 +1,196 @@
+"""The pipeline as plain functions: no Celery here. Tasks, `up` and the offline `infer` call them.
+
+infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
+deliver_job: prediction -> SR + SC (deterministic UIDs) -> C-STORE -> done or dead letter.
+Each step claims its job in the job store first, so a duplicate message does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import structlog
+from pydicom import Dataset
+
+from dicom_node.audit import AuditLog
+from dicom_node.encoders.sc import encode_sc
+from dicom_node.encoders.sr import encode_sr
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.sender import DeliveryFailed, Destination
+from dicom_node.spool import Spool
+from dicom_node.uids import ResultUIDs
+from models.prediction import Finding, ModelIdentity, Prediction
+from models.preprocess import ImageError, read_image
+
+log = structlog.get_logger()
+
+PREDICTION = "prediction.json"
+SALIENCY = "saliency.npz"
+SR_FILE = "sr.dcm"
+SC_FILE = "sc.dcm"
+
+
+@dataclass
+class Context:
+    """The side effects a pipeline step needs, passed in so tests can swap them."""
+
+    spool: Spool
+    jobs: JobStore
+    audit: AuditLog
+    lease_s: float = 120.0
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+
+
+# ---------------------------------------------------------------- results, shared with `infer`
+
+def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, model: ModelIdentity,
+                   now: dt.datetime) -> list[Dataset]:
+    """SR then SC for one source image, with UIDs derived from the source and the bundle."""
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    return [encode_sr(source, prediction, model, uids, now), encode_sc(source, image, prediction, model, uids, now)]
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def save_prediction(spool: Spool, folder: Path, prediction: Prediction, model: ModelIdentity) -> None:
+    body = {**prediction.to_json(), "model": dataclasses.asdict(model),
+            "center": prediction.center.tolist(), "radius": prediction.radius.tolist()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **prediction.saliency)
+    spool.write_atomic(folder / SALIENCY, buf.getvalue())
+    spool.write_atomic(folder / PREDICTION, json.dumps(body, indent=1).encode())
+
+
+def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
+    body = json.loads((folder / PREDICTION).read_text())
+    with np.load(folder / SALIENCY) as z:
+        saliency = {k: z[k] for k in z.files}
+    findings = tuple(Finding(label=f["label"], probability=f["probability"], threshold=f["threshold"],
+                             tier=f["tier"], spread=f["spread"]) for f in body["findings"])
+    pred = Prediction(findings=findings, ood_score=body["ood_score"], ood_threshold=body["ood_threshold"],
+                      center=np.array(body["center"]), radius=np.array(body["radius"]), saliency=saliency)
+    return pred, ModelIdentity(**body["model"])
+
+
+# ---------------------------------------------------------------- the GPU step
+
+def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None]) -> list[str]:
+    """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
+
+    An image that cannot be decoded is skipped with its reason (and audited); the rest go on.
+    """
+    claimed, images = [], []
+    for job_id in job_ids:
+        job = ctx.jobs.claim(job_id, JobState.QUEUED, JobState.INFERRING, ctx.lease_s)
+        if job is None:
+            log.info("infer.not_claimed", job=job_id)  # done already, or another worker has it
+            continue
+        try:
+            images.append(read_image(pydicom.dcmread(ctx.spool.root / job.path)))
+            claimed.append(job)
+        except (ImageError, pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+            ctx.jobs.advance(job_id, JobState.INFERRING, JobState.SKIPPED, reason=f"cannot read image: {exc}")
+            ctx.audit.record("skipped", job=job_id, sop_instance_uid=job.sop_instance_uid, reason=f"cannot read image: {exc}")
+    if not claimed:
+        return []
+    t0 = time.perf_counter()
+    predictions = predictor.predict(images)
+    seconds = (time.perf_counter() - t0) / len(claimed)
+    model = predictor.bundle.identity()
+    done = []
+    for job, pred in zip(claimed, predictions):
+        save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model)
+        if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
+            ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
+                             seconds=round(seconds, 3), out_of_distribution=pred.out_of_distribution,
+                             present=[f.label for f in pred.findings if f.present])
+            done.append(job.id)
+            _enqueue(enqueue_send, job.id)
+    return done
+
+
+# ---------------------------------------------------------------- the IO step
+
+def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Destination],
+                send: Callable[[list[Path], Destination], None]) -> JobState | None:
+    """Encode (if not yet) and send the results of one job; dead-letter them on final failure.
+
+    `send` does its own retries (dicom_node.sender.send_with_retry) and raises DeliveryFailed
+    after the last attempt. Returns the job's new state, or None when the job was not ours.
+    """
+    job = ctx.jobs.claim(job_id, JobState.INFERRED, JobState.SENDING, ctx.lease_s)
+    if job is None:
+        log.info("deliver.not_claimed", job=job_id)
+        return None
+    folder = ctx.spool.result_dir(job_id)
+    files = [folder / SR_FILE, folder / SC_FILE]
+    if not all(f.exists() for f in files):
+        source = pydicom.dcmread(ctx.spool.root / job.path)
+        prediction, model = load_prediction(folder)
+        for path, ds in zip(files, encode_results(source, read_image(source), prediction, model, ctx.now())):
+            ctx.spool.write_atomic(path, to_bytes(ds))
+    dest = destination_for(job.calling_aet)
+    t0 = time.perf_counter()
+    try:
+        send(files, dest)
+    except DeliveryFailed as exc:
+        where = ctx.spool.dead_letter(job_id, files, str(exc))
+        ctx.jobs.advance(job_id, JobState.SENDING, JobState.DEAD, reason=str(exc))
+        ctx.audit.record("dead_letter", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
+                         reason=str(exc), folder=str(where))
+        log.error("deliver.dead_letter", job=job_id, destination=dest.ae_title)
+        return JobState.DEAD
+    ctx.jobs.advance(job_id, JobState.SENDING, JobState.DONE)
+    ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
+                     results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
+                     seconds=round(time.perf_counter() - t0, 3), since_received=round(time.time() - job.created_at, 3))
+    return JobState.DONE
+
+
+def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None]) -> None:
+    """Bring a dead-lettered job's results back and queue them for sending again."""
+    job = ctx.jobs.get(job_id)
+    if job is None or job.state != JobState.DEAD:
+        raise ValueError(f"job {job_id}: not in the dead-letter state ({job.state if job else 'unknown job'})")
+    ctx.spool.take_back_dead_letter(job_id)
+    ctx.jobs.advance(job_id, JobState.DEAD, JobState.INFERRED, reason="resend requested")
+    ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid)
+    _enqueue(enqueue_send, job_id)
+
+
+# ---------------------------------------------------------------- reconciling with the broker
+
+def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str], None],
+              enqueue_send: Callable[[str], None]) -> int:
+    """Re-enqueue what the broker may have forgotten; the job store is the source of truth."""
+    n = 0
+    for job in ctx.jobs.stale(stale_after_s):
+        target = enqueue_infer if job.state in (JobState.QUEUED, JobState.INFERRING) else enqueue_send
+        if _enqueue(target, job.id):
+            ctx.jobs.touch(job.id)
+            n += 1
+    if n:
+        log.warning("reconcile.requeued", jobs=n)
+    return n
+
+
+def _enqueue(fn: Callable[[str], None], job_id: str) -> bool:
+    try:
+        fn(job_id)
+        return True
+    except Exception as exc:  # broker down: the reconciler will try again
+        log.warning("enqueue.failed", job=job_id, error=type(exc).__name__)
+        return False

@@ -1,0 +1,109 @@
+"""Configuration: a TOML file (--config) with every key overridable by MEDSAM2_CXR_<SECTION>__<KEY>.
+
+Defaults work on one host with no broker server: the serverless transport lives in the spool.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
+
+
+class Node(Section):
+    ae_title: str = "MEDSAM2CXR"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: list[str] = []  # empty: accept any caller
+    max_associations: int = 16
+    min_free_mb: int = 256  # refuse to store (out of resources) below this much free spool space
+
+
+class Destination(Section):
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = 4242
+
+
+class Destinations(Destination):
+    # Per-calling-AE overrides: results of studies sent by that AE go back to its own PACS.
+    routes: dict[str, Destination] = {}
+
+    def for_caller(self, calling_aet: str) -> Destination:
+        return self.routes.get(calling_aet.strip(), Destination(ae_title=self.ae_title, host=self.host, port=self.port))
+
+
+class Broker(Section):
+    url: str = ""  # empty: a serverless transport in the spool (single host); or redis://...
+
+
+class Paths(Section):
+    spool: Path = Path("./var")
+
+
+class Model(Section):
+    bundle: str = ""  # empty: the default bundle, built on first start under <spool>/models/default
+    encoder_checkpoint: str = ""  # a MedSAM2 checkpoint for building the default bundle, if available
+    default_images: int = 400  # phantoms the default bundle is trained on
+    device: str = ""  # empty: cuda when available, else cpu
+
+
+class Sender(Section):
+    attempts: int = 5
+    backoff_s: float = 2.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 30.0
+
+
+class Worker(Section):
+    lease_s: float = 120.0  # a claimed job whose worker died is taken again after this
+    stale_after_s: float = 30.0  # a waiting job with no progress is re-enqueued after this
+    reconcile_every_s: float = 10.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
+
+    node: Node = Field(default_factory=Node)
+    destination: Destinations = Field(default_factory=Destinations)
+    broker: Broker = Field(default_factory=Broker)
+    paths: Paths = Field(default_factory=Paths)
+    model: Model = Field(default_factory=Model)
+    sender: Sender = Field(default_factory=Sender)
+    worker: Worker = Field(default_factory=Worker)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then the TOML file (passed as init values), then defaults.
+        return (env_settings, init_settings)
+
+    @property
+    def spool(self) -> Path:
+        return self.paths.spool.resolve()
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.model.bundle).resolve() if self.model.bundle else self.spool / "models" / "default"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read the TOML file if given; a wrong key or value fails here with the file named."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"{path}: cannot read the configuration: {exc}") from exc
+    try:
+        return Settings(**data)
+    except Exception as exc:  # pydantic's ValidationError names the key
+        raise SystemExit(f"{path or 'environment'}: invalid configuration: {exc}") from exc
