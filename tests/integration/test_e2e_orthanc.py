@@ -108,7 +108,7 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
         sources = [phantom, Path(get_testdata_file("RG1_J2KR.dcm"))]
         t0 = time.time()
         for src in sources:  # one association per file: each its own study
-            out = subprocess.run(["/usr/bin/storescu", "-aec", "PACS", "127.0.0.1", str(orthanc["dicom_port"]), str(src)],
+            out = subprocess.run(["/usr/bin/storescu", "-xv", "-aec", "PACS", "127.0.0.1", str(orthanc["dicom_port"]), str(src)],
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
 

@@ -1,0 +1,139 @@
+"""The SCU that delivers result objects to the PACS, with retry and exponential backoff."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+log = structlog.get_logger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class DeliveryFailed(Exception):
+    """The destination refused the association or did not store a file."""
+
+
+def _header(path: Path) -> tuple[str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.SOPClassUID)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+    return sop_class, ts
+
+
+def send(
+    files: list[Path],
+    dest: Destination,
+    calling_ae: str = "MEDSAM2CXR",
+    timeout: float = 30,
+) -> None:
+    """C-STORE every file to ``dest`` over one association.
+
+    Each file's SOP class is proposed with its own transfer syntax plus explicit and implicit
+    VR little endian. Warning statuses (0xB000, 0xB006, 0xB007) count as stored.
+
+    Raises
+    ------
+    DeliveryFailed
+        The association was refused or failed, a file could not be read or sent, or the
+        destination answered a failure status (or none).
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        return
+    contexts: dict[str, set[str]] = {}
+    for f in files:
+        try:
+            sop_class, ts = _header(f)
+        except Exception as exc:  # noqa: BLE001
+            raise DeliveryFailed(f"{dest}: cannot read {f.name}: {exc}") from exc
+        contexts.setdefault(sop_class, set()).add(ts)
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    n = 0
+    for sop_class, syntaxes in contexts.items():
+        # One context per compressed syntax (a peer may accept one and not another), and one
+        # for the uncompressed syntaxes pynetdicom can convert between.
+        for ts in sorted(syntaxes - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+            ae.add_requested_context(sop_class, [ts])
+            n += 1
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        n += 1
+        if n > MAX_CONTEXTS:
+            raise DeliveryFailed(f"{dest}: more than {MAX_CONTEXTS} presentation contexts needed")
+
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise DeliveryFailed(f"{dest}: association {how}")
+    try:
+        for f in files:
+            try:
+                rsp = assoc.send_c_store(f)
+            except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this syntax
+                raise DeliveryFailed(f"{dest}: {f.name} not sent: {exc}") from exc
+            status = getattr(rsp, "Status", None)
+            if status is None:
+                raise DeliveryFailed(f"{dest}: {f.name}: no response (timeout or abort)")
+            category = code_to_category(status)
+            if category not in (STATUS_SUCCESS, STATUS_WARNING):
+                raise DeliveryFailed(f"{dest}: {f.name}: status 0x{status:04X} ({category})")
+            if category == STATUS_WARNING:
+                log.warning("stored with warning", destination=str(dest), file=f.name,
+                            status=f"0x{status:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def send_with_retry(
+    files: list[Path],
+    dest: Destination,
+    attempts: int = 5,
+    backoff_s: float = 2.0,
+    max_backoff_s: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+    **kw,
+) -> None:
+    """:func:`send`, retried with exponential backoff (backoff_s, 2x, 4x, ... capped).
+
+    Raises
+    ------
+    DeliveryFailed
+        The last attempt's failure, after ``attempts`` tries.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    for attempt in range(1, attempts + 1):
+        try:
+            send(files, dest, **kw)
+            return
+        except DeliveryFailed as exc:
+            if attempt == attempts:
+                log.error("delivery failed, giving up", destination=str(dest), attempt=attempt,
+                          error=str(exc))
+                raise
+            delay = min(backoff_s * 2 ** (attempt - 1), max_backoff_s)
+            log.warning("delivery failed, will retry", destination=str(dest), attempt=attempt,
+                        delay_s=delay, error=str(exc))
+            sleep(delay)

@@ -1,0 +1,209 @@
+"""The durable spool: every byte the node accepts or owes lands here before anyone is told "done".
+
+Layout under the spool root (one filesystem, so ``os.rename`` is atomic)::
+
+    incoming/<job_id>.dcm        instances received by the listener
+    results/<job_id>/...         result objects owed to the destination
+    dead-letter/<job_id>/...     results given up on after the last send attempt, + reason.json
+    quarantine/<id>.dcm, .json   bytes that could not be understood, + why
+    tmp/                         partial writes; renamed into place only when complete
+
+File names are built only from ids the node generated itself (``uuid4().hex`` by default), never
+from a UID or any other received string; :func:`_check_id` enforces that.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+REASON_FILE = "reason.json"
+
+
+class OutOfSpace(OSError):
+    """The spool filesystem is full, or a write would take it under the free-space watermark."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def _check_id(value: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ValueError(f"not a node-generated id: {value!r}")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Atomic, durable file store for the node.
+
+    Parameters
+    ----------
+    root : Path
+        Spool directory; created with its subfolders if missing.
+    min_free_bytes : int
+        Free-space watermark: a write that would leave less than this free on the spool
+        filesystem is refused with :class:`OutOfSpace` (the listener answers 0xA700).
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_bytes = int(min_free_bytes)
+        self.incoming = self.root / "incoming"
+        self.results = self.root / "results"
+        self.dead = self.root / "dead-letter"
+        self.quarantine_dir = self.root / "quarantine"
+        self.tmp = self.root / "tmp"
+        for d in (self.incoming, self.results, self.dead, self.quarantine_dir, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- space -----------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, nbytes: int) -> None:
+        """Raise :class:`OutOfSpace` when writing ``nbytes`` would cross the watermark."""
+        free = self.free_bytes()
+        if free - nbytes < self.min_free_bytes:
+            raise OutOfSpace(
+                f"spool {self.root}: {free} bytes free, write of {nbytes} would go under "
+                f"the {self.min_free_bytes}-byte watermark"
+            )
+
+    # -- writing ---------------------------------------------------------------------------
+    def _inside(self, path: Path) -> Path:
+        path = Path(path)
+        path = (path if path.is_absolute() else self.root / path).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"{path} is outside the spool {self.root}")
+        return path
+
+    def write_atomic(self, dest: Path, data: bytes) -> Path:
+        """Write ``data`` to ``dest`` all-or-nothing and durably.
+
+        The bytes go to ``tmp/<random>``, are flushed and fsync'd, renamed into place, and the
+        destination directory is fsync'd. On any failure the temp file is removed, so no partial
+        file is ever visible.
+
+        Raises
+        ------
+        OutOfSpace
+            Under the watermark, or the filesystem reported ENOSPC/EDQUOT.
+        OSError
+            Any other I/O failure (nothing is left behind).
+        """
+        dest = self._inside(dest)
+        self.check_space(len(data))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / uuid.uuid4().hex
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, OutOfSpace) and exc.errno in _DISK_FULL:
+                raise OutOfSpace(f"spool {self.root} is full: {exc}") from exc
+            raise
+        return dest
+
+    def _write_json(self, dest: Path, payload: dict) -> Path:
+        return self.write_atomic(dest, (json.dumps(payload, sort_keys=True, indent=1) + "\n").encode())
+
+    def _move(self, src: Path, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(str(src), dest)  # a file from outside the spool filesystem
+        return dest
+
+    # -- paths -----------------------------------------------------------------------------
+    def incoming_path(self, job_id: str) -> Path:
+        return self.incoming / f"{_check_id(job_id)}.dcm"
+
+    def result_dir(self, job_id: str) -> Path:
+        d = self.results / _check_id(job_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def relative(self, path: Path) -> str:
+        """Path relative to the spool root, as stored in the job table."""
+        return str(self._inside(path).relative_to(self.root))
+
+    # -- quarantine ------------------------------------------------------------------------
+    def quarantine(self, data: bytes, reason: str, id: str) -> Path:
+        """Keep bytes we could not understand as ``quarantine/<id>.dcm`` plus ``<id>.json``."""
+        dest = self.quarantine_dir / f"{_check_id(id)}.dcm"
+        self.write_atomic(dest, data)
+        self._write_json(self.quarantine_dir / f"{id}.json", {"id": id, "reason": reason})
+        return dest
+
+    def quarantine_file(self, src: Path, reason: str, id: str) -> Path:
+        """Like :meth:`quarantine` for bytes already in the spool: a rename, no second copy."""
+        dest = self.quarantine_dir / f"{_check_id(id)}.dcm"
+        self._move(self._inside(src), dest)
+        _fsync_dir(self.quarantine_dir)
+        self._write_json(self.quarantine_dir / f"{id}.json", {"id": id, "reason": reason})
+        return dest
+
+    # -- dead letters ----------------------------------------------------------------------
+    def dead_letter(self, job_id: str, files: list[Path], reason: str) -> Path:
+        """Move a job's result files into ``dead-letter/<job_id>/`` with ``reason.json``."""
+        d = self.dead / _check_id(job_id)
+        d.mkdir(parents=True, exist_ok=True)
+        names = []
+        for f in files:
+            f = self._inside(f)
+            if f.name == REASON_FILE:
+                raise ValueError(f"a result file may not be called {REASON_FILE}")
+            self._move(f, d / f.name)
+            names.append(f.name)
+        _fsync_dir(d)
+        self._write_json(d / REASON_FILE, {"job_id": job_id, "reason": reason, "files": names})
+        return d
+
+    def dead_letters(self) -> list[str]:
+        return sorted(p.name for p in self.dead.iterdir() if p.is_dir())
+
+    def take_back_dead_letter(self, job_id: str) -> list[Path]:
+        """Move a dead-lettered job's files back into ``results/<job_id>/`` for a resend."""
+        d = self.dead / _check_id(job_id)
+        if not d.is_dir():
+            raise FileNotFoundError(f"no dead letter for job {job_id}")
+        out = self.result_dir(job_id)
+        moved = [
+            self._move(f, out / f.name)
+            for f in sorted(d.iterdir())
+            if f.is_file() and f.name != REASON_FILE
+        ]
+        _fsync_dir(out)
+        (d / REASON_FILE).unlink(missing_ok=True)
+        d.rmdir()
+        _fsync_dir(self.dead)
+        return moved
