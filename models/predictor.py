@@ -76,9 +76,12 @@ class Predictor:
         scores = ood_score(r).detach().cpu().numpy()
         out = []
         for b in range(len(images)):
+            # Outside the model's experience no finding is stated with more than low confidence.
+            foreign = bool(scores[b] > self.bundle.ood_threshold)
             findings = tuple(
                 Finding(label=LABELS[k], probability=float(p[b, k]), threshold=float(thr[k]),
-                        tier=tier(float(p[b, k]), float(thr[k]), float(spread[b, k])), spread=float(spread[b, k]))
+                        tier="low" if foreign else tier(float(p[b, k]), float(thr[k]), float(spread[b, k])),
+                        spread=float(spread[b, k]))
                 for k in range(len(LABELS))
             )
             out.append(Prediction(

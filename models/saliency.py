@@ -23,7 +23,8 @@ def grad_cam(vision_features: torch.Tensor, logits: torch.Tensor, targets: list[
             (g,) = torch.autograd.grad(logits[b, k], vision_features, retain_graph=True)
             w = g[b].mean(dim=(1, 2))
             cam = F.relu((w[:, None, None] * vision_features[b].detach()).sum(0))
-            peak = cam.max()
-            maps[k] = cam / peak if peak > 0 else cam
+            # Min-max, not /max: a map that is high everywhere says nothing about where to look.
+            lo, hi = cam.min(), cam.max()
+            maps[k] = (cam - lo) / (hi - lo) if hi > lo else torch.zeros_like(cam)
         out.append(maps)
     return out

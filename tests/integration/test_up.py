@@ -1,0 +1,76 @@
+"""`medsam2-cxr up` on the embedded single-host defaults: no broker server (Celery's filesystem
+transport in the spool), workers as child processes, results to a DCMTK storescp."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait(pred, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
+    node_port, pacs_port = free_port(), free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spool = tmp_path / "var"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
+                      f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--config", str(config)],
+                          stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        _wait(lambda: "listening" in log.read_text(), 60, "the node to listen")
+        text = log.read_text()
+        assert "AE title MEDSAM2CXR" in text and f"port {node_port}" in text and f"PACS@127.0.0.1:{pacs_port}" in text
+        src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+        lateral = pydicom.dcmread(src)
+        lateral.ViewPosition = "LL"
+        lateral.SOPInstanceUID = lateral.SOPInstanceUID + ".1"
+        lateral.save_as(tmp_path / "lateral.dcm")
+        out = subprocess.run(["/usr/bin/storescu", "-aec", "MEDSAM2CXR", "127.0.0.1", str(node_port), str(src),
+                              str(tmp_path / "lateral.dcm")], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        _wait(lambda: len(list(received.iterdir())) >= 2, 120, "the SR and SC at the destination")
+        time.sleep(2)
+        files = sorted(received.iterdir())
+        assert len(files) == 2  # the lateral was stored and skipped, not processed
+        classes = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name for f in files)
+        assert classes == ["Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
+        status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
+                                capture_output=True, text=True, cwd=REPO)
+        assert json.loads(status.stdout.strip().splitlines()[-1]) == {"done": 1, "skipped": 1}
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise AssertionError("up did not stop within 30 s of SIGTERM")
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    events = [json.loads(l)["event"] for l in (spool / "audit.jsonl").read_text().splitlines()]
+    assert events[0] == "application_start" and events[-1] == "application_stop"
+    assert {"received", "skipped", "inferred", "sent"} <= set(events)

@@ -1,0 +1,35 @@
+"""`medsam2-cxr infer`: the pipeline offline, on a real CR chest and a phantom, no network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_infer_writes_sr_sc_and_summary(tmp_path, tiny_bundle, phantom_dir):
+    lateral = pydicom.dcmread(sorted((phantom_dir / "images").glob("*.dcm"))[0])
+    lateral.ViewPosition = "LL"
+    lateral.save_as(tmp_path / "lateral.dcm")
+    (tmp_path / "garbage.dcm").write_bytes(b"not dicom at all")
+    files = [get_testdata_file("RG1_UNCI.dcm"), str(tmp_path / "lateral.dcm"), str(tmp_path / "garbage.dcm")]
+    env_cfg = tmp_path / "c.toml"
+    env_cfg.write_text(f'[paths]\nspool = "{tmp_path / "var"}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "infer", *files, "--out", str(tmp_path / "out"),
+                          "--config", str(env_cfg)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 1, out.stderr  # one file could not be read: say so in the exit code
+    lines = [json.loads(l) for l in out.stdout.splitlines()]
+    assert [Path(l["file"]).name for l in lines] == ["RG1_UNCI.dcm", "lateral.dcm", "garbage.dcm"]
+    assert "summary" in lines[0] and "lateral" in lines[1]["skipped"] and "error" in lines[2]
+    summary = json.loads((tmp_path / "out" / lines[0]["summary"]).read_text())
+    assert len(summary["findings"]) == 14 and summary["model"]["digest"]
+    sr = pydicom.dcmread(tmp_path / "out" / summary["sr"])
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert "PHANTOM" not in out.stderr and str(source.PatientName) not in out.stderr
