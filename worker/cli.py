@@ -61,10 +61,14 @@ def _start_listener(settings: Settings, enqueue_infer):
     from dicom_node.listener import ListenerConfig, start_listener
     from dicom_node.spool import Spool
 
+    from dicom_node.tls import server_context
+
     root = settings.spool
     n = settings.node
+    tls = server_context(n.tls.cert, n.tls.key, n.tls.ca or None, n.tls.require_client_cert) if n.tls.cert else None
     cfg = ListenerConfig(ae_title=n.ae_title, host=n.host, port=n.port, allowed_calling_aets=tuple(n.allowed_calling_aets),
-                         max_associations=n.max_associations)
+                         allowed_addresses=tuple(n.allowed_addresses), max_associations=n.max_associations,
+                         max_pdu_length=n.max_pdu_length, tls=tls)
     return start_listener(cfg, Spool(root, min_free_bytes=n.min_free_mb * 2**20), JobStore(root / "jobs.sqlite"),
                           AuditLog(root / "audit.jsonl"), enqueue_infer)
 
@@ -223,9 +227,9 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
 
     settings = _settings(config)
     rt = Runtime.from_settings(settings)
-    _, enqueue_send = enqueuers(make_app(settings))
+    enqueue_infer, enqueue_send = enqueuers(make_app(settings))
     for job_id in job or rt.ctx.spool.dead_letters():
-        resend_job(job_id, rt.ctx, enqueue_send)
+        resend_job(job_id, rt.ctx, enqueue_send, enqueue_infer)
         typer.echo(f"requeued {job_id}")
 
 

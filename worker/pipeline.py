@@ -160,24 +160,40 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
     return JobState.DONE
 
 
-def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None]) -> None:
-    """Bring a dead-lettered job's results back and queue them for sending again."""
+def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
+           enqueue_infer: Callable[[str], None] | None = None) -> None:
+    """Bring a dead-lettered job back: its results are sent again, or, when it never got as far
+    as a prediction, it is inferred again."""
     job = ctx.jobs.get(job_id)
     if job is None or job.state != JobState.DEAD:
         raise ValueError(f"job {job_id}: not in the dead-letter state ({job.state if job else 'unknown job'})")
     ctx.spool.take_back_dead_letter(job_id)
-    ctx.jobs.advance(job_id, JobState.DEAD, JobState.INFERRED, reason="resend requested")
+    inferred = (ctx.spool.result_dir(job_id) / PREDICTION).exists()
+    back_to = JobState.INFERRED if inferred or enqueue_infer is None else JobState.QUEUED
+    ctx.jobs.advance(job_id, JobState.DEAD, back_to, reason="resend requested")
     ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid)
-    _enqueue(enqueue_send, job_id)
+    _enqueue(enqueue_send if back_to == JobState.INFERRED else enqueue_infer, job_id)
 
 
 # ---------------------------------------------------------------- reconciling with the broker
 
 def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str], None],
-              enqueue_send: Callable[[str], None]) -> int:
-    """Re-enqueue what the broker may have forgotten; the job store is the source of truth."""
+              enqueue_send: Callable[[str], None], max_attempts: int = 5) -> int:
+    """Re-enqueue what the broker may have forgotten; the job store is the source of truth.
+
+    A job whose worker died max_attempts times (a poison image, a crash in a library) is given
+    up: dead-lettered with the reason and audited, instead of killing workers forever.
+    """
     n = 0
     for job in ctx.jobs.stale(stale_after_s):
+        claimed = job.state in (JobState.INFERRING, JobState.SENDING)
+        if claimed and job.attempts >= max_attempts:
+            reason = f"gave up after {job.attempts} attempts in state {job.state.value}"
+            if ctx.jobs.advance(job.id, job.state, JobState.DEAD, reason=reason):
+                ctx.spool.dead_letter(job.id, [], reason)
+                ctx.audit.record("failed", job=job.id, sop_instance_uid=job.sop_instance_uid, reason=reason)
+                log.error("reconcile.gave_up", job=job.id, attempts=job.attempts)
+            continue
         target = enqueue_infer if job.state in (JobState.QUEUED, JobState.INFERRING) else enqueue_send
         if _enqueue(target, job.id):
             ctx.jobs.touch(job.id)

@@ -135,3 +135,18 @@ def test_an_undecodable_image_is_skipped_with_its_reason(ctx, predictor, phantom
     assert pipeline.infer_jobs(["job4"], ctx, predictor, lambda j: None) == []
     job = ctx.jobs.get("job4")
     assert job.state == JobState.SKIPPED and "cannot read image" in job.reason
+
+
+def test_a_job_that_kills_its_worker_is_given_up_and_can_be_resent(ctx, predictor, phantom_dir):
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    _receive(ctx, src, "job5")
+    infers: list[str] = []
+    for _ in range(5):  # five workers claim it and die
+        assert ctx.jobs.claim("job5", JobState.QUEUED, JobState.INFERRING, 60) is not None
+        ctx.clock.t += 61
+    assert pipeline.reconcile(ctx, 30, infers.append, infers.append, max_attempts=5) == 0
+    job = ctx.jobs.get("job5")
+    assert job.state == JobState.DEAD and "gave up after 5 attempts" in job.reason
+    assert [r["event"] for r in ctx.audit.read()] == ["failed"]
+    pipeline.resend("job5", ctx, lambda j: None, infers.append)  # never inferred: infer again
+    assert ctx.jobs.get("job5").state == JobState.QUEUED and infers == ["job5"]
