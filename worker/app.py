@@ -16,10 +16,12 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
         # Longer than the longest task, so a slow task is not delivered twice.
         return settings.broker.url, {"visibility_timeout": 3600}
     folder = settings.spool / "broker"
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    # Every folder inside the spool: kombu's default control folder is the working directory.
     return "filesystem://", {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                             "processed_folder": str(folder / "processed"), "store_processed": False}
+                             "processed_folder": str(folder / "processed"), "store_processed": False,
+                             "control_folder": str(folder / "control")}
 
 
 def make_app(settings: Settings) -> Celery:
