@@ -39,8 +39,10 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
     log = tmp_path / "up.log"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--config", str(config)],
-                          stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+                          stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
     try:
         _wait(lambda: "listening" in log.read_text(), 60, "the node to listen")
         text = log.read_text()
@@ -71,6 +73,7 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
             raise AssertionError("up did not stop within 30 s of SIGTERM")
         pacs.terminate()
         pacs.wait(timeout=10)
+    assert list(workdir.iterdir()) == []  # everything the node writes lives in the spool
     events = [json.loads(l)["event"] for l in (spool / "audit.jsonl").read_text().splitlines()]
     assert events[0] == "application_start" and events[-1] == "application_stop"
     assert {"received", "skipped", "inferred", "sent"} <= set(events)
