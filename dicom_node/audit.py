@@ -1,7 +1,10 @@
 """Append-only audit trail, one JSON object per line, modelled on DICOM PS3.15 A.5 events.
 
 Records carry UIDs, AE titles, states and timings, never patient name, ID or birth date. Each
-record is written with O_APPEND and fsync'd, so concurrent processes interleave whole lines.
+record is written with O_APPEND and fsync'd, so concurrent processes interleave whole lines; the
+trail is only ever appended to (read it with ``medsam2-cxr audit [--event NAME]``). Each record
+names its PS3.15 A.5 event, EventID code, action and outcome, so it can be turned into a DICOM
+audit message (IHE ATNA) by a forwarder.
 """
 
 from __future__ import annotations
@@ -12,20 +15,24 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# PS3.15 A.5 event names our records map onto.
-EVENTS = {
-    "received": "DICOM Instances Transferred",
-    "skipped": "DICOM Instances Transferred",
-    "inferred": "DICOM Instances Accessed",
-    "sent": "DICOM Instances Transferred",
-    "failed": "DICOM Instances Transferred",
-    "dead_letter": "DICOM Instances Transferred",
-    "resent": "DICOM Instances Transferred",
-    "refused": "Security Alert",
-    "quarantined": "Security Alert",
-    "application_start": "Application Activity",
-    "application_stop": "Application Activity",
+# PS3.15 A.5 event names our records map onto, with the EventID code (DCM, CID 400), the
+# EventActionCode (C create, R read, U update, D delete, E execute) and the EventOutcomeIndicator
+# (0 success, 4 minor failure, 8 serious failure, 12 major failure) each record carries.
+A5 = {
+    "received": ("DICOM Instances Transferred", "110104", "C", 0),
+    "skipped": ("DICOM Instances Transferred", "110104", "C", 0),
+    "inferred": ("DICOM Instances Accessed", "110103", "R", 0),
+    "sent": ("DICOM Instances Transferred", "110104", "R", 0),
+    "failed": ("DICOM Instances Transferred", "110104", "C", 4),
+    "dead_letter": ("DICOM Instances Transferred", "110104", "R", 8),
+    "resent": ("DICOM Instances Transferred", "110104", "R", 0),
+    "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
+    "refused": ("Security Alert", "110113", "E", 4),
+    "quarantined": ("Security Alert", "110113", "E", 4),
+    "application_start": ("Application Activity", "110100", "E", 0),
+    "application_stop": ("Application Activity", "110100", "E", 0),
 }
+EVENTS = {name: a5[0] for name, a5 in A5.items()}
 
 
 class AuditLog:
@@ -37,8 +44,10 @@ class AuditLog:
     def record(self, event: str, **fields: object) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}; known: {sorted(EVENTS)}")
+        name, code, action, outcome = A5[event]
         line = json.dumps(
-            {"time": round(self._clock(), 3), "event": event, "dicom_event": EVENTS[event], **fields},
+            {"time": round(self._clock(), 3), "event": event, "dicom_event": name, "event_id": code,
+             "event_action": action, "event_outcome": outcome, **fields},
             sort_keys=True, default=str,
         )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -99,7 +99,7 @@ def _is_own(ds: Dataset, sop_class: str, own: str) -> bool:
     if str(ds.get("Manufacturer", "") or "").strip().lower() == own_n:
         return True
     for item in ds.get("ContributingEquipmentSequence", None) or []:
-        if str(item.get("Manufacturer", "") or "").strip().lower() == own_n:
+        if isinstance(item, Dataset) and str(item.get("Manufacturer", "") or "").strip().lower() == own_n:
             return True
     is_result_class = sop_class.startswith(_SR_PREFIX) or sop_class == SECONDARY_CAPTURE
     return is_result_class and str(ds.get("SeriesDescription", "") or "").startswith(OWN_SERIES_PREFIX)
@@ -116,6 +116,8 @@ def _is_lateral(ds: Dataset, view: str) -> bool:
     if view in LATERAL_VIEW_POSITIONS:
         return True
     for item in ds.get("ViewCodeSequence", None) or []:
+        if not isinstance(item, Dataset):
+            continue
         value = str(item.get("CodeValue", "") or "").strip()
         meaning = _words(item.get("CodeMeaning", ""))
         if value in LATERAL_VIEW_CODES:

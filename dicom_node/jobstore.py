@@ -199,3 +199,11 @@ class JobStore:
         with self._tx() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY created_at", (state,)).fetchall()
         return [j for j in map(self._row, rows) if j is not None]
+
+    def waiting(self, limit: int) -> list[str]:
+        """Ids of up to `limit` jobs waiting for inference, oldest first: what a GPU worker may
+        gather into one batch (it still claims each one, so a race costs nothing)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT ?",
+                              (JobState.QUEUED, max(0, int(limit)))).fetchall()
+        return [r[0] for r in rows]

@@ -5,6 +5,12 @@ fail afterwards (parsing, classification, the job table, the broker) either is r
 the spool (the reconciler re-enqueues QUEUED jobs) or is reported to the sender as a failure
 with nothing left behind. Pixel data are never decoded here.
 
+Before the handler sees anything, :mod:`dicom_node.pdu_guard` checks the peer address, does the
+TLS handshake (:mod:`dicom_node.tls`) and caps every PDU's declared length. Inside the handler
+the whole header is parsed (every element, so a lying length or a broken sequence is found here,
+not in a worker) and the pixel data element is checked against Rows x Columns and a pixel limit,
+without decoding it. Whatever fails lands in the quarantine with its reason and gets 0xC000.
+
 No patient identifiers are logged: pynetdicom's identifier logging is turned off and our own
 log lines and audit records carry only UIDs, AE titles, job ids and reasons.
 """
@@ -12,7 +18,12 @@ log lines and audit records carry only UIDs, AE titles, job ids and reasons.
 from __future__ import annotations
 
 import logging
+import math
+import sqlite3
+import ssl
+import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -21,7 +32,8 @@ import pydicom
 import structlog
 from pynetdicom import AE, _config, evt
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -32,11 +44,13 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    UID,
 )
 
 from dicom_node.audit import AuditLog
 from dicom_node.filters import classify
 from dicom_node.jobstore import JobState, JobStore
+from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks
 from dicom_node.spool import OutOfSpace, Spool
 
 log = structlog.get_logger(__name__)
@@ -84,16 +98,44 @@ TRANSFER_SYNTAXES = (
 VERIFICATION = "1.2.840.10008.1.1"
 
 
+MAX_PIXELS = 8192 * 8192  # the same limit models.preprocess.read_image applies before decoding
+UNCOMPRESSED = {str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian),
+                "1.2.840.10008.1.2.2"}
+# Elements the filter and the worker's decoder read: a wrong VR here makes their values the wrong type.
+CRITICAL_ELEMENTS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Rows", "Columns", "BitsAllocated",
+                     "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel", "NumberOfFrames",
+                     "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+                     "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence", "ModalityLUTSequence",
+                     "Modality", "BodyPartExamined", "ViewPosition")
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
+    """The listener's settings.
+
+    ``maximum_pdu_size`` is the Maximum Length Received we advertise (0: as large as the guard
+    allows); ``max_pdu_length`` is the guard's cap on any PDU's declared length, so it must be at
+    least as large. ``allowed_addresses`` are IP addresses or networks (empty: any).
+    """
+
     ae_title: str = "MEDSAM2CXR"
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any
+    allowed_addresses: tuple[str, ...] = ()  # empty: any
     max_associations: int = 16
-    maximum_pdu_size: int = 0
+    maximum_pdu_size: int = 262144
+    max_pdu_length: int = 4 * 2**20
     network_timeout: float = 60.0
+    tls: ssl.SSLContext | None = None
+    max_pixels: int = MAX_PIXELS
     own_manufacturer: str = "medsam2-cxr"
+
+    def advertised_pdu_size(self) -> int:
+        if self.maximum_pdu_size and self.maximum_pdu_size > self.max_pdu_length:
+            raise ValueError(f"maximum_pdu_size {self.maximum_pdu_size} exceeds max_pdu_length "
+                             f"{self.max_pdu_length}: peers would send PDUs the guard refuses")
+        return self.maximum_pdu_size or self.max_pdu_length
 
 
 @dataclass(frozen=True)
@@ -106,11 +148,43 @@ class _Deps:
     new_id: Callable[[], str]
 
 
+class _ReadWarnings(logging.Handler):
+    """Collects pydicom's warnings per thread while :func:`inspect_instance` reads a dataset.
+
+    pydicom keeps going past a value that runs off the end of the data (it warns and drops or
+    shortens it); the listener wants to know. Its warnings may quote element values (patient
+    names), so they are collected here and never printed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bucket = getattr(self.local, "bucket", None)
+        if bucket is not None:
+            bucket.append(record.getMessage())
+
+    def collect(self) -> list[str]:
+        self.local.bucket = []
+        return self.local.bucket
+
+
+_READ_WARNINGS = _ReadWarnings()
+
+
 def quiet_pynetdicom() -> None:
-    """Stop pynetdicom logging DIMSE identifiers (PHI) and its INFO chatter."""
+    """Stop pynetdicom logging DIMSE identifiers (PHI) and its INFO chatter, and keep pydicom's
+    warnings (which may quote values) out of every log and off stderr."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.setLevel(logging.WARNING)
+    pydicom_log.propagate = False
+    if _READ_WARNINGS not in pydicom_log.handlers:
+        pydicom_log.addHandler(_READ_WARNINGS)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
 
 def _calling_aet(event: evt.Event) -> str:
@@ -128,11 +202,12 @@ def handle_echo(event: evt.Event) -> int:
 def handle_rejected(event: evt.Event, deps: _Deps) -> None:
     calling = _calling_aet(event)
     allowed = deps.cfg.allowed_calling_aets
-    reason = (
-        "calling AE title not allowed"
-        if allowed and calling not in allowed
-        else "association rejected (limit reached or called AE title)"
-    )
+    if allowed and calling not in allowed:
+        reason = "calling AE title not allowed"
+    elif len([a for a in event.assoc.ae.active_associations if a.is_acceptor]) > deps.cfg.max_associations:
+        reason = f"association limit of {deps.cfg.max_associations} reached"
+    else:
+        reason = "association rejected (called AE title or no acceptable context)"
     log.warning("association refused", calling_aet=calling, peer=_peer(event), reason=reason)
     _audit_quietly(deps, "refused", calling_aet=calling, peer=_peer(event), reason=reason)
 
@@ -143,6 +218,86 @@ def _audit_quietly(deps: _Deps, event: str, **fields: object) -> None:
         deps.audit.record(event, **fields)
     except Exception:  # noqa: BLE001
         log.exception("audit record failed", audit_event=event, job_id=fields.get("job_id"))
+
+
+def _tag(keyword: str) -> str:
+    t = tag_for_keyword(keyword)
+    return f"({t >> 16:04X},{t & 0xFFFF:04X}) {keyword}" if t is not None else keyword
+
+
+def inspect_instance(data: bytes, context_sop_class: str | None, max_pixels: int = MAX_PIXELS
+                     ) -> tuple[pydicom.Dataset | None, str | None]:
+    """Parse every element of a received instance and check what a worker will rely on.
+
+    Returns ``(dataset, None)`` when it is sound, else ``(None or dataset, reason)``. The reason
+    names a tag or a check, never a value (values may be patient data). Pixel data are not
+    decoded: for native transfer syntaxes their length is compared with Rows x Columns x
+    Samples x Frames x BitsAllocated; for compressed ones the encapsulation must start with an
+    Item tag. A declared size above ``max_pixels`` (a decompression bomb) is refused.
+    """
+    seen = _READ_WARNINGS.collect()
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+        for raw in list(ds._dict.values()):  # a value shorter than its length field: the data ended
+            if (isinstance(raw, RawDataElement) and raw.length not in (0xFFFFFFFF, None)
+                    and isinstance(raw.value, bytes) and len(raw.value) < raw.length):
+                return ds, "truncated: an element's length runs past the end of the data"
+        for elem in ds.iterall():  # values are converted lazily: force every one now
+            elem.value  # noqa: B018
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
+        return None, f"unparseable header: {type(exc).__name__}"
+    finally:
+        _READ_WARNINGS.local.bucket = None
+    if any("end of file" in m.lower() or "eof" in m.lower() for m in seen):
+        return ds, "truncated: an element's length runs past the end of the data"
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    missing = [kw for kw, v in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_instance)) if not v]
+    if missing:
+        return ds, f"missing {', '.join(missing)}"
+    try:
+        for kw in CRITICAL_ELEMENTS:
+            elem = ds[kw] if kw in ds else None
+            if elem is not None and elem.VR != dictionary_VR(elem.tag):
+                return ds, f"wrong VR {elem.VR} for {_tag(kw)}"
+            if elem is not None and elem.VR in ("DS", "IS", "US", "SS"):
+                values = elem.value if elem.VM > 1 else [elem.value]
+                if elem.VM == 0 or not all(isinstance(v, (int, float)) for v in values):
+                    return ds, f"empty or non-numeric value in {_tag(kw)}"
+        for kw in ("SOPClassUID", "SOPInstanceUID"):
+            if not UID(str(ds[kw].value)).is_valid:
+                return ds, f"{_tag(kw)} is not a valid UID"
+        if context_sop_class and sop_class != context_sop_class:
+            return ds, "SOP Class UID differs from the presentation context's abstract syntax"
+        if sop_class in IMAGE_STORAGE:
+            return ds, _pixel_problem(ds, max_pixels)
+    except Exception as exc:  # noqa: BLE001 - e.g. a multi-valued Rows, a non-numeric IS
+        return ds, f"inconsistent image header: {type(exc).__name__}"
+    return ds, None
+
+
+def _pixel_problem(ds: pydicom.Dataset, max_pixels: int) -> str | None:
+    for kw in ("Rows", "Columns", "BitsAllocated"):
+        if ds.get(kw) in (None, ""):
+            return f"{_tag(kw)} missing"
+    if "PixelData" not in ds:
+        return f"{_tag('PixelData')} missing"
+    rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if min(rows, cols, bits, spp, frames) < 1:
+        return "Rows, Columns, BitsAllocated, SamplesPerPixel and NumberOfFrames must be positive"
+    if rows * cols * frames > max_pixels:
+        return f"declared image {rows} x {cols} x {frames} frame(s) exceeds the limit of {max_pixels} pixels"
+    pixels = ds.PixelData or b""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if ts in UNCOMPRESSED:
+        need = math.ceil(rows * cols * spp * frames * bits / 8)
+        if len(pixels) < need:
+            return f"{_tag('PixelData')} has {len(pixels)} bytes, Rows x Columns needs {need}"
+    elif bytes(pixels[:4]) != b"\xfe\xff\x00\xe0":
+        return f"{_tag('PixelData')} is not encapsulated as its transfer syntax requires"
+    return None
 
 
 def handle_store(event: evt.Event, deps: _Deps) -> int:
@@ -163,29 +318,26 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
         return PROCESSING_FAILURE
 
     # From here the bytes are safe on disk.
-    reason = None
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        study = str(ds.get("StudyInstanceUID", "") or "")
-        missing = [kw for kw, v in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_instance)) if not v]
-        if missing:
-            reason = f"missing {', '.join(missing)}"
-        else:
+    context = str(event.context.abstract_syntax) if getattr(event, "context", None) else None
+    ds, reason = inspect_instance(data, context, deps.cfg.max_pixels)
+    if reason is None:
+        try:
             decision = classify(ds, own_manufacturer=deps.cfg.own_manufacturer)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
-        reason = f"unparseable header: {type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001
+            reason = f"unclassifiable header: {type(exc).__name__}"
     if reason is not None:
         try:
-            deps.spool.quarantine_file(path, reason, job_id)
+            deps.spool.quarantine_file(path, reason, job_id, stage="listener", calling_aet=calling,
+                                       peer=_peer(event))
         except Exception:  # noqa: BLE001
             path.unlink(missing_ok=True)
             log.exception("quarantine failed; bytes dropped", job_id=job_id)
-        _audit_quietly(deps, "quarantined", job_id=job_id, calling_aet=calling, reason=reason)
+        _audit_quietly(deps, "quarantined", job_id=job_id, calling_aet=calling, peer=_peer(event), reason=reason)
         log.warning("instance quarantined", job_id=job_id, calling_aet=calling, reason=reason)
         return CANNOT_UNDERSTAND
 
+    sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+    study = str(ds.get("StudyInstanceUID", "") or "")
     try:
         job, _earlier = deps.jobs.add(
             job_id=job_id,
@@ -197,9 +349,14 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
             state=JobState.QUEUED if decision.process else JobState.SKIPPED,
             reason=decision.reason,
         )
-    except Exception:  # noqa: BLE001 - unrecorded bytes are useless: drop them, let the sender retry
+    except Exception as exc:  # noqa: BLE001 - unrecorded bytes are useless: drop them, let the sender retry
         path.unlink(missing_ok=True)
-        log.exception("job table write failed; instance refused", job_id=job_id)
+        full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+        log.error("job table write failed; instance refused", job_id=job_id, error=type(exc).__name__,
+                  disk_full=full)
+        if full:
+            _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool full")
+            return OUT_OF_RESOURCES
         return PROCESSING_FAILURE
 
     fields = dict(
@@ -222,6 +379,30 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
     return SUCCESS
 
 
+def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
+    def refused(peer: str, reason: str) -> None:
+        log.warning("connection refused", peer=peer, reason=reason)
+        _audit_quietly(deps, "refused", peer=peer, reason=reason)
+
+    def violation(peer: str, reason: str, data: bytes) -> None:
+        qid = deps.new_id()
+        try:
+            deps.spool.quarantine(data, reason, qid, suffix="pdu", stage="listener", peer=peer)
+        except Exception:  # noqa: BLE001 - a full spool must not keep the abort from going out
+            log.exception("PDU quarantine failed", quarantine_id=qid)
+        log.warning("PDU refused", peer=peer, reason=reason, quarantine_id=qid)
+        _audit_quietly(deps, "quarantined", peer=peer, reason=reason, quarantine_id=qid)
+
+    return Guard(max_pdu_length=cfg.max_pdu_length, allowed_networks=parse_networks(cfg.allowed_addresses),
+                 tls=cfg.tls, network_timeout=cfg.network_timeout, on_refused=refused, on_violation=violation)
+
+
+def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:
+    """Before serving: drop partial writes and instance files no job records (see Spool.sweep_*)."""
+    return {"partial_writes": spool.sweep_tmp(),
+            "unrecorded_instances": spool.sweep_incoming(lambda job_id: jobs.get(job_id) is not None)}
+
+
 def start_listener(
     cfg: ListenerConfig,
     spool: Spool,
@@ -229,12 +410,18 @@ def start_listener(
     audit: AuditLog,
     enqueue: Callable[[str], None],
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
-) -> ThreadedAssociationServer:
-    """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop."""
+) -> GuardedServer:
+    """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop.
+
+    Only one listener may serve a spool: it sweeps the spool's partial writes on start.
+    """
     quiet_pynetdicom()
+    swept = recover_spool(spool, jobs)
+    if any(swept.values()):
+        log.warning("spool recovered after an unclean stop", **swept)
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_associations = cfg.max_associations
-    ae.maximum_pdu_size = cfg.maximum_pdu_size
+    ae.maximum_pdu_size = cfg.advertised_pdu_size()
     ae.network_timeout = cfg.network_timeout
     if cfg.allowed_calling_aets:
         ae.require_calling_aet = list(cfg.allowed_calling_aets)
@@ -248,6 +435,11 @@ def start_listener(
         (evt.EVT_C_STORE, handle_store, [deps]),
         (evt.EVT_REJECTED, handle_rejected, [deps]),
     ]
-    server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
-    log.info("listener started", ae_title=cfg.ae_title, host=cfg.host, port=cfg.port)
+    server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=GuardedServer,
+                            guard=_guard(cfg, deps))
+    thread = threading.Thread(target=server.serve_forever, name=f"listener@{cfg.port}", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so ae.shutdown() also stops it, as with ae.start_server
+    log.info("listener started", ae_title=cfg.ae_title, host=cfg.host, port=cfg.port, tls=cfg.tls is not None,
+             max_associations=cfg.max_associations)
     return server

@@ -1,10 +1,15 @@
-"""The SCU that delivers result objects to the PACS, with retry and exponential backoff."""
+"""The SCU that delivers result objects to the PACS, with retry and exponential backoff.
+
+With ``Destination.tls`` (an ``ssl.SSLContext`` from :func:`dicom_node.tls.client_context`) the
+association runs over DICOM TLS and the PACS certificate is verified before anything is sent.
+"""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -23,9 +28,10 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
 
 class DeliveryFailed(Exception):
@@ -82,7 +88,8 @@ def send(
         if n > MAX_CONTEXTS:
             raise DeliveryFailed(f"{dest}: more than {MAX_CONTEXTS} presentation contexts needed")
 
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = (dest.tls, dest.host) if dest.tls is not None else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DeliveryFailed(f"{dest}: association {how}")
@@ -104,6 +111,18 @@ def send(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def retry_window_s(attempts: int, backoff_s: float, max_backoff_s: float, timeout: float,
+                   files: int = 3, margin_s: float = 30.0) -> float:
+    """The longest :func:`send_with_retry` can take: every attempt timing out on the association
+    and each file, plus every backoff, plus a margin.
+
+    A job's SENDING claim must last longer than this, or the reconciler hands the job to a second
+    sender while the first is still retrying and the PACS receives the results twice.
+    """
+    waits = sum(min(backoff_s * 2 ** (a - 1), max_backoff_s) for a in range(1, attempts))
+    return attempts * timeout * (files + 1) + waits + margin_s
 
 
 def send_with_retry(

@@ -5,7 +5,8 @@ Layout under the spool root (one filesystem, so ``os.rename`` is atomic)::
     incoming/<job_id>.dcm        instances received by the listener
     results/<job_id>/...         result objects owed to the destination
     dead-letter/<job_id>/...     results given up on after the last send attempt, + reason.json
-    quarantine/<id>.dcm, .json   bytes that could not be understood, + why
+    quarantine/<id>.dcm|.pdu, .json  bytes that could not be understood (an instance or a
+                                 refused PDU), + why, where and at which stage
     tmp/                         partial writes; renamed into place only when complete
 
 File names are built only from ids the node generated itself (``uuid4().hex`` by default), never
@@ -19,7 +20,9 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -157,20 +160,81 @@ class Spool:
         return str(self._inside(path).relative_to(self.root))
 
     # -- quarantine ------------------------------------------------------------------------
-    def quarantine(self, data: bytes, reason: str, id: str) -> Path:
-        """Keep bytes we could not understand as ``quarantine/<id>.dcm`` plus ``<id>.json``."""
-        dest = self.quarantine_dir / f"{_check_id(id)}.dcm"
+    _SUFFIX = re.compile(r"^[a-z]{1,8}$")
+
+    def quarantine(self, data: bytes, reason: str, id: str, suffix: str = "dcm", **context: object) -> Path:
+        """Keep bytes we could not understand as ``quarantine/<id>.<suffix>`` plus ``<id>.json``.
+
+        ``suffix`` says what the bytes are (``dcm`` a dataset, ``pdu`` a refused network PDU);
+        ``context`` (peer, calling AE, stage) goes into the JSON beside the reason. It must carry
+        no patient data: callers pass addresses, AE titles and ids only.
+        """
+        if not self._SUFFIX.match(suffix):
+            raise ValueError(f"quarantine suffix {suffix!r}: lower-case letters only")
+        dest = self.quarantine_dir / f"{_check_id(id)}.{suffix}"
         self.write_atomic(dest, data)
-        self._write_json(self.quarantine_dir / f"{id}.json", {"id": id, "reason": reason})
+        self._write_json(self.quarantine_dir / f"{id}.json",
+                         {"id": id, "reason": reason, "file": dest.name, **context})
         return dest
 
-    def quarantine_file(self, src: Path, reason: str, id: str) -> Path:
+    def quarantine_file(self, src: Path, reason: str, id: str, **context: object) -> Path:
         """Like :meth:`quarantine` for bytes already in the spool: a rename, no second copy."""
         dest = self.quarantine_dir / f"{_check_id(id)}.dcm"
         self._move(self._inside(src), dest)
         _fsync_dir(self.quarantine_dir)
-        self._write_json(self.quarantine_dir / f"{id}.json", {"id": id, "reason": reason})
+        self._write_json(self.quarantine_dir / f"{id}.json",
+                         {"id": id, "reason": reason, "file": dest.name, **context})
         return dest
+
+    def quarantined(self) -> list[dict]:
+        """The quarantine's records (reason, file, context), oldest first."""
+        records = []
+        for f in sorted(self.quarantine_dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                records.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue
+        return records
+
+    # -- recovery after a crash --------------------------------------------------------------
+    def sweep_tmp(self, older_than_s: float | None = None, now: Callable[[], float] = time.time) -> int:
+        """Remove partial writes left in ``tmp/`` by a killed process; returns how many.
+
+        With ``older_than_s`` None every file goes: only safe while no writer runs on this spool
+        (the listener does it before it serves). With a number, only files not modified for that
+        long go, which is safe while workers write: :meth:`write_atomic` renames its file away
+        within moments, so an old one belongs to a writer that was killed (a SIGKILLed worker
+        leaves one behind). A writer stalled for longer than that loses its file and its write
+        fails with an ``OSError``, which every caller already retries; nothing half-written is
+        ever renamed into place.
+        """
+        n = 0
+        cutoff = None if older_than_s is None else now() - older_than_s
+        for f in self.tmp.iterdir():
+            try:
+                if not f.is_file() or (cutoff is not None and f.stat().st_mtime >= cutoff):
+                    continue
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+            f.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def sweep_incoming(self, known: Callable[[str], bool]) -> int:
+        """Remove ``incoming/<id>.dcm`` files no job records (``known(id)`` false); returns how many.
+
+        Such a file was written by a listener killed before it recorded the job, so the sender
+        never got a success status and will send the instance again: keeping it would only
+        leave bytes nobody owns.
+        """
+        n = 0
+        for f in self.incoming.glob("*.dcm"):
+            if _ID.match(f.stem) and not known(f.stem):
+                f.unlink(missing_ok=True)
+                n += 1
+        if n:
+            _fsync_dir(self.incoming)
+        return n
 
     # -- dead letters ----------------------------------------------------------------------
     def dead_letter(self, job_id: str, files: list[Path], reason: str) -> Path:

@@ -25,7 +25,10 @@ def _where(ds: pydicom.Dataset) -> str:
     name = getattr(ds, "filename", None)
     if isinstance(name, str) and name:
         return name
-    sop = ds.get("SOPInstanceUID")
+    try:
+        sop = ds.get("SOPInstanceUID")
+    except Exception:  # noqa: BLE001 - a broken element must not hide the real error
+        sop = None
     return f"dataset with SOP Instance UID {sop}" if sop else "in-memory dataset"
 
 
@@ -109,8 +112,23 @@ def read_image(ds: pydicom.Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     Raises
     ------
     ImageError
-        Missing pixel data, colour, multi-frame, oversized or undecodable images.
+        Missing pixel data, colour, multi-frame, oversized or undecodable images, and headers
+        whose values pydicom or NumPy cannot use (an unknown VR, a text where a number belongs):
+        a broken file is refused with this one error type, never a crash of the caller.
     """
+    try:
+        return _read(ds, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - lazily converted values fail late, with many types
+        # The message names the error type only: its text may quote element values.
+        raise ImageError(
+            f"{_where(ds)}: a header element needed to decode the image has an unusable value or VR "
+            f"({type(exc).__name__}); the file is not a valid image, ask the sender to resend it"
+        ) from exc
+
+
+def _read(ds: pydicom.Dataset, max_pixels: int) -> np.ndarray:
     _check_header(ds, max_pixels)
     try:
         stored = ds.pixel_array  # masks to BitsStored and sign-extends

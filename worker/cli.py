@@ -265,6 +265,318 @@ def build_bundle(out: Annotated[Path, typer.Option("--out")], n: int = 400, seed
                            "validation": card["validation"]}, indent=1))
 
 
+DataOpt = Annotated[str, typer.Option("--data", help="phantoms:N[:SEED] (rendered in memory), "
+                                                    "openi:REPORTS,IMAGES[,METADATA_CSV], a manifest CSV, "
+                                                    "or a folder with manifest.csv")]
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="t512 (the MedSAM2 graph) or tiny (tests)")]
+SizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="encoder input px (default: the spec's, 512 "
+                                                                      "for t512; 224 tiles Hiera's windows exactly)")]
+CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="MedSAM2 checkpoint (MedSAM2_latest.pt)")]
+CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache folder")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="feature precision: auto (bf16 on CUDA, fp32 on CPU), "
+                                                               "bf16 or fp32")]
+OodOpt = Annotated[Optional[list[str]], typer.Option("--ood", help="NAME=MANIFEST, repeatable; default: phantom "
+                                                                    "lateral and non-chest sets of --n-ood images")]
+_CACHE = Path.home() / ".cache" / "medsam2-cxr" / "features"
+
+
+def _dataset(data: str, render_size: int, n_ood: int, ood: list[str] | None, split_seed: int = 0):
+    from models.data import load_dataset
+
+    named = {}
+    for spec in ood or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--ood {spec!r}: expected NAME=MANIFEST_OR_FOLDER")
+        named[name] = Path(path)
+    return load_dataset(data, size=render_size, n_ood=n_ood, ood=named, split_seed=split_seed)
+
+
+@app.command()
+def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="bundle folder to write")],
+          variant: Annotated[str, typer.Option(help="B0, B1, B3, B4 or B5")] = "B5",
+          seed: int = 0, split_seed: int = 0, encoder: EncoderOpt = "t512", image_size: SizeOpt = None,
+          checkpoint: CkptOpt = None, cache: CacheOpt = _CACHE,
+          render_size: Annotated[int, typer.Option(help="phantom render size")] = 512,
+          n_ood: Annotated[int, typer.Option(help="phantom OOD images per set, measured into the card")] = 0,
+          ood: OodOpt = None, epochs: int = 60, precision: PrecisionOpt = "auto",
+          device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available)")] = None) -> None:
+    """Train one variant on frozen (cached) features and write a bundle whose card says how it was built."""
+    import torch
+
+    from models.train import train_bundle
+
+    logs.configure()
+    ds = _dataset(data, render_size, n_ood, ood, split_seed)
+    card = train_bundle(ds, variant, seed, out, spec=encoder, image_size=image_size, checkpoint=checkpoint,
+                        cache_dir=cache, split_seed=split_seed, epochs=epochs, precision=precision,
+                        device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    typer.echo(json.dumps({"bundle": str(out), "digest": card["digest"], "variant": card["variant"],
+                           "test": card["metrics"]["test"]}, indent=1))
+
+
+@app.command()
+def evaluate(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="folder for metrics.json, table.md, plots")],
+             seeds: Annotated[int, typer.Option(help="seeds per variant")] = 5,
+             variants: Annotated[str, typer.Option(help="comma-separated")] = "B0,B1,B3,B4,B5",
+             split_seed: int = 0, encoder: EncoderOpt = "t512", image_size: SizeOpt = None,
+             checkpoint: CkptOpt = None, cache: CacheOpt = _CACHE,
+             render_size: Annotated[int, typer.Option(help="phantom render size")] = 512,
+             n_ood: Annotated[int, typer.Option(help="phantom OOD images per set when no --ood is given")] = 256,
+             ood: OodOpt = None,
+             shift_pairs: Annotated[float, typer.Option(help="share of training images with a shifted copy (B5)")] = 1.0,
+             epochs: int = 60, precision: PrecisionOpt = "auto",
+             device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available)")] = None) -> None:
+    """Every variant over --seeds seeds: metrics.json, table.md (paper's Table 2 layout) and PNG plots."""
+    import torch
+
+    from models.encoder import SPECS
+    from models.evaluate import EvalConfig, run_evaluation
+    from models.train import FeatureExtractor, load_encoder
+
+    logs.configure()
+    cfg = EvalConfig(seeds=seeds, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                     split_seed=split_seed, shift_pair_fraction=shift_pairs, epochs=epochs)
+    ds = _dataset(data, render_size, n_ood, ood, split_seed)
+    enc_model, digest, weights = load_encoder(encoder, checkpoint)
+    size = int(image_size or SPECS[encoder].image_size)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extract = FeatureExtractor(enc_model, size, digest, cache, batch_size=32 if dev == "cuda" else 8, device=dev,
+                               precision=precision)
+    report = run_evaluation(ds, extract, out, {"spec": encoder, "image_size": size, "weights": weights,
+                                               "digest": digest, "render_size": render_size,
+                                               "precision": extract.precision}, cfg)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"metrics: {out / 'metrics.json'}; total {report['timing']['total_s'] / 60:.1f} min", err=True)
+
+
+model_app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedSAM2 weights.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("pull")
+def model_pull(config: ConfigOpt = None,
+               dest: Annotated[Optional[Path], typer.Option(help="file to write (default: <spool>/models/MedSAM2_latest.pt)")] = None,
+               sha256: Annotated[Optional[str], typer.Option(help="expected sha256 (default: the one Hugging Face states)")] = None,
+               timeout: float = 30.0) -> None:
+    """Fetch MedSAM2_latest.pt (HF wanglab/MedSAM2), verify its sha256, or say where to put it."""
+    from models.pull import FILENAME, PullError, pull
+
+    settings = _settings(config)
+    target = dest or settings.spool / "models" / FILENAME
+    try:
+        got = pull(target, sha256=sha256, timeout=timeout)
+    except PullError as exc:
+        typer.echo(f"model pull failed: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps({"path": str(got.path), "sha256": got.sha256, "verified_against": got.verified_against,
+                           "downloaded": got.downloaded}))
+    typer.echo(f"Set model.encoder_checkpoint = \"{got.path}\" to build bundles on MedSAM2's weights.", err=True)
+
+
+index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Similar prior cases index (index/).")
+sources_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training source selection by box coverage.")
+app.add_typer(index_app, name="index")
+app.add_typer(sources_app, name="sources")
+IndexData = Annotated[Path, typer.Option("--data", exists=True, help="manifest CSV (path, report, labels) or phantom folder")]
+IndexBundle = Annotated[Path, typer.Option("--bundle", exists=True, file_okay=False, help="model bundle folder")]
+
+
+@index_app.command("build")
+def index_build(data: IndexData, bundle: IndexBundle, out: Annotated[Path, typer.Option("--out")],
+                source: Annotated[Optional[str], typer.Option(help="source name (default: site/device column or folder)")] = None,
+                cache: Annotated[Optional[Path], typer.Option("--cache-dir", help="encoder feature cache")] = None,
+                extractor: Annotated[str, typer.Option(help="labeler for reports without labels")] = "lexicon",
+                split: Annotated[Optional[str], typer.Option(help="only manifest rows of this split (e.g. train)")] = None) -> None:
+    """A new index: the bundle's box per image, de-identified report text and labels per case."""
+    from index.build import run
+
+    logs.configure()
+    typer.echo(json.dumps(run(data, bundle, out, source=source, cache_dir=cache, extractor=extractor, split=split)))
+
+
+@index_app.command("add")
+def index_add(data: IndexData, bundle: IndexBundle, index: Annotated[Path, typer.Option("--index", exists=True)],
+              source: Annotated[Optional[str], typer.Option(help="source name (default: site/device column or folder)")] = None,
+              cache: Annotated[Optional[Path], typer.Option("--cache-dir", help="encoder feature cache")] = None,
+              extractor: Annotated[str, typer.Option(help="labeler for reports without labels")] = "lexicon") -> None:
+    """Append a site's own de-identified cases to an index built with the same bundle."""
+    from index.build import run
+
+    logs.configure()
+    typer.echo(json.dumps(run(data, bundle, index, add=True, source=source, cache_dir=cache, extractor=extractor)))
+
+
+@index_app.command("evaluate")
+def index_evaluate(out: Annotated[Path, typer.Option("--out", help="folder for metrics.json and table.md")],
+                   bundle: Annotated[Optional[Path], typer.Option(help="bundle (default: train a tiny phantom bundle)")] = None,
+                   n_index: int = 1000, n_test: int = 200, n_site: int = 160,
+                   cache: Annotated[Optional[Path], typer.Option("--cache-dir")] = None,
+                   latency_sizes: Annotated[str, typer.Option(help="comma-separated index sizes")] = "1000,10000,100000",
+                   extractor: str = "lexicon", seed: int = 0) -> None:
+    """Label-F1 of drafts, precision@5, latency, ANN recall and source selection on phantoms."""
+    from index.evaluate import EvalConfig, run_evaluation
+
+    logs.configure()
+    cfg = EvalConfig(n_index=n_index, n_test=n_test, n_site=n_site, extractor=extractor, seed=seed,
+                     latency_sizes=tuple(int(s) for s in latency_sizes.split(",") if s.strip()))
+    run_evaluation(out, cfg, bundle_dir=bundle, cache_dir=cache)
+    typer.echo((out / "table.md").read_text())
+
+
+@sources_app.command("rank", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sources_rank(ctx: typer.Context, target: Annotated[Path, typer.Option("--target", exists=True)],
+                 sources: Annotated[str, typer.Option("--sources", help="candidate source folders: --sources A B C")],
+                 bundle: IndexBundle,
+                 cache: Annotated[Optional[Path], typer.Option("--cache-dir")] = None) -> None:
+    """Rank candidate training sources (data or index folders) by how well their boxes cover the target's."""
+    from index.sources import rank_folders
+
+    logs.configure()
+    folders = [Path(sources), *(Path(a) for a in ctx.args)]
+    missing = [str(f) for f in folders if not f.exists()]
+    if missing:
+        raise typer.BadParameter(f"source folders not found: {missing}")
+    for rank, s in enumerate(rank_folders(target, folders, bundle, cache), 1):
+        typer.echo(json.dumps({"rank": rank, "source": s.name, "coverage": round(s.coverage, 4), "boxes": s.n_boxes}))
+
+
+def _report_texts(path: Path) -> list[str]:
+    """Report texts in a file: a text report, one Open-i XML (FINDINGS + IMPRESSION), or an Open-i archive."""
+    from models.openi import parse_report, read_reports
+
+    if not path.is_file():
+        raise typer.BadParameter(f"{path}: no such report file")
+    name = path.name.lower()
+    if name.endswith((".tgz", ".tar.gz", ".tar")):
+        return [r.text for r in read_reports(path)]
+    if name.endswith(".xml"):
+        try:
+            return [parse_report(path.read_bytes(), str(path)).text]
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+@app.command()
+def label(files: Annotated[Optional[list[Path]], typer.Argument(help="more report files (after --file)")] = None,
+          text: Annotated[Optional[list[str]], typer.Option("--text", help="a report as text (repeatable)")] = None,
+          file: Annotated[Optional[list[Path]], typer.Option(
+              "--file", help="report files: .txt, Open-i .xml, or an Open-i .tgz (one line per report inside)")] = None,
+          extractor: Annotated[str, typer.Option(help="lexicon or grammar")] = "lexicon") -> None:
+    """Print the 14 CheXpert labels of each report as one JSON line (1, 0, -1 uncertain, null not mentioned).
+
+    Order: the --text reports, then the files in the order given.
+    """
+    from index.labelers import get_extractor
+
+    try:
+        fn = get_extractor(extractor)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    paths = [*(file or []), *(files or [])]
+    if not text and not paths:
+        raise typer.BadParameter("give --text TEXT or --file FILE...")
+    for t in text or []:
+        typer.echo(json.dumps(fn(t)))
+    for p in paths:
+        for t in _report_texts(Path(p)):
+            typer.echo(json.dumps(fn(t)))
+
+
+@app.command("label-eval")
+def label_eval(openi: Annotated[Path, typer.Option("--openi", help="Open-i ecgen-radiology .tgz or folder")],
+               out: Annotated[Path, typer.Option("--out", help="folder for metrics.json and table.md")],
+               repeats: Annotated[int, typer.Option(help="timing runs per extractor (best is kept)")] = 3) -> None:
+    """Kappa between the two report labelers, their F1 against MeSH-derived labels, and their speed."""
+    from index import label_eval as le
+    from models.openi import read_reports
+
+    logs.configure()
+    metrics = le.evaluate(read_reports(openi), repeats=repeats)
+    mj, tm = le.write(metrics, out)
+    a = metrics["agreement"]
+    typer.echo(json.dumps({"metrics": str(mj), "table": str(tm), "kappa_4class": round(a["kappa_4class"], 4),
+                           "kappa_binary": round(a["kappa_binary"], 4),
+                           "micro_f1_vs_mesh": {e: round(x["vs_mesh_u_ones"]["micro"]["f1"], 4)
+                                                for e, x in metrics["extractors"].items()},
+                           "reports_per_second": {e: round(x["throughput"]["reports_per_second"])
+                                                  for e, x in metrics["extractors"].items()}}))
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Benchmarks against the best that exists for each stage; each prints one JSON object.")
+app.add_typer(bench_app, name="bench")
+WorkOpt = Annotated[Optional[Path], typer.Option("--work", help="scratch folder (default: a temporary one, removed)")]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@bench_app.command("ingest")
+def bench_ingest(n: Annotated[int, typer.Option("--n", help="images")] = 40, rows: int = 2500, cols: int = 2048,
+                 senders: Annotated[int, typer.Option(help="concurrent storescu processes in the second pass")] = 8,
+                 repeats: int = 2,
+                 probe_scale: Annotated[float, typer.Option(help="node-only pass at this scale per side (0: none)")] = 0.5,
+                 work: WorkOpt = None) -> None:
+    """storescu -> the node's listener against storescu -> DCMTK storescp: wall time, ratio, memory."""
+    from bench import ingest
+
+    typer.echo(json.dumps(ingest.run(n=n, rows=rows, cols=cols, senders=senders, repeats=repeats,
+                                     probe_scale=probe_scale, work=work)))
+
+
+@bench_app.command("infer")
+def bench_infer(specs: Annotated[str, typer.Option(help="encoders, comma-separated")] = "t512,tiny",
+                batches: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1,8,32",
+                repeats: int = 3, device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,
+                rows: int = 2500, cols: int = 2048, work: WorkOpt = None) -> None:
+    """Full model step (Predictor.predict) against the encoder forward alone: images/s per batch size."""
+    from bench import infer
+
+    typer.echo(json.dumps(infer.run(specs=tuple(s.strip() for s in specs.split(",") if s.strip()),
+                                    batches=_ints(batches), repeats=repeats, device=device, rows=rows, cols=cols,
+                                    work=work)))
+
+
+@bench_app.command("decode")
+def bench_decode(rows: int = 2500, cols: int = 2048, repeats: int = 5,
+                 threads: Annotated[int, typer.Option(help="threads for the overlap check (0: skip it)")] = 2,
+                 work: WorkOpt = None) -> None:
+    """pydicom's decoder plugins on JPEG 2000 and JPEG lossless radiographs: speed and exactness."""
+    from bench import decode
+
+    typer.echo(json.dumps(decode.run(rows=rows, cols=cols, repeats=repeats, threads=threads, work=work)))
+
+
+@bench_app.command("e2e")
+def bench_e2e(spec: Annotated[str, typer.Option(help="encoder of the benchmark bundle")] = "t512",
+              bundle: Annotated[Optional[Path], typer.Option(help="a bundle to use instead")] = None,
+              runs: Annotated[int, typer.Option(help="single-image latency runs")] = 20,
+              burst: Annotated[int, typer.Option(help="images in the throughput burst")] = 200,
+              rows: int = 2500, cols: int = 2048, device: Annotated[str, typer.Option(help="cpu or cuda")] = "",
+              redis_url: str = "redis://127.0.0.1:6379/8", work: WorkOpt = None) -> None:
+    """storescu -> node (Redis, gpu + io workers) -> Orthanc: latency p50/p95 and burst throughput."""
+    from bench import e2e
+
+    typer.echo(json.dumps(e2e.run(spec=spec, bundle=bundle, runs=runs, burst=burst, rows=rows, cols=cols,
+                                  device=device, redis_url=redis_url, work=work)))
+
+
+@bench_app.command("train")
+def bench_train(n: Annotated[int, typer.Option("--n", help="phantom images")] = 300,
+                encoder: Annotated[str, typer.Option(help="t512 or tiny")] = "t512", seeds: int = 5,
+                variants: str = "B0,B1,B3,B4,B5", n_ood: Annotated[int, typer.Option("--n-ood")] = 64,
+                epochs: int = 60, device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,
+                work: WorkOpt = None) -> None:
+    """The whole `medsam2-cxr evaluate` run with cached features (after one run that fills the cache)."""
+    from bench import train
+
+    typer.echo(json.dumps(train.run(n=n, encoder=encoder, seeds=seeds, variants=variants, n_ood=n_ood,
+                                    epochs=epochs, device=device, work=work)))
+
+
 def main() -> None:
     app()
 

@@ -1,20 +1,26 @@
 """The pipeline as plain functions: no Celery here. Tasks, `up` and the offline `infer` call them.
 
 infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
-deliver_job: prediction -> SR + SC (deterministic UIDs) -> C-STORE -> done or dead letter.
+deliver_job: prediction -> SR + SC (+ a text SR with the draft report when a similar cases index is
+configured; deterministic UIDs) -> C-STORE -> done or dead letter.
 Each step claims its job in the job store first, so a duplicate message does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import io
 import json
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -24,12 +30,16 @@ from pydicom import Dataset
 from dicom_node.audit import AuditLog
 from dicom_node.encoders.sc import encode_sc
 from dicom_node.encoders.sr import encode_sr
+from dicom_node.encoders.text import encode_text_sr
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.sender import DeliveryFailed, Destination
-from dicom_node.spool import Spool
+from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
 from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import ImageError, read_image
+
+if TYPE_CHECKING:
+    from index.draft import Draft
 
 log = structlog.get_logger()
 
@@ -37,6 +47,10 @@ PREDICTION = "prediction.json"
 SALIENCY = "saliency.npz"
 SR_FILE = "sr.dcm"
 SC_FILE = "sc.dcm"
+TEXT_FILE = "text.dcm"  # Basic Text SR with the draft report, when a similar cases index is configured
+
+# prediction, bundle digest -> draft report with similar cases (index.draft.Reporter)
+Reporter = Callable[[Prediction, str], "Draft"]
 
 
 @dataclass
@@ -47,16 +61,26 @@ class Context:
     jobs: JobStore
     audit: AuditLog
     lease_s: float = 120.0
+    send_lease_s: float | None = None  # SENDING claims; must outlast the sender's retries (None: lease_s)
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+    reporter: Reporter | None = None  # similar cases + draft report; None: no index configured
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
 
 def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, model: ModelIdentity,
-                   now: dt.datetime) -> list[Dataset]:
-    """SR then SC for one source image, with UIDs derived from the source and the bundle."""
+                   now: dt.datetime, reporter: Reporter | None = None) -> list[Dataset]:
+    """SR then SC for one source image, with UIDs derived from the source and the bundle.
+
+    With a reporter (a similar cases index), the SR also carries the draft report and similar
+    cases, and a Basic Text SR with the draft comes third; without one the SR says so.
+    """
     uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
-    return [encode_sr(source, prediction, model, uids, now), encode_sc(source, image, prediction, model, uids, now)]
+    draft = reporter(prediction, model.digest) if reporter is not None else None
+    out = [encode_sr(source, prediction, model, uids, now, draft=draft), encode_sc(source, image, prediction, model, uids, now)]
+    if draft is not None:
+        out.append(encode_text_sr(source, prediction, model, draft, uids, now))
+    return out
 
 
 def to_bytes(ds: Dataset) -> bytes:
@@ -87,10 +111,12 @@ def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
 
 # ---------------------------------------------------------------- the GPU step
 
-def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None]) -> list[str]:
+def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
+               forward_lock: threading.Lock | None = None) -> list[str]:
     """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
 
     An image that cannot be decoded is skipped with its reason (and audited); the rest go on.
+    `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting).
     """
     claimed, images = [], []
     for job_id in job_ids:
@@ -101,24 +127,75 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
         try:
             images.append(read_image(pydicom.dcmread(ctx.spool.root / job.path)))
             claimed.append(job)
-        except (ImageError, pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
-            ctx.jobs.advance(job_id, JobState.INFERRING, JobState.SKIPPED, reason=f"cannot read image: {exc}")
-            ctx.audit.record("skipped", job=job_id, sop_instance_uid=job.sop_instance_uid, reason=f"cannot read image: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any decode failure: quarantine, never retry it forever
+            reason = f"cannot read image: {exc}" if isinstance(exc, ImageError) else \
+                f"cannot read image: {type(exc).__name__}"
+            ctx.jobs.advance(job_id, JobState.INFERRING, JobState.SKIPPED, reason=reason)
+            try:
+                ctx.spool.quarantine_file(ctx.spool.root / job.path, reason, job_id, stage="worker",
+                                          calling_aet=job.calling_aet)
+            except OSError:
+                log.exception("infer.quarantine_failed", job=job_id)
+            ctx.audit.record("quarantined", job=job_id, sop_instance_uid=job.sop_instance_uid, stage="worker",
+                             reason=reason)
     if not claimed:
         return []
-    t0 = time.perf_counter()
-    predictions = predictor.predict(images)
-    seconds = (time.perf_counter() - t0) / len(claimed)
+    with forward_lock or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        predictions = predictor.predict(images)
+        seconds = (time.perf_counter() - t0) / len(claimed)
     model = predictor.bundle.identity()
     done = []
-    for job, pred in zip(claimed, predictions):
-        save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model)
+    for i, (job, pred) in enumerate(zip(claimed, predictions)):
+        try:
+            save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model)
+        except OutOfSpace:  # a full spool: give the unsaved jobs back now, not when their lease runs out
+            for rest in claimed[i:]:
+                ctx.jobs.release(rest.id, JobState.INFERRING, JobState.QUEUED)
+            raise
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
-                             seconds=round(seconds, 3), out_of_distribution=pred.out_of_distribution,
+                             seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
                              present=[f.label for f in pred.findings if f.present])
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
+    return done
+
+
+def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[str], None], batch_size: int = 16,
+                  gather_s: float = 0.005, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """Infer `job_id` together with the jobs waiting behind it, in batches, until none wait.
+
+    The job store says what waits (oldest first); infer_jobs claims each job as before, so the
+    broker messages of jobs taken here find nothing to claim later and do nothing. Two batches
+    are in flight: while one runs its forward, the next is read and decoded in a second thread
+    and the one before it is written. The first batch waits up to `gather_s` to fill.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    forward = threading.Lock()
+    taken: set[str] = set()
+
+    def gather(first: list[str]) -> list[str]:
+        # Up to two batches may be taken but not yet claimed (still queued): look past them.
+        more = [j for j in ctx.jobs.waiting(3 * batch_size) if j not in taken and j not in first]
+        return (first + more)[:batch_size]
+
+    batch = gather([job_id])
+    if len(batch) < batch_size and gather_s > 0:
+        sleep(gather_s)
+        batch = gather(batch)
+    done: list[str] = []
+    inflight: deque[Future] = deque()
+    with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
+        while batch:
+            taken.update(batch)
+            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, enqueue_send, forward))
+            if len(inflight) == 2:
+                done += inflight.popleft().result()
+            batch = gather([])
+        while inflight:
+            done += inflight.popleft().result()
     return done
 
 
@@ -131,17 +208,22 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
     `send` does its own retries (dicom_node.sender.send_with_retry) and raises DeliveryFailed
     after the last attempt. Returns the job's new state, or None when the job was not ours.
     """
-    job = ctx.jobs.claim(job_id, JobState.INFERRED, JobState.SENDING, ctx.lease_s)
+    job = ctx.jobs.claim(job_id, JobState.INFERRED, JobState.SENDING, ctx.send_lease_s or ctx.lease_s)
     if job is None:
         log.info("deliver.not_claimed", job=job_id)
         return None
     folder = ctx.spool.result_dir(job_id)
-    files = [folder / SR_FILE, folder / SC_FILE]
+    files = [folder / SR_FILE, folder / SC_FILE] + ([folder / TEXT_FILE] if ctx.reporter is not None else [])
     if not all(f.exists() for f in files):
         source = pydicom.dcmread(ctx.spool.root / job.path)
         prediction, model = load_prediction(folder)
-        for path, ds in zip(files, encode_results(source, read_image(source), prediction, model, ctx.now())):
-            ctx.spool.write_atomic(path, to_bytes(ds))
+        results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter)
+        try:
+            for path, ds in zip(files, results, strict=True):
+                ctx.spool.write_atomic(path, to_bytes(ds))
+        except OutOfSpace:  # a full spool: the reconciler retries it, not a claim that outlasts every send retry
+            ctx.jobs.release(job_id, JobState.SENDING, JobState.INFERRED)
+            raise
     dest = destination_for(job.calling_aet)
     t0 = time.perf_counter()
     try:
@@ -182,8 +264,12 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
     """Re-enqueue what the broker may have forgotten; the job store is the source of truth.
 
     A job whose worker died max_attempts times (a poison image, a crash in a library) is given
-    up: dead-lettered with the reason and audited, instead of killing workers forever.
+    up: dead-lettered with the reason and audited, instead of killing workers forever. Partial
+    writes a killed worker left in the spool's tmp/ are removed once they are that stale too.
     """
+    swept = ctx.spool.sweep_tmp(older_than_s=stale_after_s)
+    if swept:
+        log.warning("reconcile.partial_writes_removed", files=swept)
     n = 0
     for job in ctx.jobs.stale(stale_after_s):
         claimed = job.state in (JobState.INFERRING, JobState.SENDING)

@@ -1,7 +1,7 @@
 """Everything a process needs to run pipeline steps, built from settings once per process.
 
 The predictor (and torch's CUDA) is created lazily on the first inference, in the worker
-process itself, never before a fork.
+process itself, never before a fork; the similar cases index likewise on the first draft.
 """
 
 from __future__ import annotations
@@ -9,13 +9,18 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
 
 from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobStore
-from dicom_node.sender import Destination, send_with_retry
+from dicom_node.sender import Destination, retry_window_s, send_with_retry
 from dicom_node.spool import Spool
 from worker.pipeline import Context
 from worker.settings import Settings
+
+log = structlog.get_logger()
 
 
 @dataclass
@@ -28,9 +33,13 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Runtime":
         root = settings.spool
+        index = settings.index_path
         ctx = Context(spool=Spool(root, min_free_bytes=settings.node.min_free_mb * 2**20),
                       jobs=JobStore(root / "jobs.sqlite"), audit=AuditLog(root / "audit.jsonl"),
-                      lease_s=settings.worker.lease_s)
+                      lease_s=settings.worker.lease_s,
+                      send_lease_s=retry_window_s(settings.sender.attempts, settings.sender.backoff_s,
+                                                  settings.sender.max_backoff_s, settings.sender.timeout_s),
+                      reporter=LazyReporter(index, settings.index.extractor) if index is not None else None)
         return cls(settings=settings, ctx=ctx)
 
     def predictor(self):
@@ -43,13 +52,50 @@ class Runtime:
             return self._predictor
 
     def destination_for(self, calling_aet: str) -> Destination:
+        from dicom_node.tls import client_context
+
         d = self.settings.destination.for_caller(calling_aet)
-        return Destination(ae_title=d.ae_title, host=d.host, port=d.port)
+        tls = (client_context(d.tls.ca, d.tls.cert or None, d.tls.key or None, d.tls.check_hostname)
+               if d.tls.ca else None)
+        return Destination(ae_title=d.ae_title, host=d.host, port=d.port, tls=tls)
 
     def send(self, files, dest: Destination) -> None:
         s = self.settings.sender
         send_with_retry(files, dest, attempts=s.attempts, backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
                         calling_ae=self.settings.node.ae_title, timeout=s.timeout_s)
+
+
+class LazyReporter:
+    """The similar cases index and drafter, opened on the first draft in the process that uses them.
+
+    An index that cannot be opened does not stop the node: drafts are written from the findings
+    alone and say why there are no similar cases; the error is logged once.
+    """
+
+    def __init__(self, folder: Path, extractor: str = "lexicon") -> None:
+        self.folder, self.extractor = folder, extractor
+        self._reporter = None
+        self._why = ""
+        self._lock = threading.Lock()
+
+    def _load(self):
+        from index.draft import Drafter, open_reporter
+        from index.labelers import get_extractor
+
+        try:
+            return open_reporter(self.folder, self.extractor)
+        except (ValueError, OSError) as exc:  # StoreError is a ValueError
+            log.error("index.cannot_open", folder=str(self.folder), error=str(exc))
+            self._why = f"similar cases index at {self.folder} could not be opened"
+            return Drafter(get_extractor(self.extractor))
+
+    def __call__(self, prediction, digest: str):
+        with self._lock:
+            if self._reporter is None:
+                self._reporter = self._load()
+        if self._why:
+            return self._reporter.draft(prediction, None, why_none=self._why)
+        return self._reporter(prediction, digest)
 
 
 @functools.cache

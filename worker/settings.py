@@ -16,19 +16,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
 
+class NodeTls(Section):
+    # DICOM TLS (PS3.15 BCP 195 profile, TLS 1.2 minimum) at the listener; empty cert: plain DICOM.
+    cert: str = ""  # PEM certificate (chain) of this node
+    key: str = ""  # PEM private key
+    ca: str = ""  # PEM CA bundle client certificates must chain to (empty: none asked for)
+    require_client_cert: bool = False  # refuse callers without a valid client certificate (needs ca)
+
+
 class Node(Section):
     ae_title: str = "MEDSAM2CXR"
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aets: list[str] = []  # empty: accept any caller
+    allowed_addresses: list[str] = []  # IP addresses or networks ("10.1.0.0/16"); empty: any
     max_associations: int = 16
     min_free_mb: int = 256  # refuse to store (out of resources) below this much free spool space
+    max_pdu_length: int = 4 * 2**20  # larger declared PDU lengths are aborted (pynetdicom has no cap)
+    tls: NodeTls = Field(default_factory=NodeTls)
+
+
+class DestinationTls(Section):
+    ca: str = ""  # PEM CA bundle the PACS certificate must chain to; empty: plain DICOM
+    cert: str = ""  # our client certificate, when the PACS asks for one
+    key: str = ""
+    check_hostname: bool = True
 
 
 class Destination(Section):
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = 4242
+    tls: DestinationTls = Field(default_factory=DestinationTls)
 
 
 class Destinations(Destination):
@@ -36,7 +55,8 @@ class Destinations(Destination):
     routes: dict[str, Destination] = {}
 
     def for_caller(self, calling_aet: str) -> Destination:
-        return self.routes.get(calling_aet.strip(), Destination(ae_title=self.ae_title, host=self.host, port=self.port))
+        return self.routes.get(calling_aet.strip(), Destination(ae_title=self.ae_title, host=self.host, port=self.port,
+                                                                tls=self.tls))
 
 
 class Broker(Section):
@@ -67,6 +87,11 @@ class Worker(Section):
     reconcile_every_s: float = 10.0
 
 
+class Index(Section):
+    path: str = ""  # similar cases index folder; empty: <spool>/index when it exists, else none
+    extractor: str = "lexicon"  # report labeler that judges retrieved sentences (index.labelers)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -77,6 +102,7 @@ class Settings(BaseSettings):
     model: Model = Field(default_factory=Model)
     sender: Sender = Field(default_factory=Sender)
     worker: Worker = Field(default_factory=Worker)
+    index: Index = Field(default_factory=Index)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -92,6 +118,14 @@ class Settings(BaseSettings):
     @property
     def bundle_path(self) -> Path:
         return Path(self.model.bundle).resolve() if self.model.bundle else self.spool / "models" / "default"
+
+    @property
+    def index_path(self) -> Path | None:
+        """The configured index folder, or <spool>/index when it exists, or None (no similar cases)."""
+        if self.index.path:
+            return Path(self.index.path).resolve()
+        default = self.spool / "index"
+        return default if (default / "cases.sqlite").exists() else None
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -5,24 +5,46 @@ calibrated probability, and the confidence tier as Certainty of Finding. One mor
 out-of-distribution score. Warnings a reader must see (not for primary diagnosis, synthetic
 training) go in the TID 1500 "Qualitative Evaluations" container as TEXT items, and the synthetic
 notice also as a TID 4019 Algorithm Parameter so each group repeats it.
+
+When a similar cases index is configured, the same container also carries the drafted report
+(FINDINGS and IMPRESSION as DCM Finding / Impression TEXT items), one TEXT item per similar prior
+case (case id, similarity, key findings) and one per guideline reference; without one it says
+"No similar cases index configured".
 """
 
 from __future__ import annotations
 
 import datetime
+import unicodedata
+from typing import TYPE_CHECKING
 
 import highdicom as hd
+from pydicom.sr.coding import Code
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
 
 from dicom_node import codes
 from dicom_node.uids import ResultUIDs, derive_uid
+from index.retrieval import NO_INDEX
 from models.prediction import ModelIdentity, Prediction
+
+if TYPE_CHECKING:
+    from index.draft import Draft
 
 SR_SERIES_NUMBER = 9901
 NOT_FOR_DIAGNOSIS = "AI result, not for primary diagnosis"
 SYNTHETIC_NOTICE = "Trained on synthetic phantom radiographs only - not clinically validated"
 OOD_NOTICE = "Image outside the model's experience - interpret with care"
+DRAFT_NOTICE = "Draft report written by the AI for a radiologist to correct; not a signed report"
+
+# Draft report concepts: DCM where one exists, the project's private scheme (declared in
+# codes.CODING_SCHEME_IDENTIFICATION) for similar cases and guideline references.
+DRAFT_FINDING = Code("121071", "DCM", "Finding")
+DRAFT_IMPRESSION = Code("121073", "DCM", "Impression")
+SIMILAR_CASES = Code("SIMCASES", codes.PRIVATE_SCHEME, "Similar prior cases")
+SIMILAR_CASE = Code("SIMCASE", codes.PRIVATE_SCHEME, "Similar prior case")
+GUIDELINE_REFERENCES = Code("GUIDEREFS", codes.PRIVATE_SCHEME, "Guideline references")
+GUIDELINE_REFERENCE = Code("GUIDEREF", codes.PRIVATE_SCHEME, "Guideline reference")
 
 
 def software_version(model: ModelIdentity) -> str:
@@ -182,8 +204,33 @@ def notices(prediction: Prediction, model: ModelIdentity) -> list[str]:
     return lines
 
 
-def _notice_container(prediction: Prediction, model: ModelIdentity) -> hd.sr.ContainerContentItem:
-    """TID 1500 rows 10-12: document-level qualitative evaluations, here free-text notices."""
+def plain(text: str) -> str:
+    """ASCII-fold free text ("Müller" -> "Muller"): the source's character set may be ASCII only."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return folded
+
+
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=plain(value), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def draft_items(draft: Draft | None) -> list[hd.sr.TextContentItem]:
+    """TEXT items for the drafted report, the similar cases and the guideline references."""
+    from index.draft import reference_line, similar_line
+
+    if draft is None:
+        return [_text(codes.COMMENT, NO_INDEX[:1].upper() + NO_INDEX[1:] + ".")]
+    items = [_text(codes.COMMENT, DRAFT_NOTICE + "."),
+             _text(DRAFT_FINDING, draft.findings), _text(DRAFT_IMPRESSION, draft.impression)]
+    items += [_text(SIMILAR_CASE, similar_line(s)) for s in draft.similar]
+    items += [_text(GUIDELINE_REFERENCE, reference_line(i, r)) for i, r in enumerate(draft.references, 1)]
+    items += [_text(codes.COMMENT, note) for note in draft.notes]
+    return items
+
+
+def _notice_container(prediction: Prediction, model: ModelIdentity,
+                      draft: Draft | None = None) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 10-12: document-level qualitative evaluations: free-text notices, the draft."""
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -197,6 +244,7 @@ def _notice_container(prediction: Prediction, model: ModelIdentity) -> hd.sr.Con
             )
             for line in notices(prediction, model)
         ]
+        + draft_items(draft)
     )
     return container
 
@@ -220,8 +268,11 @@ def encode_sr(
     model: ModelIdentity,
     uids: ResultUIDs,
     now: datetime.datetime,
+    draft: Draft | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode one prediction as a TID 1500 SR in the source's study, in the model's SR series.
+
+    draft: the drafted report and similar cases (index/draft.py); None when no index is configured.
 
     Raises
     ------
@@ -248,7 +299,7 @@ def encode_sr(
         imaging_measurements=groups,
         referenced_images=[source] if _library_describable(source) else None,
     )
-    report[0].ContentSequence.append(_notice_container(prediction, model))
+    report[0].ContentSequence.append(_notice_container(prediction, model, draft))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],

@@ -1,6 +1,7 @@
 """End to end with real parts: Orthanc as the PACS (Lua autoroute on stable study), DCMTK
 storescu as the modality, the node's listener and two Celery workers as separate processes on
-the Redis broker. The SR and SC must come back into the same study and pass dciodvfy."""
+the Redis broker, with a similar cases index configured. The SR, the SC and the Basic Text SR with
+the draft report must come back into the same study and pass dciodvfy."""
 
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
     except redis.ConnectionError:
         pytest.fail("Redis is not running on 127.0.0.1:6379: run `make peers`")
     r.flushdb()
+    from index.build import build_index, manifest_items
+    from models.bundle import load_bundle
+
+    build_index(tmp_path / "index", load_bundle(tiny_bundle), manifest_items(phantom_dir), progress=False)
     spool = tmp_path / "spool"
     config = tmp_path / "node.toml"
     config.write_text(
@@ -94,6 +99,7 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
         f'[broker]\nurl = "redis://127.0.0.1:6379/{REDIS_DB}"\n[paths]\nspool = "{spool}"\n'
         f'[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
         f'[sender]\nattempts = 3\nbackoff_s = 1.0\n[worker]\nreconcile_every_s = 2\nstale_after_s = 20\n'
+        f'[index]\npath = "{tmp_path / "index"}"\n'
     )
     exe = [sys.executable, "-m", "worker.cli"]
     logs = {name: (tmp_path / f"{name}.log") for name in ("listen", "gpu", "io")}
@@ -119,14 +125,14 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
                 hits = _get(orthanc["base"] + "/instances?expand")
                 mine = [i for i in hits if i["MainDicomTags"].get("SOPInstanceUID") != ds.SOPInstanceUID
                         and _study_uid(orthanc["base"], i) == ds.StudyInstanceUID]
-                if len(mine) < 2:
+                if len(mine) < 3:
                     return None
                 found[src.name] = mine
             return found
 
-        found = _wait(results, 240, "the SR and SC in Orthanc", step=2)
+        found = _wait(results, 240, "the SR, SC and text SR in Orthanc", step=2)
         elapsed = time.time() - t0
-        print(f"storescu -> SR+SC in Orthanc for {len(sources)} studies: {elapsed:.1f} s")
+        print(f"storescu -> SR+SC+text SR in Orthanc for {len(sources)} studies: {elapsed:.1f} s")
         for src in sources:
             source = pydicom.dcmread(src, stop_before_pixels=True)
             kinds = []
@@ -141,12 +147,13 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
                 v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
                 errors = [l for l in (v.stdout + v.stderr).splitlines() if l.startswith("Error")]
                 assert not errors, f"dciodvfy on the {ds.Modality} for {src.name}: {errors}"
-            assert sorted(kinds) == ["Comprehensive 3D SR Storage", "Secondary Capture Image Storage"], kinds
-        # Exactly one SR and one SC per source, even though Orthanc routes the study again once
+            assert sorted(kinds) == ["Basic Text SR Storage", "Comprehensive 3D SR Storage",
+                                     "Secondary Capture Image Storage"], kinds
+        # Exactly one of each per source, even though Orthanc routes the study again once
         # the results arrive (the node sees its own results and the resent source, and skips both).
         time.sleep(6)
         for src in sources:
-            assert len(results()[src.name]) == 2
+            assert len(results()[src.name]) == 3
         # No patient identifier in any log line or audit record of the run.
         names = set()
         for src in sources:

@@ -1,5 +1,7 @@
 """`medsam2-cxr up` on the embedded single-host defaults: no broker server (Celery's filesystem
-transport in the spool), workers as child processes, results to a DCMTK storescp."""
+transport in the spool), workers as child processes, results to a DCMTK storescp. A similar cases
+index in <spool>/index is picked up without configuration, so the draft report comes as a third
+object (Basic Text SR)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
     pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spool = tmp_path / "var"
+    from index.build import build_index, manifest_items
+    from models.bundle import load_bundle
+
+    build_index(spool / "index", load_bundle(tiny_bundle), manifest_items(phantom_dir), progress=False)
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
@@ -55,12 +61,12 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         out = subprocess.run(["/usr/bin/storescu", "-aec", "MEDSAM2CXR", "127.0.0.1", str(node_port), str(src),
                               str(tmp_path / "lateral.dcm")], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        _wait(lambda: len(list(received.iterdir())) >= 2, 120, "the SR and SC at the destination")
+        _wait(lambda: len(list(received.iterdir())) >= 3, 120, "the SR, SC and text SR at the destination")
         time.sleep(2)
         files = sorted(received.iterdir())
-        assert len(files) == 2  # the lateral was stored and skipped, not processed
+        assert len(files) == 3  # the lateral was stored and skipped, not processed
         classes = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name for f in files)
-        assert classes == ["Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
+        assert classes == ["Basic Text SR Storage", "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO)
         assert json.loads(status.stdout.strip().splitlines()[-1]) == {"done": 1, "skipped": 1}

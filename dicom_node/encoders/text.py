@@ -1,0 +1,142 @@
+"""Draft report -> Basic Text SR (TID 2000): what any PACS viewer shows as a text report.
+
+Sections, in reading order: notices (AI result, not a signed report, synthetic training, out of
+distribution), Findings, Impressions, Guideline references, Similar prior cases. Basic Text SR
+allows only CONTAINER, TEXT, CODE, UIDREF, DATE/TIME, PNAME, COMPOSITE, IMAGE and WAVEFORM items
+and no by-reference relationships; the content is checked against that before encoding.
+
+highdicom 0.28 has no Basic Text SR class, so `BasicTextSR` reuses its abstract SR base (the SR
+Document General module: completion and verification flags, performed procedure codes,
+evidence), pinned with highdicom < 0.29 in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Any
+
+import highdicom as hd
+from highdicom.sr.sop import _SR
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
+from pydicom.uid import BasicTextSRStorage
+
+from dicom_node import codes
+from dicom_node.encoders.sr import (
+    DRAFT_NOTICE,
+    GUIDELINE_REFERENCE,
+    GUIDELINE_REFERENCES,
+    SIMILAR_CASE,
+    SIMILAR_CASES,
+    device_uid,
+    finish,
+    notices,
+    plain,
+    series_description,
+    software_version,
+)
+from dicom_node.uids import ResultUIDs
+from models.prediction import ModelIdentity, Prediction
+
+if TYPE_CHECKING:
+    from index.draft import Draft
+
+TEXT_SERIES_NUMBER = 9903
+REPORT_TITLE = dcm_codes.LN.DiagnosticImagingReport  # LN 18748-4
+NOTICES = Code("NOTICES", codes.PRIVATE_SCHEME, "Notices about this AI result")
+ALLOWED_VALUE_TYPES = frozenset({"CONTAINER", "TEXT", "CODE", "DATETIME", "DATE", "TIME", "UIDREF", "PNAME",
+                                 "COMPOSITE", "IMAGE", "WAVEFORM"})
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+
+
+class BasicTextSR(_SR):
+    """SOP class for a Basic Text SR document (1.2.840.10008.5.1.4.1.1.88.11).
+
+    Raises
+    ------
+    ValueError
+        Content with a value type Basic Text SR does not allow (NUM, SCOORD, ...) or a
+        by-reference relationship.
+    """
+
+    def __init__(self, evidence: list[Dataset], content: Dataset, series_instance_uid: str, series_number: int,
+                 sop_instance_uid: str, instance_number: int, **kwargs: Any) -> None:
+        _check_basic_text(content)
+        super().__init__(evidence=evidence, content=content, series_instance_uid=series_instance_uid,
+                         series_number=series_number, sop_instance_uid=sop_instance_uid,
+                         sop_class_uid=BasicTextSRStorage, instance_number=instance_number, **kwargs)
+
+
+def _check_basic_text(item: Dataset, path: str = "root") -> None:
+    for i, child in enumerate(item.get("ContentSequence", []), 1):
+        where = f"{path}/{i}"
+        if "ReferencedContentItemIdentifier" in child:
+            raise ValueError(f"{where}: Basic Text SR does not allow by-reference relationships")
+        if child.ValueType not in ALLOWED_VALUE_TYPES:
+            raise ValueError(f"{where}: value type {child.ValueType} is not allowed in a Basic Text SR")
+        _check_basic_text(child, where)
+
+
+def _section(name: Code, items: list[tuple[Code, str]]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(name=name, relationship_type=_CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.TextContentItem(name=n, value=plain(v), relationship_type=_CONTAINS) for n, v in items])
+    return container
+
+
+def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft) -> hd.sr.ContainerContentItem:
+    """The TID 2000 tree: observation context (the device), then one container per section."""
+    from index.draft import reference_line, similar_line
+
+    root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id="2000")
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DEVICE_OBSERVER,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid(model), name=model.name, manufacturer_name=model.manufacturer or codes.MANUFACTURER,
+                model_name=codes.ALGORITHM_NAME,
+            ),
+        )
+    )
+    lines = [DRAFT_NOTICE + ".", *notices(prediction, model), *draft.notes]
+    sections = [
+        _section(NOTICES, [(codes.COMMENT, line) for line in dict.fromkeys(lines)]),
+        _section(dcm_codes.DCM.Findings, [(dcm_codes.DCM.Finding, draft.findings)]),
+        _section(dcm_codes.DCM.Impressions, [(dcm_codes.DCM.Impression, draft.impression)]),
+    ]
+    if draft.references:
+        sections.append(_section(GUIDELINE_REFERENCES, [(GUIDELINE_REFERENCE, reference_line(i, r))
+                                                       for i, r in enumerate(draft.references, 1)]))
+    if draft.similar:
+        sections.append(_section(SIMILAR_CASES, [(SIMILAR_CASE, similar_line(s)) for s in draft.similar]))
+    root.ContentSequence = hd.sr.ContentSequence([*context, *sections])
+    return root
+
+
+def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity, draft: Draft,
+                   uids: ResultUIDs, now: datetime.datetime) -> BasicTextSR:
+    """Encode the draft report as a Basic Text SR in the source's study, in the model's text series."""
+    sr = BasicTextSR(
+        evidence=[source],
+        content=report_content(prediction, model, draft),
+        series_instance_uid=uids.text_series,
+        series_number=TEXT_SERIES_NUMBER,
+        sop_instance_uid=uids.text_instance,
+        instance_number=1,
+        manufacturer=codes.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        performed_procedure_codes=[codes.PLAIN_CHEST_XRAY],
+        coding_schemes=[codes.CODING_SCHEME_IDENTIFICATION],
+        series_description=series_description(model, "draft report"),
+        manufacturer_model_name=model.name,
+        software_versions=software_version(model),
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+    )
+    finish(sr, model, now)
+    return sr

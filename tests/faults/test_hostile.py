@@ -1,0 +1,325 @@
+"""Hostile and broken input against the real listener over real sockets.
+
+Each case gets a clear status or an abort, lands in the quarantine with its reason, and the node
+serves the next association (a DCMTK storescu of a good image) as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+
+from dicom_node.audit import AuditLog
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.listener import CANNOT_UNDERSTAND, SUCCESS, ListenerConfig, start_listener
+from dicom_node.spool import Spool
+from tests.faults.harness import STORESCU, free_port
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
+SCU = "MODALITY1"
+PATIENT_NAME, PATIENT_ID = "HOSTILE^HARRY", "PID-HOSTILE-77"
+
+
+def image(rows: int = 64, cols: int = 64, sop_class: str = CR, pixels: bytes | None = None, **attrs) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = pixels if pixels is not None else np.zeros(rows * cols, np.uint16).tobytes()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def encode(ds: Dataset) -> bytes:
+    """Explicit VR little endian dataset bytes (no preamble, no meta)."""
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    from pydicom.filewriter import write_dataset
+
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def as_file(path: Path, body: bytes, sop_class: str = CR) -> Path:
+    """A Part 10 file around ``body`` exactly as given (pynetdicom streams it unparsed)."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    buf = DicomBytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
+    return path
+
+
+def element(group: int, elem: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    n = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"OF"):
+        return struct.pack("<HH", group, elem) + vr + b"\0\0" + struct.pack("<L", n) + value
+    return struct.pack("<HH", group, elem) + vr + struct.pack("<H", n) + value
+
+
+class Node:
+    def __init__(self, folder: Path, **cfg) -> None:
+        self.port = free_port()
+        self.spool = Spool(folder / "spool")
+        self.jobs = JobStore(folder / "spool" / "jobs.sqlite")
+        self.audit = AuditLog(folder / "spool" / "audit.jsonl")
+        self.enqueued: list[str] = []
+        config = ListenerConfig(host="127.0.0.1", port=self.port, network_timeout=10, **cfg)
+        self.server = start_listener(config, self.spool, self.jobs, self.audit, self.enqueued.append)
+
+    def send_raw(self, path: Path, sop_class: str = CR) -> int | None:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            ae = AE(ae_title=SCU)
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="MEDSAM2CXR")
+            assert assoc.is_established
+            try:
+                return getattr(assoc.send_c_store(path), "Status", None)
+            finally:
+                assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+
+    def still_serving(self, tmp: Path) -> None:
+        """A good image from DCMTK storescu is stored and queued after whatever came before."""
+        ds = image()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        f = tmp / f"good-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(f, enforce_file_format=True)
+        r = subprocess.run([STORESCU, "-aet", SCU, "-aec", "MEDSAM2CXR", "127.0.0.1", str(self.port), str(f)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert any(j.sop_instance_uid == ds.SOPInstanceUID for j in self.jobs.by_state(JobState.QUEUED))
+
+    def quarantined(self) -> list[dict]:
+        return self.spool.quarantined()
+
+    def no_phi(self) -> None:
+        text = "\n".join(json.dumps(r) for r in self.quarantined()) + self.audit.path.read_text()
+        assert PATIENT_NAME not in text and PATIENT_ID not in text
+
+
+@pytest.fixture
+def node(tmp_path, capsys) -> Callable[..., Node]:
+    nodes: list[Node] = []
+
+    def make(**cfg) -> Node:
+        nodes.append(Node(tmp_path, **cfg))
+        return nodes[-1]
+
+    yield make
+    for n in nodes:
+        n.server.shutdown()
+    out = capsys.readouterr()
+    assert PATIENT_NAME not in out.out + out.err and PATIENT_ID not in out.out + out.err
+
+
+def _pixels_header(rows: int, cols: int) -> Dataset:
+    return image(rows, cols, pixels=b"")
+
+
+BROKEN: dict[str, tuple[Callable[[], bytes], str]] = {
+    "truncated mid-header": (lambda: encode(image())[:150], r"\(0028,0010\) Rows missing|unparseable header|truncated"),
+    # pydicom keeps what it could read of a value cut short; the checks then find what is missing.
+    "truncated mid-element": (lambda: encode(image())[:155], r"\(0028,0010\) Rows missing|unparseable header|truncated"),
+    "truncated mid-pixels": (lambda: encode(image())[:-3000], r"\(7FE0,0010\) PixelData has \d+ bytes, Rows x "
+                                                              r"Columns needs 8192|unparseable header|truncated"),
+    "wrong VR for Rows": (
+        lambda: encode(image()).replace(struct.pack("<HH", 0x28, 0x10) + b"US\x02\x00",
+                                        struct.pack("<HH", 0x28, 0x10) + b"UI\x02\x00"),
+        r"wrong VR UI for \(0028,0010\) Rows"),
+    # Rows says its value is 64 bytes long: it swallows the elements after it.
+    "lying length": (
+        lambda: encode(image()).replace(struct.pack("<HH", 0x28, 0x10) + b"US\x02\x00",
+                                        struct.pack("<HH", 0x28, 0x10) + b"US\x40\x00"),
+        r"inconsistent image header|\(0028,0011\) Columns missing|\(0028,0100\) BitsAllocated missing"
+        r"|unparseable header"),
+    # The last element claims 2 GB.
+    "lying length at the end": (
+        lambda: encode(image()) + element(0x7FE1, 0x0010, b"UT", b"x" * 16, length=0x7FFFFFF0),
+        r"truncated: an element's length runs past the end of the data"),
+    "pixel data too short": (lambda: encode(image(pixels=b"\0" * 100)),
+                             r"\(7FE0,0010\) PixelData has 100 bytes, Rows x Columns needs 8192"),
+    "65535 x 65535 decompression bomb": (lambda: encode(image(65535, 65535, pixels=b"\0" * 1024)),
+                                         re.escape("declared image 65535 x 65535 x 1 frame(s) exceeds the limit")),
+    "SR under the CR context": (lambda: encode(_text_sr()), "SOP Class UID differs from the presentation context"),
+}
+
+
+def _text_sr() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.Modality = "SR"
+    return ds
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_instance_quarantined_and_node_keeps_serving(node, tmp_path, case):
+    n = node()
+    make, reason = BROKEN[case]
+    status = n.send_raw(as_file(tmp_path / "bad.dcm", make()))
+    assert status == CANNOT_UNDERSTAND, f"{case}: status {status}"
+    [record] = n.quarantined()
+    assert re.match(reason, record["reason"]), record
+    assert record["stage"] == "listener" and record["calling_aet"] == SCU
+    assert (n.spool.quarantine_dir / record["file"]).exists()
+    [event] = [a for a in n.audit.read() if a["event"] == "quarantined"]
+    assert event["reason"] == record["reason"] and event["dicom_event"] == "Security Alert"
+    assert list(n.spool.incoming.iterdir()) == [] and list(n.spool.tmp.iterdir()) == []
+    print(f"[hostile] {case}: 0x{status:04X}, quarantined: {record['reason']}")
+    n.still_serving(tmp_path)
+    n.no_phi()
+
+
+def test_non_image_sop_classes(node, tmp_path):
+    n = node()
+    # A supported non-image class (a text SR a PACS routes along): stored, skipped with a reason.
+    sr = _text_sr()
+    status = n.send_raw(as_file(tmp_path / "sr.dcm", encode(sr), BASIC_TEXT_SR), BASIC_TEXT_SR)
+    assert status == SUCCESS
+    [job] = n.jobs.by_state(JobState.SKIPPED)
+    assert job.reason == "SOP class not processed: Basic Text SR Storage"
+    # An unsupported class: no presentation context is accepted, storescu fails cleanly.
+    rt = _text_sr()
+    rt.SOPClassUID = RT_PLAN
+    rt.file_meta = FileMetaDataset()
+    rt.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    rt.file_meta.MediaStorageSOPClassUID = RT_PLAN
+    rt.file_meta.MediaStorageSOPInstanceUID = rt.SOPInstanceUID
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    r = subprocess.run([STORESCU, "-R", "-aet", SCU, "-aec", "MEDSAM2CXR", "127.0.0.1", str(n.port),
+                        str(tmp_path / "rt.dcm")], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    print(f"[hostile] non-image SOP classes: text SR stored and skipped ({job.reason}); "
+          f"RT Plan refused at negotiation (storescu exit {r.returncode})")
+    n.still_serving(tmp_path)
+    n.no_phi()
+
+
+def _raw_connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def _read_until_closed(s: socket.socket, timeout: float = 10) -> bytes:
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := s.recv(4096):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
+
+
+def test_garbage_pdu_is_aborted_and_quarantined(node, tmp_path):
+    n = node()
+    rng = np.random.default_rng(5)
+    garbage = b"\xf3\x00" + struct.pack(">L", 64) + rng.bytes(64)
+    with _raw_connect(n.port) as s:
+        s.sendall(garbage)
+        answer = _read_until_closed(s)
+    assert answer[:1] == b"\x07", f"expected an A-ABORT PDU, got {answer[:16]!r}"
+    [record] = n.quarantined()
+    assert record["reason"] == "unknown PDU type 0xF3"
+    assert (n.spool.quarantine_dir / record["file"]).read_bytes()[:6] == garbage[:6]
+    # A known PDU type whose body is nonsense: pynetdicom aborts, the guard quarantines.
+    body = b"\x00\x01\x00\x00" + b"\xff" * 64
+    with _raw_connect(n.port) as s:
+        s.sendall(b"\x01\x00" + struct.pack(">L", len(body)) + body)
+        _read_until_closed(s)
+    reasons = [r["reason"] for r in n.quarantined()]
+    assert reasons[1].startswith("undecodable A_ASSOCIATE_RQ PDU"), reasons
+    print(f"[hostile] garbage PDUs: A-ABORT; quarantined: {reasons}")
+    n.still_serving(tmp_path)
+
+
+def test_pdu_declaring_4_gib_is_aborted_without_reading_it(node, tmp_path):
+    n = node(max_pdu_length=1 << 20)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    with _raw_connect(n.port) as s:
+        # An A-ASSOCIATE-RQ claiming 4 GiB - 1, then a trickle of bytes.
+        s.sendall(b"\x01\x00\xff\xff\xff\xff" + b"\x00" * 1024)
+        answer = _read_until_closed(s)
+    seconds = time.monotonic() - t0
+    assert answer[:1] == b"\x07" and answer[9:10] == b"\x06", f"expected A-ABORT (invalid PDU parameter): {answer!r}"
+    assert seconds < 5
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grew_mb < 64, f"peak memory grew by {grew_mb:.0f} MB"
+    [record] = n.quarantined()
+    assert record["reason"] == "declared PDU length 4294967295 exceeds the limit of 1048576 bytes"
+    assert record["file"].endswith(".pdu")
+    events = [a for a in n.audit.read() if a["event"] == "quarantined"]
+    assert events and events[0]["peer"].startswith("127.0.0.1:")
+    print(f"[hostile] 4 GiB PDU: A-ABORT after {seconds * 1000:.0f} ms, peak memory +{grew_mb:.0f} MB; "
+          f"quarantined: {record['reason']}")
+    n.still_serving(tmp_path)
+
+
+def test_address_allow_list_refuses_and_audits(node, tmp_path):
+    n = node(allowed_addresses=("10.20.30.0/24",))
+    ds = image()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    r = subprocess.run([STORESCU, "-aet", SCU, "-aec", "MEDSAM2CXR", "127.0.0.1", str(n.port), str(tmp_path / "x.dcm")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert n.jobs.counts() == {}
+    [event] = [a for a in n.audit.read() if a["event"] == "refused"]
+    assert event["reason"] == "address not allowed" and event["peer"].startswith("127.0.0.1:")
+    assert event["dicom_event"] == "Security Alert"
+
+
+def test_calling_aet_allow_list_refuses_and_audits(node, tmp_path):
+    n = node(allowed_calling_aets=("PACS1",))
+    ds = image()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    r = subprocess.run([STORESCU, "-aet", "INTRUDER", "-aec", "MEDSAM2CXR", "127.0.0.1", str(n.port),
+                        str(tmp_path / "x.dcm")], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stdout + r.stderr
+    [event] = [a for a in n.audit.read() if a["event"] == "refused"]
+    assert event["calling_aet"] == "INTRUDER" and event["reason"] == "calling AE title not allowed"

@@ -1,0 +1,55 @@
+"""The audit trail: PS3.15 A.5 fields, append-only JSON lines, and the reader command."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from dicom_node.audit import A5, AuditLog
+
+
+def test_records_carry_the_a5_event_code_action_and_outcome(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", clock=lambda: 12.0)
+    log.record("refused", peer="10.0.0.9:1234", reason="address not allowed")
+    log.record("sent", job="j1", sop_instance_uid="1.2.3")
+    refused, sent = log.read()
+    assert refused["dicom_event"] == "Security Alert" and refused["event_id"] == "110113"
+    assert refused["event_outcome"] == 4 and refused["event_action"] == "E"
+    assert sent["dicom_event"] == "DICOM Instances Transferred" and sent["event_id"] == "110104"
+    assert sent["event_outcome"] == 0 and sent["time"] == 12.0
+    assert {a[1] for a in A5.values()} <= {"110100", "110103", "110104", "110106", "110113"}
+    with pytest.raises(ValueError, match="unknown audit event"):
+        log.record("coffee_break")
+
+
+def test_append_only_across_writers_and_threads(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).record("application_start", pid=1)
+    logs = [AuditLog(path) for _ in range(4)]
+    threads = [threading.Thread(target=lambda l=l, i=i: [l.record("received", job=f"{i}-{n}") for n in range(25)])
+               for i, l in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 101 and json.loads(lines[0])["event"] == "application_start"
+    assert all(json.loads(line) for line in lines)  # whole lines only
+
+
+def test_reader_command_filters_by_event(tmp_path):
+    from worker.cli import app
+
+    spool = tmp_path / "spool"
+    log = AuditLog(spool / "audit.jsonl")
+    log.record("received", job="a")
+    log.record("refused", calling_aet="INTRUDER", reason="calling AE title not allowed")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[paths]\nspool = "{spool}"\n')
+    out = CliRunner().invoke(app, ["audit", "--config", str(cfg), "--event", "refused"])
+    assert out.exit_code == 0, out.output
+    [line] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert line["calling_aet"] == "INTRUDER" and line["event_id"] == "110113"
