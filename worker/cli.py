@@ -170,10 +170,13 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
     from models.predictor import Predictor
     from models.preprocess import ImageError, read_image
     from worker.pipeline import encode_results, to_bytes
+    from worker.runtime import LazyReporter
 
     settings = _settings(config)
     predictor = Predictor(load_bundle(ensure_bundle(settings)), device=settings.model.device or None)
     model = predictor.bundle.identity()
+    index = settings.index_path  # similar cases + draft report, when an index exists
+    reporter = LazyReporter(index, settings.index.extractor) if index is not None else None
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for i, f in enumerate(files):
@@ -190,10 +193,11 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
             typer.echo(json.dumps({"file": str(f), "error": str(exc)}))
             continue
         pred = predictor.predict([image])[0]
-        sr, sc = encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc))
-        (out / f"{stem}.sr.dcm").write_bytes(to_bytes(sr))
-        (out / f"{stem}.sc.dcm").write_bytes(to_bytes(sc))
-        summary = {"file": str(f), "sr": f"{stem}.sr.dcm", "sc": f"{stem}.sc.dcm",
+        results = encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc), reporter)
+        names = dict(zip(("sr", "sc", "text"), (f"{stem}.sr.dcm", f"{stem}.sc.dcm", f"{stem}.text.dcm")))
+        for name, result in zip(names.values(), results):
+            (out / name).write_bytes(to_bytes(result))
+        summary = {"file": str(f), **dict(list(names.items())[:len(results)]),
                    "model": {"name": model.name, "version": model.version, "digest": model.digest},
                    **pred.to_json()}
         (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
