@@ -52,7 +52,26 @@ def ensure_bundle(settings: Settings) -> Path:
                                 cache_dir=settings.spool / "cache" / "features")
     typer.echo(f"Default bundle {card['digest'][:12]} built in {time.time() - t0:.0f} s "
                f"(test macro-AUROC on phantoms {card['metrics']['test']['macro_auroc']:.3f}).", err=True)
+    if not settings.index.path and settings.index_path is None:
+        ensure_default_index(settings, path)
     return path
+
+
+def ensure_default_index(settings: Settings, bundle_path: Path, n: int = 200) -> Path:
+    """A similar-cases index of phantom cases (other patients than the bundle's training set), so
+    a node on its defaults already drafts reports with similar cases; a site replaces it with its
+    own de-identified cases (`medsam2-cxr index build` / `index add`)."""
+    from index.build import build_index, phantom_items
+    from models import phantoms
+    from models.bundle import load_bundle
+
+    out = settings.spool / "index"
+    typer.echo(f"Building the default similar-cases index in {out} ({n} phantom cases)...", err=True)
+    cases = phantoms.sample_cases(n, seed=1000)
+    result = build_index(out, load_bundle(bundle_path), list(phantom_items(cases, seed=1000, size=512, source="phantoms")),
+                         cache_dir=settings.spool / "cache" / "features")
+    typer.echo(f"Default index: {result.added} cases.", err=True)
+    return out
 
 
 def _start_listener(settings: Settings, enqueue_infer):

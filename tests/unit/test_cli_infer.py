@@ -33,3 +33,22 @@ def test_infer_writes_sr_sc_and_summary(tmp_path, tiny_bundle, phantom_dir):
     source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert "PHANTOM" not in out.stderr and str(source.PatientName) not in out.stderr
+
+
+def test_default_index_makes_infer_draft_a_report(tmp_path, tiny_bundle, phantom_dir):
+    from worker.cli import ensure_default_index
+    from worker.settings import load_settings
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[paths]\nspool = "{tmp_path / "var"}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
+    settings = load_settings(cfg)
+    assert settings.index_path is None
+    ensure_default_index(settings, tiny_bundle, n=12)
+    assert settings.index_path == tmp_path / "var" / "index"
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "infer", str(src), "--out", str(tmp_path / "out"),
+                          "--config", str(cfg)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "out" / json.loads(out.stdout.splitlines()[0])["summary"]).read_text())
+    text = pydicom.dcmread(tmp_path / "out" / summary["text"])
+    assert text.SOPClassUID.name == "Basic Text SR Storage"
