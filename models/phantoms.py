@@ -1052,10 +1052,14 @@ def cardiothoracic_ratio(case: PhantomCase, size: int = 512) -> float:
 
 
 def render(case: PhantomCase, seed: int, shift: float = 0.0, size: int = 1024,
-           devices=None) -> tuple[np.ndarray, dict]:
-    """Stored pixel values (uint16 within BitsStored) and their metadata."""
+           devices=None, mu: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Stored pixel values (uint16 within BitsStored) and their metadata.
+
+    mu: `attenuation(case, size)` when the caller already has it (shifted copies of one case
+    share it; it is most of the cost).
+    """
     dev = _device(case.device, devices).shifted(shift)
-    mu = attenuation(case, size)
+    mu = attenuation(case, size) if mu is None else mu
     r = _rng("render", seed, case.study_id)
     sc = size / 1024
     I = np.exp(-mu)
