@@ -2,7 +2,7 @@
 
 pynetdicom reads whatever length a PDU header declares (up to 4 GiB) into memory, does the TLS
 handshake in the thread that accepts connections (one silent client stalls every other one) and
-leaves accepted sockets without a timeout. :class:`GuardedServer` fixes the three from outside
+leaves accepted sockets without a timeout. :class:`GuardedServer` fixes these from outside
 pynetdicom:
 
 * the address allow list and the TLS handshake run in the connection's own thread, with a
@@ -10,7 +10,9 @@ pynetdicom:
 * every PDU header is checked before its body is read: an unknown PDU type or a declared length
   above ``max_pdu_length`` gets an A-ABORT, and the bytes seen land in the quarantine with the
   reason; a PDU that pynetdicom cannot decode is quarantined the same way (pynetdicom aborts it);
-* the accepted socket gets ``network_timeout``, so a peer that stops mid-PDU is dropped.
+* the accepted socket gets ``network_timeout``, so a peer that stops mid-PDU is dropped;
+* a connection only becomes an association once the peer sends its first byte, so port probes
+  and health checks that connect and leave do not hold one of the ``max_associations`` slots.
 
 The guard wraps pynetdicom's ``AssociationSocket`` in a proxy (:class:`GuardedSocket`) installed
 by :meth:`GuardedRequestHandler._create_association`; tests send a 4 GiB header and garbage over a
@@ -212,8 +214,31 @@ class GuardedRequestHandler(RequestHandler):
                 self._close()
                 guard.on_refused(peer, f"TLS handshake failed: {_tls_reason(exc)}")
                 return
+        if not self._peer_speaks(guard):
+            self._close()  # a port probe or a health check: never an association
+            return
         self.request.settimeout(guard.network_timeout)
         super().handle()
+
+    def _peer_speaks(self, guard: Guard) -> bool:
+        """Wait (up to the ACSE timeout) for the peer's first byte before pynetdicom makes an
+        association of the connection.
+
+        pynetdicom's acceptor waits the whole ACSE timeout for an A-ASSOCIATE-RQ even when the
+        peer has already closed, and that idle association counts against max_associations: a
+        port probe or a load balancer's health check would hold a slot for half a minute. The
+        first byte is peeked, not read; over TLS (after a completed handshake, so not a bare
+        probe) readability is all that is checked.
+        """
+        sock = self.request
+        timeout = self.server.ae.acse_timeout or guard.network_timeout
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                return bool(sock.pending()) or bool(select.select([sock], [], [], timeout)[0])
+            sock.settimeout(timeout)
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except (OSError, ValueError):  # timed out, reset
+            return False
 
     def _create_association(self):
         assoc = super()._create_association()

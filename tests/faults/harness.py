@@ -161,6 +161,10 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=10) as r:
             return any(hit["Type"] == "Instance" for hit in json.loads(r.read()))
 
+    def count_instances(self) -> int:
+        with urllib.request.urlopen(self.base + "/statistics", timeout=10) as r:
+            return int(json.loads(r.read())["CountInstances"])
+
     def receptions(self) -> Counter:
         """How many times each SOP Instance UID arrived by C-STORE (stored or not)."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -310,8 +314,12 @@ class Node:
         """sent/delivered/lost/duplicates over the frontal sources the modality sent.
 
         delivered: sources whose SR and SC (UIDs derived as the node derives them) are in
-        Orthanc; duplicates: extra C-STOREs of a result beyond the first, as Orthanc's own
-        log counts them, plus extra "sent" audit records of one job.
+        Orthanc. duplicates: results delivered more than once ("sent" audit records of a source
+        beyond the first) plus instances in Orthanc beyond one SR and one SC per source (a
+        second result under other UIDs). retransmitted: C-STOREs of a result the PACS received
+        again, as Orthanc's own log counts them: after a C-STORE the PACS took but never answered
+        (it died mid-operation) the node sends it again with the same UID and the PACS keeps one
+        copy, so it is counted apart.
         """
         receptions = self.orthanc.receptions()
         delivered = retransmitted = 0
@@ -321,15 +329,9 @@ class Node:
             if all(self.orthanc.has_instance(u) for u in expected):
                 delivered += 1
             retransmitted += sum(max(receptions[u] - 1, 0) for u in expected)
-        # A duplicate: a job whose results the node delivered (success answered) more than once,
-        # or a source with more than one result job. A C-STORE the PACS took but never answered
-        # (it died mid-operation) is sent again with the same UID: counted apart, as
-        # `retransmitted`; the PACS keeps one copy.
-        audit = self.audit()
-        sent_per_job = Counter(a["job"] for a in audit if a["event"] == "sent")
-        sent_per_source = Counter(a["sop_instance_uid"] for a in audit if a["event"] == "sent")
-        duplicates = sum(n - 1 for n in sent_per_job.values() if n > 1)
-        duplicates += sum(n - 1 for n in sent_per_source.values() if n > 1)
+        sent_per_source = Counter(a["sop_instance_uid"] for a in self.audit() if a["event"] == "sent")
+        duplicates = sum(n - 1 for n in sent_per_source.values() if n > 1)
+        duplicates += max(self.orthanc.count_instances() - 2 * len(sources), 0)
         return {"sent": len(sources), "delivered": delivered, "lost": len(sources) - delivered,
                 "duplicates": duplicates, "retransmitted": retransmitted}
 

@@ -323,3 +323,27 @@ def test_calling_aet_allow_list_refuses_and_audits(node, tmp_path):
     assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stdout + r.stderr
     [event] = [a for a in n.audit.read() if a["event"] == "refused"]
     assert event["calling_aet"] == "INTRUDER" and event["reason"] == "calling AE title not allowed"
+
+
+def test_connections_that_send_nothing_hold_no_association_slot(node, tmp_path):
+    """Port probes and health checks connect and leave; pynetdicom would keep an association
+    waiting for each one's A-ASSOCIATE-RQ for the ACSE timeout (30 s), and with them count
+    against max_associations. Here: 8 such connections, a limit of 2, and two modalities that
+    associate at once right after."""
+    n = node(max_associations=2)
+    for _ in range(8):
+        with _raw_connect(n.port):
+            pass
+    time.sleep(0.5)
+    assert [a for a in n.server.ae.active_associations if a.is_acceptor] == []
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CR, [ExplicitVRLittleEndian])
+    pair = [ae.associate("127.0.0.1", n.port, ae_title="MEDSAM2CXR") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in pair)
+    finally:
+        for a in pair:
+            if a.is_established:
+                a.release()
+    assert [a for a in n.audit.read() if a["event"] == "refused"] == []
+    n.still_serving(tmp_path)
