@@ -11,6 +11,20 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import UID
 
+
+def _prefer_openjpeg_for_jpeg2000() -> None:
+    """pydicom tries gdcm first for every syntax; for JPEG 2000 openjpeg (pylibjpeg) is faster
+    here and exact (`medsam2-cxr bench decode`), so it goes first and gdcm becomes the fallback."""
+    from pydicom.pixels.decoders import JPEG2000Decoder, JPEG2000LosslessDecoder
+
+    for decoder in (JPEG2000LosslessDecoder, JPEG2000Decoder):
+        if "gdcm" in decoder.available_plugins and "pylibjpeg" in decoder.available_plugins:
+            decoder.remove_plugin("gdcm")
+            decoder.add_plugin("gdcm", ("pydicom.pixels.decoders.gdcm", "_decode_frame"))
+
+
+_prefer_openjpeg_for_jpeg2000()
+
 DEFAULT_MAX_PIXELS = 8192 * 8192
 # The robust window used when the file carries neither a VOI LUT nor a window.
 _PERCENTILES = (0.5, 99.5)

@@ -16,15 +16,16 @@ def grad_cam(vision_features: torch.Tensor, logits: torch.Tensor, targets: list[
 
     Returns per image {label index: map (h, w) in [0, 1]}.
     """
-    out: list[dict[int, torch.Tensor]] = []
-    for b, labels in enumerate(targets):
-        maps: dict[int, torch.Tensor] = {}
-        for k in labels:
-            (g,) = torch.autograd.grad(logits[b, k], vision_features, retain_graph=True)
+    # Images do not interact in the head, so the j-th shown finding of every image can share one
+    # backward pass: len(targets[b]) passes in all instead of one per (image, finding).
+    out: list[dict[int, torch.Tensor]] = [{} for _ in targets]
+    for j in range(max((len(t) for t in targets), default=0)):
+        rows = [b for b, t in enumerate(targets) if len(t) > j]
+        (g,) = torch.autograd.grad(sum(logits[b, targets[b][j]] for b in rows), vision_features, retain_graph=True)
+        for b in rows:
             w = g[b].mean(dim=(1, 2))
             cam = F.relu((w[:, None, None] * vision_features[b].detach()).sum(0))
             # Min-max, not /max: a map that is high everywhere says nothing about where to look.
             lo, hi = cam.min(), cam.max()
-            maps[k] = (cam - lo) / (hi - lo) if hi > lo else torch.zeros_like(cam)
-        out.append(maps)
+            out[b][targets[b][j]] = (cam - lo) / (hi - lo) if hi > lo else torch.zeros_like(cam)
     return out

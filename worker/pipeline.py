@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import queue
 import threading
 import time
 from collections import deque
@@ -169,7 +170,8 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
     The job store says what waits (oldest first); infer_jobs claims each job as before, so the
     broker messages of jobs taken here find nothing to claim later and do nothing. Two batches
     are in flight: while one runs its forward, the next is read and decoded in a second thread
-    and the one before it is written. The first batch waits up to `gather_s` to fill.
+    and the one before it is written. The first batch waits up to `gather_s` to fill. Messages
+    to the io queue go out from the calling thread only (a kombu connection is not thread-safe).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -187,15 +189,24 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
         batch = gather(batch)
     done: list[str] = []
     inflight: deque[Future] = deque()
+    owed: queue.SimpleQueue[str] = queue.SimpleQueue()  # inferred, send not yet enqueued
+
+    def finish(future: Future) -> None:
+        try:
+            done.extend(future.result())
+        finally:
+            while not owed.empty():
+                _enqueue(enqueue_send, owed.get())
+
     with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
         while batch:
             taken.update(batch)
-            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, enqueue_send, forward))
+            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward))
             if len(inflight) == 2:
-                done += inflight.popleft().result()
+                finish(inflight.popleft())
             batch = gather([])
         while inflight:
-            done += inflight.popleft().result()
+            finish(inflight.popleft())
     return done
 
 

@@ -156,3 +156,20 @@ def test_to_input_normalises_like_medsam2():
     x = to_input([np.ones((10, 20), np.float32)], 16)
     assert x.shape == (1, 3, 16, 16)
     assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_batched_grad_cam_equals_one_image_at_a_time():
+    from models.saliency import grad_cam
+
+    torch.manual_seed(0)
+    head = BoxHead(in_dim=20, latent_dim=8, hidden=16).eval()
+    vf = torch.randn(3, 4, 6, 6, requires_grad=True)
+    logits = head.logits(head(pool_features(vf))[0])
+    targets = [[2, 5], [7], [1, 3, 4]]
+    together = grad_cam(vf, logits, targets)
+    for b, t in enumerate(targets):
+        v = vf[b:b + 1].detach().clone().requires_grad_(True)
+        alone = grad_cam(v, head.logits(head(pool_features(v))[0]), [t])[0]
+        assert together[b].keys() == alone.keys()
+        for k in t:
+            assert torch.allclose(together[b][k], alone[k], atol=1e-5)

@@ -1,0 +1,291 @@
+"""bench ingest: DCMTK storescu -> the node's listener, against storescu -> DCMTK storescp.
+
+The same files go to both receivers in the same run, one sender and then several at once, with
+the order of the two receivers alternating between repeats so drift on a shared machine falls on
+both. The listener runs as the node runs it (a real spool with fsync'd writes, a SQLite job
+table with synchronous=FULL, the audit trail), in its own process so that its resident memory
+can be sampled; storescp writes without fsync, so a ratio at or under 1 means durability costs
+nothing the modality can notice.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+NODE_AET = "MEDSAM2CXR"
+STORESCP_AET = "STORESCP"
+# storescp at its best: the largest PDU DCMTK accepts, files written exactly as received, one
+# process per association (so concurrent senders are served concurrently, as the node does).
+STORESCP_FLAGS = ("--fork", "-pdu", "131072", "+B")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    """VmRSS / VmHWM of a process in kB, from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"/proc/{pid}/status has no {key}")
+
+
+@dataclass
+class RssSampler:
+    """Samples a process's resident set every `every_s` seconds in a thread."""
+
+    pid: int
+    every_s: float = 0.02
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RssSampler":
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.samples.append((time.perf_counter(), proc_status_kb(self.pid, "VmRSS")))
+                except (OSError, KeyError):
+                    return
+                self._stop.wait(self.every_s)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def peak_between(self, t0: float, t1: float) -> int:
+        inside = [kb for t, kb in self.samples if t0 <= t <= t1]
+        return max(inside) if inside else 0
+
+
+# ---------------------------------------------------------------- the node's listener, in a child
+
+def _listener_main(root: str, port: int, log_path: str, conn) -> None:
+    """Child process: the production listener on a fresh spool, until told to stop."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(fd, 2)  # the node logs JSON lines to stderr, as in production; keep them out of ours
+    from dicom_node.audit import AuditLog
+    from dicom_node.jobstore import JobStore
+    from dicom_node.listener import ListenerConfig, start_listener
+    from dicom_node.spool import Spool
+    from worker import logs
+
+    logs.configure()
+    spool = Path(root)
+    enqueued: list[str] = []
+    server = start_listener(ListenerConfig(ae_title=NODE_AET, host="127.0.0.1", port=port), Spool(spool),
+                            JobStore(spool / "jobs.sqlite"), AuditLog(spool / "audit.jsonl"), enqueued.append)
+    conn.send(os.getpid())
+    conn.recv()
+    server.shutdown()
+    conn.send({"enqueued": len(enqueued), "jobs": JobStore(spool / "jobs.sqlite").counts()})
+
+
+class NodeReceiver:
+    """The listener in a spawned process (no fork of this one's state), with a fresh spool."""
+
+    name = "node"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.root = work / "spool"
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_listener_main, args=(str(self.root), self.port, str(work / "listener.log"), child),
+                                daemon=True)
+        self.proc.start()
+        end = time.monotonic() + 60
+        while not self._conn.poll(0.1):
+            if not self.proc.is_alive() or time.monotonic() > end:
+                self.proc.kill()
+                raise RuntimeError(f"the node's listener did not start; see {work / 'listener.log'}")
+        self.pid = self._conn.recv()
+        _wait_port(self.port)
+        time.sleep(0.2)  # let start-up allocations settle before the baseline is read
+        self.baseline_kb = proc_status_kb(self.pid, "VmRSS")
+        self.aet = NODE_AET
+
+    def stop(self) -> dict:
+        peak = proc_status_kb(self.pid, "VmHWM")
+        self._conn.send("stop")
+        info = self._conn.recv() if self._conn.poll(60) else {}
+        self.proc.join(30)
+        return {**info, "peak_kb": peak}
+
+    def received(self) -> int:
+        return sum(1 for _ in (self.root / "incoming").glob("*.dcm"))
+
+
+class StorescpReceiver:
+    name = "storescp"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = free_port()
+        self.out = work / "storescp"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([STORESCP, *STORESCP_FLAGS, "-aet", STORESCP_AET, "-od", str(self.out), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=(work / "storescp.log").open("w"))
+        _wait_port(self.port)
+        self.aet = STORESCP_AET
+        self.pid = self.proc.pid
+        self.baseline_kb = proc_status_kb(self.pid, "VmRSS")
+
+    def stop(self) -> dict:
+        peak = proc_status_kb(self.pid, "VmHWM")
+        self.proc.terminate()
+        self.proc.wait(20)
+        return {"peak_kb": peak}
+
+    def received(self) -> int:
+        return sum(1 for p in self.out.iterdir() if p.is_file())
+
+
+def send(files: Sequence[Path], port: int, aet: str, senders: int) -> float:
+    """storescu in `senders` processes, files split evenly; wall seconds until the last exits."""
+    groups = [list(files[i::senders]) for i in range(senders)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([STORESCU, "-R", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), *map(str, g)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups if g]
+    errors = [p.communicate()[1].decode(errors="replace") for p in procs]
+    elapsed = time.perf_counter() - t0
+    bad = [e for p, e in zip(procs, errors) if p.returncode != 0]
+    if bad:
+        raise RuntimeError(f"storescu to {aet} on port {port} failed: {bad[0][-500:]}")
+    return elapsed
+
+
+def one_pass(make: Callable[[Path], NodeReceiver | StorescpReceiver], files: Sequence[Path], senders: int,
+             work: Path) -> dict:
+    """Start a receiver, send every file, check all arrived, report time and memory."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    rx = make(work)
+    try:
+        with RssSampler(rx.pid) as rss:
+            t0 = time.perf_counter()
+            seconds = send(files, rx.port, rx.aet, senders)
+            t1 = t0 + seconds
+        received = rx.received()
+    finally:
+        info = rx.stop()
+    if received != len(files):
+        raise RuntimeError(f"{rx.name} stored {received} of {len(files)} files; see the logs in {work}")
+    mid = t0 + seconds / 2
+    out = {"seconds": round(seconds, 3), "peak_rss_mb": round(info["peak_kb"] / 1024, 1),
+           "rss_growth_mb": round((info["peak_kb"] - rx.baseline_kb) / 1024, 1),
+           "rss_growth_first_half_mb": round((rss.peak_between(t0, mid) - rx.baseline_kb) / 1024, 1),
+           "rss_growth_second_half_mb": round((rss.peak_between(mid, t1) - rx.baseline_kb) / 1024, 1)}
+    if "jobs" in info:
+        out["jobs"] = info["jobs"]
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _compare(files: Sequence[Path], senders: int, repeats: int, work: Path) -> dict:
+    runs: dict[str, list[dict]] = {"node": [], "storescp": []}
+    for r in range(repeats):
+        order = [("node", NodeReceiver), ("storescp", StorescpReceiver)]
+        for name, make in (order if r % 2 == 0 else order[::-1]):
+            runs[name].append(one_pass(make, files, senders, work / name))
+    node_s = statistics.median(x["seconds"] for x in runs["node"])
+    scp_s = statistics.median(x["seconds"] for x in runs["storescp"])
+    mb = sum(p.stat().st_size for p in files) / 2**20
+    return {
+        "senders": senders,
+        "node_s": round(node_s, 3),
+        "storescp_s": round(scp_s, 3),
+        "ratio_node_over_storescp": round(node_s / scp_s, 3),
+        "node_mb_per_s": round(mb / node_s, 1),
+        "storescp_mb_per_s": round(mb / scp_s, 1),
+        "node_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["node"]),
+        "node_rss_growth_mb": max(x["rss_growth_mb"] for x in runs["node"]),
+        "node_rss_growth_first_half_mb": max(x["rss_growth_first_half_mb"] for x in runs["node"]),
+        "node_rss_growth_second_half_mb": max(x["rss_growth_second_half_mb"] for x in runs["node"]),
+        "storescp_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["storescp"]),
+        "node_jobs": runs["node"][-1].get("jobs", {}),
+        "runs": runs,
+    }
+
+
+def run(n: int = 40, rows: int = 2500, cols: int = 2048, senders: int = 8, repeats: int = 2,
+        probe_scale: float = 0.5, work: Path | None = None) -> dict:
+    """The ingest benchmark; returns its JSON-able result.
+
+    ``probe_scale``: a second, node-only pass with images scaled by this factor per side, to show
+    whether the listener's memory grows with image size (0 skips it).
+    """
+    from bench.images import write_cxr_images
+
+    for tool in (STORESCU, STORESCP):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} is missing: install DCMTK (`make peers`, Debian package dcmtk)")
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-")) if work is None else Path(work)
+    try:
+        files = write_cxr_images(work / "images", n, rows, cols)
+        result: dict = {
+            "benchmark": "ingest",
+            "images": n,
+            "rows": rows,
+            "cols": cols,
+            "image_mb": round(files[0].stat().st_size / 2**20, 2),
+            "repeats": repeats,
+            "node": "dicom_node.listener.start_listener: spool fsync per file and directory, SQLite synchronous=FULL, audit fsync",
+            "storescp": " ".join([STORESCP, *STORESCP_FLAGS]) + " (no fsync)",
+            "sequential": _compare(files, 1, repeats, work / "rx"),
+        }
+        if senders > 1:
+            result["concurrent"] = _compare(files, senders, repeats, work / "rx")
+        if probe_scale:
+            small = write_cxr_images(work / "small", n, max(16, int(rows * probe_scale)), max(16, int(cols * probe_scale)))
+            probe = one_pass(NodeReceiver, small, 1, work / "rx" / "probe")
+            result["memory_vs_size"] = {
+                "small_rows": int(rows * probe_scale), "small_cols": int(cols * probe_scale),
+                "small_image_mb": round(small[0].stat().st_size / 2**20, 2),
+                "node_rss_growth_small_mb": probe["rss_growth_mb"],
+                "node_rss_growth_full_mb": result["sequential"]["node_rss_growth_mb"],
+            }
+        seq = result["sequential"]["ratio_node_over_storescp"]
+        conc = result.get("concurrent", {}).get("ratio_node_over_storescp", seq)
+        result["goal"] = {"ratio_at_most": 1.0, "met": bool(seq <= 1.0 and conc <= 1.0)}
+        return result
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
