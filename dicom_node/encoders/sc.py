@@ -17,6 +17,7 @@ from pydicom import Dataset
 
 from dicom_node import codes
 from dicom_node.encoders.sr import (
+    equipment_and_dates,
     NOT_FOR_DIAGNOSIS,
     OOD_NOTICE,
     SYNTHETIC_NOTICE,
@@ -194,16 +195,10 @@ def encode_sc(
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids.sc_instance,
         instance_number=1,
-        manufacturer=codes.MANUFACTURER,
         laterality=laterality,
         patient_orientation=_orientation(source),
         series_description=series_description(model, "saliency"),
-        manufacturer_model_name=model.name,
-        software_versions=software_version(model),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
+        **equipment_and_dates(model, now),
     )
     # Laterality is Type 2C: dciodvfy wants it absent for an unpaired body part, which it can only
     # tell from Body Part Examined. This node only receives chest radiographs.

@@ -83,6 +83,13 @@ def contributing_equipment(model: ModelIdentity, now: datetime.datetime) -> Data
     return item
 
 
+def equipment_and_dates(model: ModelIdentity, now: datetime.datetime) -> dict:
+    """The constructor keywords every result object shares: who made it, and when (from `now`)."""
+    return dict(manufacturer=codes.MANUFACTURER, manufacturer_model_name=model.name,
+                software_versions=software_version(model), content_date=now.date(), content_time=now.time(),
+                series_date=now.date(), series_time=now.time())
+
+
 def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime) -> None:
     """Replace highdicom's own clock readings with `now` and add our equipment item.
 
@@ -308,18 +315,12 @@ def encode_sr(
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids.sr_instance,
         instance_number=1,
-        manufacturer=codes.MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         coding_schemes=[codes.CODING_SCHEME_IDENTIFICATION],
         series_description=series_description(model, "findings"),
-        manufacturer_model_name=model.name,
-        software_versions=software_version(model),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
+        **equipment_and_dates(model, now),
     )
     finish(sr, model, now)
     return sr

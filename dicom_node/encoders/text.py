@@ -24,6 +24,7 @@ from pydicom.uid import BasicTextSRStorage
 
 from dicom_node import codes
 from dicom_node.encoders.sr import (
+    equipment_and_dates,
     DRAFT_NOTICE,
     GUIDELINE_REFERENCE,
     GUIDELINE_REFERENCES,
@@ -34,7 +35,6 @@ from dicom_node.encoders.sr import (
     notices,
     plain,
     series_description,
-    software_version,
 )
 from dicom_node.uids import ResultUIDs
 from models.prediction import ModelIdentity, Prediction
@@ -124,19 +124,13 @@ def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity
         series_number=TEXT_SERIES_NUMBER,
         sop_instance_uid=uids.text_instance,
         instance_number=1,
-        manufacturer=codes.MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         performed_procedure_codes=[codes.PLAIN_CHEST_XRAY],
         coding_schemes=[codes.CODING_SCHEME_IDENTIFICATION],
         series_description=series_description(model, "draft report"),
-        manufacturer_model_name=model.name,
-        software_versions=software_version(model),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
+        **equipment_and_dates(model, now),
     )
     finish(sr, model, now)
     return sr
