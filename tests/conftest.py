@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import datetime as dt
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str], step: float = 0.5):
+    """Poll ``pred`` until it is true; ``what`` (or what it returns, at the timeout) says for what."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
 
 @pytest.fixture(scope="session")

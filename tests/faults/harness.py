@@ -16,10 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pydicom
 
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.uids import ResultUIDs
+from tests.conftest import free_port, wait_for  # noqa: F401  (re-exported to the fault tests)
 
 REPO = Path(__file__).resolve().parents[2]
 STORESCU = "/usr/bin/storescu"
@@ -39,23 +39,6 @@ function ReceivedInstanceFilter(dicom, origin, info)
   return true
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str], step: float = 0.5):
-    """Poll ``pred`` until it is true; ``what`` (or what it returns, at the timeout) says for what."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
 
 def port_open(port: int) -> bool:

@@ -6,7 +6,6 @@ the draft report must come back into the same study and pass dciodvfy."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import redis
 from pydicom.data import get_testdata_file
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
@@ -35,16 +34,6 @@ def _need(*tools: str) -> None:
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
-
-
-def _wait(pred, timeout: float, what: str, step: float = 0.5):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from dicom_node.jobstore import JobState, JobStore
 from dicom_node.listener import CANNOT_UNDERSTAND, ListenerConfig, start_listener
 from dicom_node.spool import Spool
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.integration
 
 STORESCU = "/usr/bin/storescu"
@@ -35,12 +36,6 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT_NAME = "DOE^JANE"
 PATIENT_ID = "PID-12345"
 SCU_AET = "MODALITY1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_image(path: Path, sop_class: str = CR_IMAGE, sop_instance_uid: str | None = None,

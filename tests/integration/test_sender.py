@@ -17,17 +17,13 @@ from pynetdicom import AE, evt
 
 from dicom_node.sender import DeliveryFailed, Destination, send, send_with_retry
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.integration
 
 STORESCP = "/usr/bin/storescp"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 10) -> None:

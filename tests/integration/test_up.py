@@ -15,19 +15,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for as _wait
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
