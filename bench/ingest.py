@@ -267,7 +267,7 @@ def run(n: int = 40, rows: int = 2500, cols: int = 2048, senders: int = 8, repea
             "cols": cols,
             "image_mb": round(files[0].stat().st_size / 2**20, 2),
             "repeats": repeats,
-            "node": "dicom_node.listener.start_listener: spool fsync per file and directory, SQLite synchronous=FULL, audit fsync",
+            "node": "dicom_node.listener.start_listener: received straight to a file, linked into the spool, fsync per file and directory, SQLite synchronous=FULL, audit fsync",
             "storescp": " ".join([STORESCP, *STORESCP_FLAGS]) + " (no fsync)",
             "sequential": _compare(files, 1, repeats, work / "rx"),
         }

@@ -1,9 +1,11 @@
 """The DICOM SCP: receive -> persist -> record -> enqueue, and answer the modality.
 
-The C-STORE handler writes the encoded bytes durably to the spool first, so everything that can
+pynetdicom receives each instance straight into a temporary file (chunked receive), which the
+C-STORE handler makes durable in the spool (a hard link, fsync, rename) before anything else, so everything that can
 fail afterwards (parsing, classification, the job table, the broker) either is recovered from
 the spool (the reconciler re-enqueues QUEUED jobs) or is reported to the sender as a failure
-with nothing left behind. Pixel data are never decoded here.
+with nothing left behind. Pixel data are never decoded here, nor even read into memory: the
+listener's memory does not grow with image size.
 
 Before the handler sees anything, :mod:`dicom_node.pdu_guard` checks the peer address, does the
 TLS handshake (:mod:`dicom_node.tls`) and caps every PDU's declared length. Inside the handler
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import ssl
 import threading
@@ -27,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import structlog
@@ -99,6 +103,9 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 MAX_PIXELS = 8192 * 8192  # the same limit models.preprocess.read_image applies before decoding
+# Values larger than this stay on disk while the header is checked (pixel data, big private blobs).
+DEFER_BYTES = 256 * 1024
+PIXEL_DATA = 0x7FE00010
 UNCOMPRESSED = {str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian),
                 "1.2.840.10008.1.2.2"}
 # Elements the filter and the worker's decoder read: a wrong VR here makes their values the wrong type.
@@ -225,24 +232,29 @@ def _tag(keyword: str) -> str:
     return f"({t >> 16:04X},{t & 0xFFFF:04X}) {keyword}" if t is not None else keyword
 
 
-def inspect_instance(data: bytes, context_sop_class: str | None, max_pixels: int = MAX_PIXELS
+def inspect_instance(source: Path | bytes, context_sop_class: str | None, max_pixels: int = MAX_PIXELS
                      ) -> tuple[pydicom.Dataset | None, str | None]:
     """Parse every element of a received instance and check what a worker will rely on.
 
-    Returns ``(dataset, None)`` when it is sound, else ``(None or dataset, reason)``. The reason
-    names a tag or a check, never a value (values may be patient data). Pixel data are not
-    decoded: for native transfer syntaxes their length is compared with Rows x Columns x
-    Samples x Frames x BitsAllocated; for compressed ones the encapsulation must start with an
-    Item tag. A declared size above ``max_pixels`` (a decompression bomb) is refused.
+    ``source`` is the received file (the listener's case: values over ``DEFER_BYTES`` are not
+    read into memory) or its bytes. Returns ``(dataset, None)`` when it is sound, else ``(None or
+    dataset, reason)``. The reason names a tag or a check, never a value (values may be patient
+    data). Pixel data are not decoded: for native transfer syntaxes their length is compared with
+    Rows x Columns x Samples x Frames x BitsAllocated; for compressed ones the encapsulation must
+    start with an Item tag. A declared size above ``max_pixels`` (a decompression bomb) is refused.
     """
     seen = _READ_WARNINGS.collect()
+    on_disk = not isinstance(source, (bytes, bytearray))
     try:
-        ds = pydicom.dcmread(BytesIO(data))
+        size = os.stat(source).st_size if on_disk else len(source)
+        ds = (pydicom.dcmread(source, defer_size=DEFER_BYTES) if on_disk else pydicom.dcmread(BytesIO(source)))
         for raw in list(ds._dict.values()):  # a value shorter than its length field: the data ended
-            if (isinstance(raw, RawDataElement) and raw.length not in (0xFFFFFFFF, None)
-                    and isinstance(raw.value, bytes) and len(raw.value) < raw.length):
+            if not isinstance(raw, RawDataElement) or raw.length in (0xFFFFFFFF, None):
+                continue
+            if (raw.value is None and raw.value_tell + raw.length > size) or (
+                    isinstance(raw.value, bytes) and len(raw.value) < raw.length):
                 return ds, "truncated: an element's length runs past the end of the data"
-        for elem in ds.iterall():  # values are converted lazily: force every one now
+        for elem in _in_memory(ds):  # values are converted lazily: force every one now
             elem.value  # noqa: B018
     except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
         return None, f"unparseable header: {type(exc).__name__}"
@@ -270,17 +282,45 @@ def inspect_instance(data: bytes, context_sop_class: str | None, max_pixels: int
         if context_sop_class and sop_class != context_sop_class:
             return ds, "SOP Class UID differs from the presentation context's abstract syntax"
         if sop_class in IMAGE_STORAGE:
-            return ds, _pixel_problem(ds, max_pixels)
+            return ds, _pixel_problem(ds, max_pixels, source if on_disk else None)
     except Exception as exc:  # noqa: BLE001 - e.g. a multi-valued Rows, a non-numeric IS
         return ds, f"inconsistent image header: {type(exc).__name__}"
     return ds, None
 
 
-def _pixel_problem(ds: pydicom.Dataset, max_pixels: int) -> str | None:
+def _deferred(raw: object) -> bool:
+    return isinstance(raw, RawDataElement) and raw.value is None and bool(raw.length)
+
+
+def _in_memory(ds: pydicom.Dataset):
+    """Every element of ``ds`` and its sequences except top-level values left on disk."""
+    for tag in list(ds._dict):
+        if _deferred(ds._dict[tag]):
+            continue
+        elem = ds[tag]
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from item.iterall()
+
+
+def _pixel_head(ds: pydicom.Dataset, path: Path | None) -> tuple[int | None, bytes]:
+    """The pixel data's length (None: undefined) and first four bytes, reading no more than that."""
+    raw = ds._dict[PIXEL_DATA]
+    if path is not None and _deferred(raw):
+        with open(path, "rb") as fh:
+            fh.seek(raw.value_tell)
+            head = fh.read(4)
+        return (None if raw.length == 0xFFFFFFFF else raw.length), head
+    pixels = ds.PixelData or b""
+    return len(pixels), bytes(pixels[:4])
+
+
+def _pixel_problem(ds: pydicom.Dataset, max_pixels: int, path: Path | None) -> str | None:
     for kw in ("Rows", "Columns", "BitsAllocated"):
         if ds.get(kw) in (None, ""):
             return f"{_tag(kw)} missing"
-    if "PixelData" not in ds:
+    if PIXEL_DATA not in ds._dict:
         return f"{_tag('PixelData')} missing"
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -289,13 +329,13 @@ def _pixel_problem(ds: pydicom.Dataset, max_pixels: int) -> str | None:
         return "Rows, Columns, BitsAllocated, SamplesPerPixel and NumberOfFrames must be positive"
     if rows * cols * frames > max_pixels:
         return f"declared image {rows} x {cols} x {frames} frame(s) exceeds the limit of {max_pixels} pixels"
-    pixels = ds.PixelData or b""
+    length, head = _pixel_head(ds, path)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if ts in UNCOMPRESSED:
         need = math.ceil(rows * cols * spp * frames * bits / 8)
-        if len(pixels) < need:
-            return f"{_tag('PixelData')} has {len(pixels)} bytes, Rows x Columns needs {need}"
-    elif bytes(pixels[:4]) != b"\xfe\xff\x00\xe0":
+        if length is None or length < need:
+            return f"{_tag('PixelData')} has {length} bytes, Rows x Columns needs {need}"
+    elif head != b"\xfe\xff\x00\xe0":
         return f"{_tag('PixelData')} is not encapsulated as its transfer syntax requires"
     return None
 
@@ -303,11 +343,10 @@ def _pixel_problem(ds: pydicom.Dataset, max_pixels: int) -> str | None:
 def handle_store(event: evt.Event, deps: _Deps) -> int:
     """Persist first, then parse, classify, record, enqueue. Returns a C-STORE status."""
     calling = _calling_aet(event)
-    data = event.encoded_dataset()
     job_id = deps.new_id()
     path = deps.spool.incoming_path(job_id)
     try:
-        deps.spool.write_atomic(path, data)
+        deps.spool.adopt(event.dataset_path, path)
     except OutOfSpace as exc:
         log.error("spool full, refusing instance", job_id=job_id, calling_aet=calling, error=str(exc))
         _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool full")
@@ -319,7 +358,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
 
     # From here the bytes are safe on disk.
     context = str(event.context.abstract_syntax) if getattr(event, "context", None) else None
-    ds, reason = inspect_instance(data, context, deps.cfg.max_pixels)
+    ds, reason = inspect_instance(path, context, deps.cfg.max_pixels)
     if reason is None:
         try:
             decision = classify(ds, own_manufacturer=deps.cfg.own_manufacturer)
@@ -416,6 +455,7 @@ def start_listener(
     Only one listener may serve a spool: it sweeps the spool's partial writes on start.
     """
     quiet_pynetdicom()
+    _config.STORE_RECV_CHUNKED_DATASET = True  # each instance goes to a file as it arrives, not to memory
     swept = recover_spool(spool, jobs)
     if any(swept.values()):
         log.warning("spool recovered after an unclean stop", **swept)

@@ -110,17 +110,46 @@ class Spool:
         OSError
             Any other I/O failure (nothing is left behind).
         """
-        dest = self._inside(dest)
-        self.check_space(len(data))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / uuid.uuid4().hex
-        try:
+        def write(tmp: Path) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
+            finally:
+                os.close(fd)
+
+        return self._commit(dest, len(data), write)
+
+    def adopt(self, src: Path, dest: Path) -> Path:
+        """Put a finished file from outside the spool at ``dest``, durably, never in memory.
+
+        The listener receives each instance straight into a temporary file; this makes it the
+        spool's. A hard link when ``src`` is on the spool's filesystem (no copy at all), else a
+        kernel-side copy. ``src`` stays where it is for its owner to remove. Same guarantees and
+        errors as :meth:`write_atomic`.
+        """
+        def place(tmp: Path) -> None:
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(src, tmp)
+
+        return self._commit(dest, os.stat(src).st_size, place)
+
+    def _commit(self, dest: Path, nbytes: int, fill: Callable[[Path], None]) -> Path:
+        """``fill`` a fresh temp file, fsync it, rename it to ``dest``, fsync the directory."""
+        dest = self._inside(dest)
+        self.check_space(nbytes)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / uuid.uuid4().hex
+        try:
+            fill(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -121,3 +121,38 @@ def test_dead_letter_round_trip(tmp_path):
 def test_take_back_unknown(tmp_path):
     with pytest.raises(FileNotFoundError):
         Spool(tmp_path).take_back_dead_letter("nope")
+
+
+def test_adopt_links_a_file_on_the_same_filesystem(tmp_path):
+    """The listener's received file becomes the spool's without a copy; the source stays."""
+    s = Spool(tmp_path / "spool")
+    src = tmp_path / "received.tmp"
+    src.write_bytes(b"DICM" * 1000)
+    dest = s.adopt(src, s.incoming_path("job1"))
+    assert dest.read_bytes() == b"DICM" * 1000
+    assert os.stat(dest).st_ino == os.stat(src).st_ino  # a hard link, not a copy
+    assert src.exists() and _files(s.tmp) == []
+
+
+def test_adopt_copies_across_filesystems(tmp_path, monkeypatch):
+    s = Spool(tmp_path / "spool")
+    src = tmp_path / "received.tmp"
+    src.write_bytes(b"x" * 5000)
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    dest = s.adopt(src, s.incoming_path("job1"))
+    assert dest.read_bytes() == b"x" * 5000
+    assert os.stat(dest).st_ino != os.stat(src).st_ino
+    assert _files(s.tmp) == []
+
+
+def test_adopt_under_the_watermark_refuses_and_leaves_nothing(tmp_path):
+    s = Spool(tmp_path / "spool", min_free_bytes=10**18)
+    src = tmp_path / "received.tmp"
+    src.write_bytes(b"x" * 1000)
+    with pytest.raises(OutOfSpace):
+        s.adopt(src, s.incoming_path("job1"))
+    assert _files(s.root) == [] and src.exists()
