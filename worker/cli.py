@@ -164,15 +164,19 @@ def listen(config: ConfigOpt = None) -> None:
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
-           concurrency: Annotated[int, typer.Option(help="io threads")] = 4) -> None:
-    """A Celery worker. gpu: one process, model loaded lazily; io: threads that encode and send."""
+           concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0) -> None:
+    """A Celery worker. gpu: one process, the model loaded lazily; io: processes that encode and
+    send (encoding is CPU-bound Python: threads would share one core); gpu,io: one process with
+    threads, for a small single-host node."""
     settings = _settings(config)
     if "gpu" in queues.split(","):
         ensure_bundle(settings)
     from worker.app import make_app
 
     celery_app = make_app(settings)
-    pool = ["--pool=solo"] if queues == "gpu" else ["--pool=threads", f"--concurrency={concurrency}"]
+    n = concurrency or os.cpu_count() or 1
+    pool = {"gpu": ["--pool=solo"], "io": ["--pool=prefork", f"--concurrency={n}"]}.get(
+        queues, ["--pool=threads", f"--concurrency={n}"])
     celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
                             "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
 

@@ -51,14 +51,20 @@ def _resize_float(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _fit_size(image: np.ndarray) -> np.ndarray:
-    """Long side into [MIN_SIDE, MAX_SIDE]: PACS-friendly size with room for readable text."""
+    """Long side into [MIN_SIDE, MAX_SIDE] (PACS-friendly, room for readable text), as uint8.
+
+    The display image is 8-bit anyway, so it is converted first and resized in Pillow's 8-bit
+    mode, several times faster than resizing the float image."""
     h, w = image.shape
+    gray = to_uint8(image)
     scale = min(1.0, MAX_SIDE / max(h, w))
     if max(h, w) < MIN_SIDE:
         scale = MIN_SIDE / max(h, w)
     if scale == 1.0:
-        return np.asarray(image, dtype=np.float32)
-    return np.clip(_resize_float(image, (max(1, round(w * scale)), max(1, round(h * scale)))), 0, 1)
+        return gray
+    resample = Image.Resampling.LANCZOS if scale < 1.0 else Image.Resampling.BICUBIC
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(gray, mode="L").resize(size, resample), dtype=np.uint8)
 
 
 def shown_findings(prediction: Prediction) -> list[Finding]:
@@ -70,19 +76,33 @@ def shown_findings(prediction: Prediction) -> list[Finding]:
     return [f for f in abnormal if f.label in prediction.saliency][:1]
 
 
+def _blend_table() -> np.ndarray:
+    """RGB for every (gray level, saliency level) pair, both 0..255: the heat colour of the
+    saliency blended over the gray with an opacity that rises from HEAT_FLOOR to HEAT_ALPHA."""
+    level = np.arange(256) / 255.0
+    colour = np.round(colormaps[_COLORMAP](level)[:, :3] * 255)  # (256, 3)
+    alpha = HEAT_ALPHA * np.clip((level - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0)  # (256,)
+    gray = np.arange(256, dtype=np.float64)[:, None, None]
+    table = gray * (1.0 - alpha[None, :, None]) + colour[None, :, :] * alpha[None, :, None]
+    return np.round(table).astype(np.uint8).reshape(256 * 256, 3)
+
+
+_BLEND = _blend_table()
+
+
 def _heat_overlay(gray: np.ndarray, prediction: Prediction, shown: list[Finding]) -> np.ndarray:
-    """Blend the max saliency of the shown findings over the gray image as a heat colour map."""
-    base = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    """Blend the max saliency of the shown findings over the uint8 gray image as a heat map.
+
+    The maximum is taken on the model's grid, quantised and upsampled once, and each output
+    pixel is one lookup in a 256 x 256 table: milliseconds at 2048 px, where a colour map
+    evaluated per pixel in floating point took most of the io step."""
     if not shown:
-        return base
+        return np.repeat(gray[..., None], 3, axis=2)
     h, w = gray.shape
-    maps = [
-        _resize_float(np.clip(prediction.saliency[f.label], 0.0, 1.0), (w, h)) for f in shown
-    ]
-    sal = np.clip(np.max(maps, axis=0), 0.0, 1.0)
-    colour = colormaps[_COLORMAP](sal)[..., :3].astype(np.float32)
-    alpha = (HEAT_ALPHA * np.clip((sal - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0))[..., None]
-    return base * (1.0 - alpha) + colour * alpha
+    small = np.max([np.clip(prediction.saliency[f.label], 0.0, 1.0) for f in shown], axis=0)
+    level = Image.fromarray(to_uint8(small), mode="L").resize((w, h), Image.Resampling.BICUBIC)
+    index = (gray.astype(np.uint16) << 8) | np.asarray(level, dtype=np.uint16)
+    return _BLEND.take(index, axis=0)
 
 
 def _panel_lines(
@@ -118,27 +138,29 @@ def _fit_font(
 
 
 def _draw_panel(rgb: Image.Image, lines: list[tuple[str, tuple[int, int, int]]]) -> None:
-    """Text on a dark translucent box in the top-left corner, sized to the image."""
-    w, h = rgb.size
-    overlay = Image.new("RGBA", rgb.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    font = _fit_font(draw, [t for t, _ in lines], 0.9 * w, start=max(12, w // 55))
+    """Text on a dark translucent box in the top-left corner, sized to the image.
+
+    Only the box is composited (the rest of a 2048 px image is left alone)."""
+    w, _ = rgb.size
+    measure = ImageDraw.Draw(rgb)
+    font = _fit_font(measure, [t for t, _ in lines], 0.9 * w, start=max(12, w // 55))
     line_h = int(font.getbbox("Ag")[3] * 1.3) if hasattr(font, "getbbox") else 12
     pad = max(4, line_h // 3)
-    widest = max(draw.textlength(t, font=font) for t, _ in lines)
-    box = (0, 0, int(widest + 2 * pad), int(pad * 2 + line_h * len(lines)))
-    draw.rectangle(box, fill=(0, 0, 0, 170))
+    widest = max(measure.textlength(t, font=font) for t, _ in lines)
+    box = (0, 0, min(rgb.width, int(widest + 2 * pad)), min(rgb.height, int(pad * 2 + line_h * len(lines))))
+    overlay = Image.new("RGBA", (box[2], box[3]), (0, 0, 0, 170))
+    draw = ImageDraw.Draw(overlay)
     for i, (text, colour) in enumerate(lines):
         draw.text((pad, pad + i * line_h), text, font=font, fill=(*colour, 255))
-    rgb.paste(Image.alpha_composite(rgb.convert("RGBA"), overlay).convert("RGB"))
+    region = rgb.crop(box).convert("RGBA")
+    rgb.paste(Image.alpha_composite(region, overlay).convert("RGB"), box[:2])
 
 
 def render(image: np.ndarray, prediction: Prediction, model: ModelIdentity) -> np.ndarray:
     """The SC pixels: uint8 RGB (h, w, 3), long side between MIN_SIDE and MAX_SIDE."""
     gray = _fit_size(image)
     shown = shown_findings(prediction)
-    blended = _heat_overlay(gray, prediction, shown)
-    rgb = Image.fromarray(to_uint8(blended), mode="RGB")
+    rgb = Image.fromarray(_heat_overlay(gray, prediction, shown), mode="RGB")
     _draw_panel(rgb, _panel_lines(prediction, model, shown))
     return np.asarray(rgb, dtype=np.uint8)
 

@@ -248,3 +248,24 @@ def test_uids_change_with_any_input() -> None:
         assert uid.startswith("2.25.") and len(uid) <= 64
         assert pydicom.uid.UID(uid).is_valid
     assert derive_uid("ab", "c") != derive_uid("a", "bc")
+
+
+def test_heat_overlay_blends_by_table() -> None:
+    """Where no finding is salient the radiograph stays gray; at a saliency peak the pixel is
+    the colour map's top colour blended at HEAT_ALPHA; only shown findings are drawn."""
+    from matplotlib import colormaps
+
+    from dicom_node.encoders import sc
+
+    pred = _prediction()
+    shown = [f for f in pred.findings if f.label == "Lung Lesion"]
+    gray = np.full((320, 320), 100, np.uint8)
+    out = sc._heat_overlay(gray, pred, shown)
+    assert out.shape == (320, 320, 3) and out.dtype == np.uint8
+    assert (out[0, 0] == 100).all() and (out[319, 319] == 100).all()  # far from the blob at (20, 22)
+    top = np.array(colormaps[sc._COLORMAP](1.0)[:3]) * 255
+    want = np.round(100 * (1 - sc.HEAT_ALPHA) + np.round(top) * sc.HEAT_ALPHA)
+    assert np.abs(out[205, 225].astype(int) - want).max() <= 3  # the blob's centre (20, 22), upsampled x10
+    # Lung Opacity's blob (12, 9) is not shown: nothing drawn there.
+    assert (out[120, 90] == 100).all()
+    assert (sc._heat_overlay(gray, pred, []) == 100).all()
