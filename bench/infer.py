@@ -4,7 +4,8 @@ The full step is what a GPU worker runs per batch, ``Predictor.predict``: resize
 detector's matrix to the encoder's input, encoder, box head, BL-TTA (N = 8), calibration, OOD
 score and Grad-CAM saliency for up to three shown findings per image. The encoder side gets the
 same images already resized (``to_input`` outside the clock), so the ratio full / encoder says
-what everything around the encoder costs. Both sides are timed back to back, alternating, in the
+what everything around the encoder costs. The worker's own step is timed too: it resizes in
+its decode threads, overlapping the previous forward, so its forward starts from prepared inputs. Both sides are timed back to back, alternating, in the
 same process. The bundle is written from a freshly initialised encoder and head with every
 threshold at 0, so every image shows three findings: saliency at its most expensive.
 """
@@ -89,20 +90,26 @@ def compare(predictor, images: Sequence[np.ndarray], batches: Sequence[int], rep
         predictor.encode(x)  # warm-up: allocator, kernels, autotuning
         predictor.predict(batch)
         sync()
-        enc_s, full_s, pre_s = [], [], []
+        prepared = [predictor.prepare(im) for im in batch]
+        times: dict[str, list[float]] = {"enc": [], "full": [], "worker": [], "pre": []}
         for r in range(repeats):
-            steps = [("enc", lambda: predictor.encode(x)), ("full", lambda: predictor.predict(batch))]
+            steps = [("enc", lambda: predictor.encode(x)), ("full", lambda: predictor.predict(batch)),
+                     ("worker", lambda: predictor.predict(prepared))]
             for name, fn in (steps if r % 2 == 0 else steps[::-1]):
-                (enc_s if name == "enc" else full_s).append(_timed(fn, sync))
-            pre_s.append(_timed(lambda: to_input(batch, size), sync))
-        enc, full, pre = (statistics.median(v) for v in (enc_s, full_s, pre_s))
+                times[name].append(_timed(fn, sync))
+            times["pre"].append(_timed(lambda: to_input(batch, size), sync))
+        enc, full, worker, pre = (statistics.median(times[k]) for k in ("enc", "full", "worker", "pre"))
         row = {
             "batch": b,
             "encoder_images_per_s": round(b / enc, 2),
             "full_images_per_s": round(b / full, 2),
             "ratio_full_over_encoder": round(enc / full, 3),
+            # The worker resizes in its decode threads while the previous batch runs: its forward
+            # step starts from prepared inputs.
+            "worker_step_images_per_s": round(b / worker, 2),
+            "ratio_worker_step_over_encoder": round(enc / worker, 3),
             "ms_per_image": {"preprocess": round(1000 * pre / b, 2), "encoder": round(1000 * enc / b, 2),
-                             "head_tta_calibration_saliency": round(1000 * max(full - enc - pre, 0.0) / b, 2)},
+                             "head_tta_calibration_saliency": round(1000 * max(worker - enc, 0.0) / b, 2)},
         }
         if cuda:
             row["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -129,8 +136,11 @@ def run(specs: Sequence[str] = ("t512", "tiny"), batches: Sequence[int] = (1, 8,
             result["specs"][spec] = {"image_size": predictor.bundle.image_size,
                                      "batches": compare(predictor, images, batches, repeats)}
             del predictor
-        ratios = [row["ratio_full_over_encoder"] for s in result["specs"].values() for row in s["batches"]]
-        result["goal"] = {"ratio_at_least": GOAL, "min_ratio": min(ratios), "met": bool(min(ratios) >= GOAL)}
+        rows = [row for s in result["specs"].values() for row in s["batches"]]
+        full = min(row["ratio_full_over_encoder"] for row in rows)
+        worker = min(row["ratio_worker_step_over_encoder"] for row in rows)
+        result["goal"] = {"ratio_at_least": GOAL, "min_ratio": full, "met": bool(full >= GOAL),
+                          "min_ratio_worker_step": worker, "met_worker_step": bool(worker >= GOAL)}
         return result
     finally:
         if tmp:

@@ -60,10 +60,23 @@ class Predictor:
             vf = self.encoder(x)["vision_features"]
         return vf.float()
 
-    def predict(self, images: Sequence[np.ndarray], saliency_top: int = 3) -> list[Prediction]:
-        if not images:
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """One decoded image as the encoder's input (1, 3, S, S), on the CPU: the part of the step
+        a worker runs in its decode threads, overlapping the previous batch's forward."""
+        return to_input([image], self.bundle.image_size)
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], saliency_top: int = 3) -> list[Prediction]:
+        """Findings, box, OOD score and saliency for a batch of decoded images or prepare()d ones."""
+        if not len(images):
             return []
-        vf = self.encode(to_input(images, self.bundle.image_size)).requires_grad_(True)
+        ready = [t for t in images if isinstance(t, torch.Tensor)]
+        if len(ready) == len(images):
+            x = torch.cat(ready)
+        elif not ready:
+            x = to_input(images, self.bundle.image_size)
+        else:
+            x = torch.cat([t if isinstance(t, torch.Tensor) else self.prepare(t) for t in images])
+        vf = self.encode(x).requires_grad_(True)
         with torch.enable_grad():
             c, r = self.head(pool_features(vf))
             probs_n = bl_tta(self.head, c, r, self.samples, self.temperature)  # (B, N, L)

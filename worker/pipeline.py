@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,20 +113,31 @@ def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
 # ---------------------------------------------------------------- the GPU step
 
 def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
-               forward_lock: threading.Lock | None = None) -> list[str]:
+               forward_lock: threading.Lock | None = None, decode: Executor | None = None) -> list[str]:
     """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
 
     An image that cannot be decoded is skipped with its reason (and audited); the rest go on.
-    `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting).
+    `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting);
+    `decode` reads and prepares the batch's images in parallel (decoding a radiograph costs more
+    than its forward on a GPU).
     """
-    claimed, images = [], []
+    jobs = []
     for job_id in job_ids:
         job = ctx.jobs.claim(job_id, JobState.QUEUED, JobState.INFERRING, ctx.lease_s)
         if job is None:
             log.info("infer.not_claimed", job=job_id)  # done already, or another worker has it
             continue
+        jobs.append(job)
+
+    def load(job):
+        return predictor.prepare(read_image(pydicom.dcmread(ctx.spool.root / job.path)))
+
+    loading = [(job, decode.submit(load, job)) if decode else (job, None) for job in jobs]
+    claimed, images = [], []
+    for job, future in loading:
+        job_id = job.id
         try:
-            images.append(read_image(pydicom.dcmread(ctx.spool.root / job.path)))
+            images.append(future.result() if future else load(job))
             claimed.append(job)
         except Exception as exc:  # noqa: BLE001 - any decode failure: quarantine, never retry it forever
             reason = f"cannot read image: {exc}" if isinstance(exc, ImageError) else \
@@ -164,13 +175,14 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
 
 def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[str], None], batch_size: int = 16,
-                  gather_s: float = 0.005, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+                  gather_s: float = 0.005, sleep: Callable[[float], None] = time.sleep,
+                  decode_threads: int = 2) -> list[str]:
     """Infer `job_id` together with the jobs waiting behind it, in batches, until none wait.
 
     The job store says what waits (oldest first); infer_jobs claims each job as before, so the
     broker messages of jobs taken here find nothing to claim later and do nothing. Two batches
-    are in flight: while one runs its forward, the next is read and decoded in a second thread
-    and the one before it is written. The first batch waits up to `gather_s` to fill. Messages
+    are in flight: while one runs its forward, the next is read and decoded (by `decode_threads`
+    threads: NumPy, the decoders and torch release the GIL) and the one before it is written. The first batch waits up to `gather_s` to fill. Messages
     to the io queue go out from the calling thread only (a kombu connection is not thread-safe).
     """
     if batch_size < 1:
@@ -198,10 +210,11 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
             while not owed.empty():
                 _enqueue(enqueue_send, owed.get())
 
-    with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool, \
+            ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode") as decode:
         while batch:
             taken.update(batch)
-            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward))
+            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode))
             if len(inflight) == 2:
                 finish(inflight.popleft())
             batch = gather([])

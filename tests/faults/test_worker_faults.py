@@ -145,6 +145,9 @@ def test_a_full_spool_gives_jobs_back_at_once(ctx, monkeypatch):
     class Model:
         bundle = type("Bundle", (), {"identity": staticmethod(lambda: identity)})()
 
+        def prepare(self, image):
+            return image
+
         def predict(self, images):
             return [Prediction(findings=(Finding("Cardiomegaly", 0.7, 0.5, "high", 0.01),), ood_score=0.1,
                                ood_threshold=1.0, center=np.zeros(4), radius=np.ones(4),

@@ -54,7 +54,10 @@ def test_bench_infer_reports_both_rates():
         ratio = row["full_images_per_s"] / row["encoder_images_per_s"]
         assert row["ratio_full_over_encoder"] == pytest.approx(ratio, rel=0.02)
         assert set(row["ms_per_image"]) == {"preprocess", "encoder", "head_tta_calibration_saliency"}
+        worker = row["worker_step_images_per_s"] / row["encoder_images_per_s"]
+        assert row["ratio_worker_step_over_encoder"] == pytest.approx(worker, rel=0.02)
     assert r["goal"]["min_ratio"] == min(row["ratio_full_over_encoder"] for row in rows)
+    assert r["goal"]["min_ratio_worker_step"] == min(row["ratio_worker_step_over_encoder"] for row in rows)
 
 
 def test_bench_decode_checks_every_plugin_against_the_pixels():
@@ -120,6 +123,9 @@ class Spy:
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
+
+    def prepare(self, image):
+        return self.predictor.prepare(image)
 
     def predict(self, images):
         with self._lock:

@@ -138,9 +138,14 @@ def test_bundle_round_trip_and_tamper_detection(tiny, tmp_path):
     written = write_bundle(tmp_path / "b", card, tiny, head)
     b = load_bundle(tmp_path / "b")
     assert b.digest == written["digest"] and b.identity().synthetic_training
-    preds = Predictor(b, device="cpu").predict([np.random.default_rng(0).random((300, 250)).astype(np.float32)] * 2)
+    predictor = Predictor(b, device="cpu")
+    image = np.random.default_rng(0).random((300, 250)).astype(np.float32)
+    preds = predictor.predict([image] * 2)
     assert len(preds) == 2 and len(preds[0].findings) == len(LABELS)
     assert preds[0].to_json() == preds[1].to_json()  # deterministic
+    # What a worker's decode threads prepare gives the same result as the decoded image.
+    prepared = predictor.predict([predictor.prepare(image), image])
+    assert prepared[0].to_json() == prepared[1].to_json() == preds[0].to_json()
     assert preds[0].saliency and all(m.shape == (8, 8) for m in preds[0].saliency.values())
     assert all(0 <= f.probability <= 1 for f in preds[0].findings)
     # Altering the card or a weight file is caught.
