@@ -15,12 +15,14 @@ from pathlib import Path
 import pydicom
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 log = structlog.get_logger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
+# send_c_store(path) streams the file in PDU-sized reads instead of decoding it and encoding it again.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,10 @@ def send(
     if not files:
         return
     contexts: dict[str, set[str]] = {}
+    headers: dict[Path, tuple[str, str]] = {}
     for f in files:
         try:
-            sop_class, ts = _header(f)
+            headers[f] = sop_class, ts = _header(f)
         except Exception as exc:  # noqa: BLE001
             raise DeliveryFailed(f"{dest}: cannot read {f.name}: {exc}") from exc
         contexts.setdefault(sop_class, set()).add(ts)
@@ -78,9 +81,10 @@ def send(
     ae.connection_timeout = timeout
     n = 0
     for sop_class, syntaxes in contexts.items():
-        # One context per compressed syntax (a peer may accept one and not another), and one
-        # for the uncompressed syntaxes pynetdicom can convert between.
-        for ts in sorted(syntaxes - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+        # One context per syntax the files are stored in (a peer may accept one and not another;
+        # an exact match is streamed from the file as it is), and one with the uncompressed
+        # syntaxes pynetdicom can convert between, for a peer that accepts none of those.
+        for ts in sorted(syntaxes):
             ae.add_requested_context(sop_class, [ts])
             n += 1
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -93,10 +97,13 @@ def send(
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DeliveryFailed(f"{dest}: association {how}")
+    exact = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     try:
         for f in files:
             try:
-                rsp = assoc.send_c_store(f)
+                # Streamed from the file in its own syntax when the peer accepted it, else read and
+                # converted: a 10 MB SC re-encoded in Python cost more than its transfer.
+                rsp = assoc.send_c_store(f if headers[f] in exact else pydicom.dcmread(f))
             except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this syntax
                 raise DeliveryFailed(f"{dest}: {f.name} not sent: {exc}") from exc
             status = getattr(rsp, "Status", None)

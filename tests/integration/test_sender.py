@@ -128,6 +128,19 @@ def test_send_to_storescp(storescp, tmp_path):
         assert arrived[sent.SOPInstanceUID].PixelData == sent.PixelData
 
 
+def test_streamed_as_stored_or_converted_for_a_peer_that_needs_it(storescp, tmp_path):
+    """A peer that accepts the file's own syntax gets it streamed as stored; one that accepts
+    only implicit VR gets it converted, same pixels either way."""
+    src = make_result(tmp_path / "sc.dcm")
+    sent = pydicom.dcmread(src)
+    for option, syntax in (("+xe", ExplicitVRLittleEndian), ("+xi", "1.2.840.10008.1.2")):
+        dest, folder = storescp(option)
+        send([src], dest, timeout=10)
+        [arrived] = _arrived(folder).values()
+        assert arrived.file_meta.TransferSyntaxUID == syntax
+        assert arrived.PixelData == sent.PixelData and arrived.SOPInstanceUID == sent.SOPInstanceUID
+
+
 def test_send_compressed_keeps_its_transfer_syntax(storescp):
     dest, folder = storescp("+xa")  # accept JPEG 2000 as well
     src = Path(get_testdata_file("RG1_J2KR.dcm"))
