@@ -13,6 +13,7 @@ The processes are the ones `medsam2-cxr up` runs, started apart as in the end-to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,6 +46,27 @@ def _wait(pred: Callable[[], object], timeout: float, what: str, step: float = 0
             return value
         time.sleep(step)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of a process and all its descendants, from /proc (Linux)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -95,6 +117,9 @@ class Node:
     def audit(self) -> list[dict]:
         path = self.spool / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {name: _cpu_seconds(p.pid) for name, p in zip(self.names, self.procs)}
 
     def check_alive(self) -> None:
         dead = [name for name, p in zip(self.names, self.procs) if p.poll() is not None]
@@ -228,8 +253,11 @@ def run(spec: str = "t512", bundle: Path | None = None, runs: int = 20, burst: i
                 phases.append(p)
 
         rate_before = infer_rate(bundle, burst_files, batch, device)
+        cpu_before = node.cpu_seconds()
         burst_wall, burst_s = send_and_wait(node, burst_files, per_image, timeout_s)
+        cpu_after = node.cpu_seconds()
         rate_after = infer_rate(bundle, burst_files, batch, device)
+        cpu = {name: round((cpu_after[name] - cpu_before[name]) / burst, 3) for name in cpu_before}
         worker = _worker_view(node.audit(), burst_wall, burst_s)
         model_rate = (rate_before + rate_after) / 2
         throughput = burst / burst_s
@@ -253,6 +281,10 @@ def run(spec: str = "t512", bundle: Path | None = None, runs: int = 20, burst: i
                 "infer_images_per_s_before_after": [round(rate_before, 3), round(rate_after, 3)],
                 "overhead": round(1 - throughput / model_rate, 3),
                 **worker,
+                # Where the machine's cores went: CPU seconds per image of each process tree
+                # (gpu: decode and the forward when it runs on the CPU; io: SR, SC and sending).
+                "cpu_s_per_image": cpu,
+                "cpu_cores": os.cpu_count(),
             },
             "jobs": counts,
         }

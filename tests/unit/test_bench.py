@@ -90,6 +90,8 @@ def test_bench_e2e_small(tmp_path):
     assert r["jobs"].get("done") == 1 + 2 + 4
     assert sum(int(b) * n for b, n in r["burst"]["worker_batches"].items()) == 4  # every burst image, in batches
     assert 0 < r["burst"]["worker_model_busy_fraction"] <= 1
+    cpu = r["burst"]["cpu_s_per_image"]
+    assert set(cpu) == {"orthanc", "listen", "gpu", "io"} and cpu["gpu"] > 0 and cpu["io"] > 0
 
 
 # ---------------------------------------------------------------- batching in the GPU worker
