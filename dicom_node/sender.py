@@ -47,6 +47,15 @@ def _header(path: Path) -> tuple[str, str]:
     return sop_class, ts
 
 
+def _uncompressed(path: Path) -> pydicom.Dataset:
+    """The file for a peer that accepted none of its syntaxes: decompressed when it is compressed
+    (pynetdicom converts only between the uncompressed syntaxes)."""
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    return ds
+
+
 def send(
     files: list[Path],
     dest: Destination,
@@ -103,7 +112,7 @@ def send(
             try:
                 # Streamed from the file in its own syntax when the peer accepted it, else read and
                 # converted: a 10 MB SC re-encoded in Python cost more than its transfer.
-                rsp = assoc.send_c_store(f if headers[f] in exact else pydicom.dcmread(f))
+                rsp = assoc.send_c_store(f if headers[f] in exact else _uncompressed(f))
             except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this syntax
                 raise DeliveryFailed(f"{dest}: {f.name} not sent: {exc}") from exc
             status = getattr(rsp, "Status", None)

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
+from pydicom.uid import JPEGLSLossless
 
 from dicom_node import codes
 from dicom_node.encoders.sr import (
@@ -30,6 +31,10 @@ from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import to_uint8
 
 SC_SERIES_NUMBER = 9902
+# JPEG-LS lossless: the same pixels in about a fifth of the bytes (2 MB instead of 10 MB at 2048 px),
+# which the PACS stores for every radiograph and which took most of the send at a 16 KB PDU. A peer
+# that does not accept it gets the SC decompressed (dicom_node.sender).
+SC_TRANSFER_SYNTAX = JPEGLSLossless
 MAX_SIDE = 2048
 MIN_SIDE = 1024  # smaller images are enlarged so the burned-in text stays legible
 PANEL_FINDINGS = 5
@@ -220,6 +225,7 @@ def encode_sc(
         laterality=laterality,
         patient_orientation=_orientation(source),
         series_description=series_description(model, "saliency"),
+        transfer_syntax_uid=SC_TRANSFER_SYNTAX,
         **equipment_and_dates(model, now),
     )
     # Laterality is Type 2C: dciodvfy wants it absent for an unpaired body part, which it can only

@@ -150,11 +150,13 @@ def test_send_compressed_keeps_its_transfer_syntax(storescp):
     assert arrived.PixelData == pydicom.dcmread(src).PixelData
 
 
-def test_compressed_refused_by_uncompressed_only_peer(storescp):
-    dest, _ = storescp()  # uncompressed only
-    src = Path(get_testdata_file("RG1_J2KR.dcm"))
-    with pytest.raises(DeliveryFailed, match=r"PACS@127\.0\.0\.1:\d+: RG1_J2KR\.dcm not sent"):
-        send([src], dest, timeout=10)
+def test_compressed_is_decompressed_for_an_uncompressed_only_peer(storescp):
+    dest, folder = storescp()  # uncompressed only
+    src = Path(get_testdata_file("RG1_J2KR.dcm"))  # JPEG 2000 lossless
+    send([src], dest, timeout=10)
+    [arrived] = _arrived(folder).values()
+    assert not arrived.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(arrived.pixel_array, pydicom.dcmread(src).pixel_array)
 
 
 def test_failure_status_raises(pynetdicom_scp, tmp_path):
