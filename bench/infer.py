@@ -4,9 +4,9 @@ The full step is what a GPU worker runs per batch, ``Predictor.predict``: resize
 detector's matrix to the encoder's input, encoder, box head, BL-TTA (N = 8), calibration, OOD
 score and Grad-CAM saliency for up to three shown findings per image. The encoder side gets the
 same images already resized (``to_input`` outside the clock), so the ratio full / encoder says
-what everything around the encoder costs. The worker's own step is timed too: it resizes in
-its decode threads, overlapping the previous forward, so its forward starts from prepared inputs. Both sides are timed back to back, alternating, in the
-same process. The bundle is written from a freshly initialised encoder and head with every
+what everything around the encoder costs. The worker's own step is timed too: its decode
+processes resize while the previous forward runs, so its step starts from resized inputs. All
+sides are timed back to back, alternating, in the same process. The bundle is written from a freshly initialised encoder and head with every
 threshold at 0, so every image shows three findings: saliency at its most expensive.
 """
 
@@ -79,6 +79,7 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 def compare(predictor, images: Sequence[np.ndarray], batches: Sequence[int], repeats: int) -> list[dict]:
     """Per batch size: encoder-only and full-step images/s, and where the full step's time goes."""
     from models.predictor import to_input
+    from models.preprocess import resize_for_model
 
     cuda = predictor.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -90,7 +91,7 @@ def compare(predictor, images: Sequence[np.ndarray], batches: Sequence[int], rep
         predictor.encode(x)  # warm-up: allocator, kernels, autotuning
         predictor.predict(batch)
         sync()
-        prepared = [predictor.prepare(im) for im in batch]
+        prepared = [resize_for_model(im, size) for im in batch]
         times: dict[str, list[float]] = {"enc": [], "full": [], "worker": [], "pre": []}
         for r in range(repeats):
             steps = [("enc", lambda: predictor.encode(x)), ("full", lambda: predictor.predict(batch)),
@@ -104,8 +105,8 @@ def compare(predictor, images: Sequence[np.ndarray], batches: Sequence[int], rep
             "encoder_images_per_s": round(b / enc, 2),
             "full_images_per_s": round(b / full, 2),
             "ratio_full_over_encoder": round(enc / full, 3),
-            # The worker resizes in its decode threads while the previous batch runs: its forward
-            # step starts from prepared inputs.
+            # The worker's decode processes resize while the previous batch runs: its step starts
+            # from resized inputs.
             "worker_step_images_per_s": round(b / worker, 2),
             "ratio_worker_step_over_encoder": round(enc / worker, 3),
             "ms_per_image": {"preprocess": round(1000 * pre / b, 2), "encoder": round(1000 * enc / b, 2),

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.boxhead import ood_score, pool_features
 from models.bundle import Bundle
 from models.calibration import tier
 from models.labels import LABELS
 from models.prediction import Finding, Prediction
+from models.preprocess import resize_for_model
 from models.saliency import grad_cam
 from models.tta import bl_tta
 
@@ -26,13 +26,10 @@ NO_FINDING = LABELS.index("No Finding")
 
 
 def to_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """MedSAM2 preprocessing: gray [0,1] -> resize to size x size -> 3 channels -> ImageNet norm."""
-    batch = []
-    for img in images:
-        t = torch.as_tensor(np.ascontiguousarray(img), dtype=torch.float32)[None, None]
-        if t.shape[-2:] != (size, size):
-            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch.append(t)
+    """MedSAM2 preprocessing: gray [0,1] -> resize to size x size -> 3 channels -> ImageNet norm.
+
+    Images already at size x size (a worker's decode processes resize them) are not resized."""
+    batch = [torch.as_tensor(resize_for_model(img, size))[None, None] for img in images]
     x = torch.cat(batch).clamp(0, 1).expand(-1, 3, -1, -1)
     return (x - _MEAN) / _STD
 
@@ -60,22 +57,12 @@ class Predictor:
             vf = self.encoder(x)["vision_features"]
         return vf.float()
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """One decoded image as the encoder's input (1, 3, S, S), on the CPU: the part of the step
-        a worker runs in its decode threads, overlapping the previous batch's forward."""
-        return to_input([image], self.bundle.image_size)
-
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor], saliency_top: int = 3) -> list[Prediction]:
-        """Findings, box, OOD score and saliency for a batch of decoded images or prepare()d ones."""
-        if not len(images):
+    def predict(self, images: Sequence[np.ndarray], saliency_top: int = 3) -> list[Prediction]:
+        """Findings, box, OOD score and saliency for a batch of decoded images (any size, or
+        already resized by resize_for_model)."""
+        if not images:
             return []
-        ready = [t for t in images if isinstance(t, torch.Tensor)]
-        if len(ready) == len(images):
-            x = torch.cat(ready)
-        elif not ready:
-            x = to_input(images, self.bundle.image_size)
-        else:
-            x = torch.cat([t if isinstance(t, torch.Tensor) else self.prepare(t) for t in images])
+        x = to_input(images, self.bundle.image_size)
         vf = self.encode(x).requires_grad_(True)
         with torch.enable_grad():
             c, r = self.head(pool_features(vf))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import UID
 
@@ -207,6 +208,16 @@ def _other_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     else:  # flat image: nothing to show, but not an error
         img = np.zeros(values.shape, np.float32)
     return np.clip(img, 0.0, 1.0, out=img)
+
+
+def resize_for_model(image: np.ndarray, size: int) -> np.ndarray:
+    """The encoder's input resize: antialiased bilinear to size x size (MedSAM2's preprocessing),
+    float32. Pillow's "F" mode gives torch's antialiased bilinear interpolation to within float
+    rounding (tests/unit/test_preprocess.py) and needs no torch in the decode processes."""
+    if image.shape == (size, size):
+        return np.asarray(image, dtype=np.float32)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    return np.array(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
 from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import ImageError, read_image
+from worker.decoding import model_input
 
 if TYPE_CHECKING:
     from index.draft import Draft
@@ -118,7 +119,7 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
     An image that cannot be decoded is skipped with its reason (and audited); the rest go on.
     `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting);
-    `decode` reads and prepares the batch's images in parallel (decoding a radiograph costs more
+    `decode` runs model_input for the batch's images in parallel (decoding a radiograph costs more
     than its forward on a GPU).
     """
     jobs = []
@@ -129,15 +130,14 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             continue
         jobs.append(job)
 
-    def load(job):
-        return predictor.prepare(read_image(pydicom.dcmread(ctx.spool.root / job.path)))
-
-    loading = [(job, decode.submit(load, job)) if decode else (job, None) for job in jobs]
+    size = predictor.bundle.image_size
+    paths = [str(ctx.spool.root / job.path) for job in jobs]
+    loading = [decode.submit(model_input, path, size) if decode else None for path in paths]
     claimed, images = [], []
-    for job, future in loading:
+    for job, path, future in zip(jobs, paths, loading):
         job_id = job.id
         try:
-            images.append(future.result() if future else load(job))
+            images.append(future.result() if future else model_input(path, size))
             claimed.append(job)
         except Exception as exc:  # noqa: BLE001 - any decode failure: quarantine, never retry it forever
             reason = f"cannot read image: {exc}" if isinstance(exc, ImageError) else \
@@ -176,13 +176,13 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
 def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[str], None], batch_size: int = 16,
                   gather_s: float = 0.005, sleep: Callable[[float], None] = time.sleep,
-                  decode_threads: int = 2) -> list[str]:
+                  decode: Executor | None = None) -> list[str]:
     """Infer `job_id` together with the jobs waiting behind it, in batches, until none wait.
 
     The job store says what waits (oldest first); infer_jobs claims each job as before, so the
     broker messages of jobs taken here find nothing to claim later and do nothing. Two batches
-    are in flight: while one runs its forward, the next is read and decoded (by `decode_threads`
-    threads: NumPy, the decoders and torch release the GIL) and the one before it is written. The first batch waits up to `gather_s` to fill. Messages
+    are in flight: while one runs its forward, the next is read and decoded (by `decode`, the
+    worker's decode processes; two threads when none is given) and the one before it is written. The first batch waits up to `gather_s` to fill. Messages
     to the io queue go out from the calling thread only (a kombu connection is not thread-safe).
     """
     if batch_size < 1:
@@ -211,7 +211,7 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
                 _enqueue(enqueue_send, owed.get())
 
     with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool, \
-            ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode") as decode:
+            (contextlib.nullcontext(decode) if decode else ThreadPoolExecutor(2, thread_name_prefix="decode")) as decode:
         while batch:
             taken.update(batch)
             inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobStore
 from dicom_node.sender import Destination, retry_window_s, send_with_retry
 from dicom_node.spool import Spool
+from worker import decoding
 from worker.pipeline import Context
 from worker.settings import Settings
 
@@ -28,6 +30,7 @@ class Runtime:
     settings: Settings
     ctx: Context
     _predictor: object = None
+    _decoder: Executor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -50,6 +53,13 @@ class Runtime:
 
                 self._predictor = Predictor(load_bundle(self.settings.bundle_path), device=self.settings.model.device or None)
             return self._predictor
+
+    def decoder(self, processes: int) -> Executor:
+        """The GPU worker's decode processes (worker.decoding), started once and kept."""
+        with self._lock:
+            if self._decoder is None:
+                self._decoder = decoding.start(processes)
+            return self._decoder
 
     def destination_for(self, calling_aet: str) -> Destination:
         from dicom_node.tls import client_context

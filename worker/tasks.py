@@ -19,9 +19,9 @@ def _runtime() -> Runtime:
 # The most images per forward: a GPU needs large batches to be busy, a CPU gains little from them
 # and the first image of a batch waits for the last. GATHER_S: how long a lone job waits for company.
 GPU_BATCH, CPU_BATCH, GATHER_S = 32, 4, 0.005
-# Threads that decode the next batch during a forward: on a GPU decoding is the slower part
-# (about 20 ms a 2500 x 2048 image per thread, `medsam2-cxr bench decode`).
-DECODE_THREADS = min(8, os.cpu_count() or 1)
+# Processes that decode the next batch during a forward: on a GPU decoding is the slower part (a
+# 2500 x 2048 JPEG 2000 image takes about 150 ms of one core, `medsam2-cxr bench decode`).
+DECODE_PROCESSES = min(8, os.cpu_count() or 1)
 
 
 @shared_task(name=INFER)
@@ -31,7 +31,7 @@ def infer(job_id: str) -> list[str]:
     predictor = rt.predictor()
     batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
     return pipeline.infer_waiting(job_id, rt.ctx, predictor, enqueue_send, batch_size=batch, gather_s=GATHER_S,
-                                  decode_threads=DECODE_THREADS)
+                                  decode=rt.decoder(DECODE_PROCESSES))
 
 
 @shared_task(name=SEND)

@@ -19,7 +19,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.sender import Destination
 from dicom_node.spool import Spool
-from worker import pipeline
+from worker import decoding, pipeline
 
 pytestmark = pytest.mark.faults
 
@@ -107,7 +107,7 @@ def test_an_image_only_the_worker_cannot_read_is_quarantined(ctx):
                  state=JobState.QUEUED)
 
     class NoModel:
-        bundle = None
+        bundle = type("Bundle", (), {"image_size": 8})()
 
         def predict(self, images):
             raise AssertionError("nothing decodable should reach the model")
@@ -143,17 +143,15 @@ def test_a_full_spool_gives_jobs_back_at_once(ctx, monkeypatch):
                              synthetic_training=True, training_data="phantoms", intended_use="tests")
 
     class Model:
-        bundle = type("Bundle", (), {"identity": staticmethod(lambda: identity)})()
-
-        def prepare(self, image):
-            return image
+        bundle = type("Bundle", (), {"identity": staticmethod(lambda: identity), "image_size": 8})()
 
         def predict(self, images):
             return [Prediction(findings=(Finding("Cardiomegaly", 0.7, 0.5, "high", 0.01),), ood_score=0.1,
                                ood_threshold=1.0, center=np.zeros(4), radius=np.ones(4),
                                saliency={"Cardiomegaly": np.zeros((4, 4), np.float32)}) for _ in images]
 
-    monkeypatch.setattr(pipeline, "read_image", lambda ds: np.zeros((8, 8), np.float32))
+    for module in (decoding, pipeline):  # the infer and the deliver step
+        monkeypatch.setattr(module, "read_image", lambda ds: np.zeros((8, 8), np.float32))
     jobs = [_queued_job(ctx, f"job{i}") for i in range(3)]
     ctx.spool.min_free_bytes = 2**62  # the disk is full
     with pytest.raises(OutOfSpace):

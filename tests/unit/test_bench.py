@@ -17,7 +17,7 @@ from dicom_node.jobstore import JobState, JobStore
 from dicom_node.spool import Spool
 from models.bundle import load_bundle
 from models.predictor import Predictor
-from worker import pipeline
+from worker import decoding, pipeline
 from worker.cli import app
 
 
@@ -126,9 +126,6 @@ class Spy:
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def prepare(self, image):
-        return self.predictor.prepare(image)
-
     def predict(self, images):
         with self._lock:
             self.active += 1
@@ -171,13 +168,13 @@ def test_infer_waiting_decodes_the_next_batch_during_the_forward(ctx, tiny_bundl
     src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
     ids = _queue(ctx, src, 4)
     reads: list[float] = []
-    real_read = pipeline.read_image
+    real_read = decoding.read_image
 
     def read(ds: pydicom.Dataset):
         reads.append(time.perf_counter())
         return real_read(ds)
 
-    monkeypatch.setattr(pipeline, "read_image", read)
+    monkeypatch.setattr(decoding, "read_image", read)
     spy = Spy(Predictor(load_bundle(tiny_bundle), device="cpu"), delay_s=0.5)
     pipeline.infer_waiting(ids[0], ctx, spy, lambda j: None, batch_size=2, gather_s=0)
     first_forward = min(spy.spans)
@@ -185,6 +182,26 @@ def test_infer_waiting_decodes_the_next_batch_during_the_forward(ctx, tiny_bundl
     # The second batch's images were read before the first batch's forward ended (in series they
     # would be read after it).
     assert all(t < first_forward[1] for t in reads)
+
+
+def test_decode_processes_give_the_same_results_and_quarantine_the_same(ctx, tiny_bundle, phantom_dir):
+    """The GPU worker's spawned decode processes: same predictions as decoding in the worker,
+    and an image no decoder can read comes back as the worker's ImageError, so it is quarantined."""
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    ids = _queue(ctx, src, 3)
+    broken = pydicom.dcmread(src)
+    broken.BitsAllocated = 7  # pydicom cannot decode it; the header checks pass
+    broken.save_as(ctx.spool.incoming_path(ids[2]))
+    predictor = Predictor(load_bundle(tiny_bundle), device="cpu")
+    with decoding.start(2) as decode:
+        done = pipeline.infer_waiting(ids[0], ctx, predictor, lambda j: None, batch_size=3, gather_s=0, decode=decode)
+    assert done == ids[:2]
+    skipped = ctx.jobs.get(ids[2])
+    assert skipped.state == JobState.SKIPPED and skipped.reason.startswith("cannot read image: ")
+    assert "Pixel Data could not be decoded" in skipped.reason, skipped.reason
+    got = pipeline.load_prediction(ctx.spool.result_dir(ids[0]))[0]
+    want = predictor.predict([pipeline.read_image(pydicom.dcmread(src))])[0]
+    assert got.to_json() == want.to_json()
 
 
 def test_infer_waiting_refuses_a_batch_size_below_one(ctx, tiny_bundle):

@@ -14,6 +14,7 @@ from models.bundle import BundleError, load_bundle, write_bundle
 from models.calibration import fit_temperature, fit_thresholds, tier
 from models.labels import LABELS
 from models.predictor import Predictor, to_input
+from models.preprocess import resize_for_model
 from models.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc, split_patients
 from models.tta import bl_tta, box_samples, linear_limit
 
@@ -143,8 +144,8 @@ def test_bundle_round_trip_and_tamper_detection(tiny, tmp_path):
     preds = predictor.predict([image] * 2)
     assert len(preds) == 2 and len(preds[0].findings) == len(LABELS)
     assert preds[0].to_json() == preds[1].to_json()  # deterministic
-    # What a worker's decode threads prepare gives the same result as the decoded image.
-    prepared = predictor.predict([predictor.prepare(image), image])
+    # What a worker's decode processes return gives the same result as the decoded image.
+    prepared = predictor.predict([resize_for_model(image, b.image_size), image])
     assert prepared[0].to_json() == prepared[1].to_json() == preds[0].to_json()
     assert preds[0].saliency and all(m.shape == (8, 8) for m in preds[0].saliency.values())
     assert all(0 <= f.probability <= 1 for f in preds[0].findings)

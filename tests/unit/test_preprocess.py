@@ -164,3 +164,20 @@ def test_fast_linear_window_equals_pydicom(function, center, width, photometric,
     assert got.dtype == np.float32
     assert np.abs(got - want).max() < 1e-5
     assert 0.01 < (got == 0).mean() + (got == 1).mean() < 0.99  # the window clips some, not all
+
+
+def test_resize_for_model_is_torch_antialiased_bilinear() -> None:
+    """The decode processes resize with Pillow; the numbers are torch's antialiased bilinear (the
+    MedSAM2 preprocessing) to within float rounding, down and up."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.preprocess import resize_for_model
+
+    img = np.random.default_rng(5).random((700, 560)).astype(np.float32)
+    for size in (128, 512, 1024):
+        want = F.interpolate(torch.as_tensor(img)[None, None], size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)[0, 0].numpy()
+        got = resize_for_model(img, size)
+        assert got.dtype == np.float32 and got.shape == (size, size)
+        assert np.abs(got - want).max() < 1e-5
