@@ -2,10 +2,12 @@
 
 Radiographs often arrive as JPEG 2000 or JPEG lossless. pydicom tries its plugins in a fixed
 order (gdcm before pylibjpeg when both are installed); this measures each available plugin on
-the same files in the same run, interleaved, by wall and by CPU time (the choice uses CPU time) and checks every result against the uncompressed pixels:
+the same files in the same run, interleaved, by wall and by CPU time (the choice uses CPU time),
+and checks every result against the uncompressed pixels:
 pydicom-data's RG1 (a real 1955 x 1841 CR, J2K reversible, with its uncompressed twin) and a
 CXR-sized phantom encoded here as JPEG 2000 lossless (openjpeg via pydicom) and JPEG lossless
-SV1 (DCMTK dcmcjpeg).
+SV1 (DCMTK dcmcjpeg). Per case it also times the GPU worker's own decode step one at a time, in
+threads and in its decode processes: the decoders hold the GIL, so only processes scale.
 """
 
 from __future__ import annotations
@@ -56,6 +58,31 @@ def _decode(path: Path, plugin: str) -> np.ndarray:
     return ds.pixel_array
 
 
+def worker_decode(path: Path, workers: int, size: int = 512) -> dict:
+    """What the GPU worker does per image (worker.decoding.model_input: decode with the default
+    plugin order, window, resize), in images/s: one at a time, in `workers` threads, and in
+    `workers` of the worker's decode processes (started and warmed before the clock)."""
+    from worker import decoding
+
+    n = 4 * workers
+    jobs = [str(path)] * n
+    out = {"workers": workers}
+    t0 = time.perf_counter()
+    for j in jobs[:workers]:
+        decoding.model_input(j, size)
+    out["one_thread_images_per_s"] = round(workers / (time.perf_counter() - t0), 2)
+    with ThreadPoolExecutor(workers) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(decoding.model_input, jobs, [size] * n))
+        out["threads_images_per_s"] = round(n / (time.perf_counter() - t0), 2)
+    with decoding.start(workers) as procs:
+        list(procs.map(decoding.model_input, jobs[:workers], [size] * workers))  # start-up and imports
+        t0 = time.perf_counter()
+        list(procs.map(decoding.model_input, jobs, [size] * n))
+        out["processes_images_per_s"] = round(n / (time.perf_counter() - t0), 2)
+    return out
+
+
 def run(rows: int = 2500, cols: int = 2048, repeats: int = 5, threads: int = 2, work: Path | None = None) -> dict:
     """The decoder benchmark; returns its JSON-able result with the fastest correct plugin per syntax."""
     tmp = tempfile.TemporaryDirectory(prefix="bench-decode-") if work is None else None
@@ -91,6 +118,8 @@ def run(rows: int = 2500, cols: int = 2048, repeats: int = 5, threads: int = 2, 
                         t0 = time.perf_counter()
                         list(pool.map(lambda _: _decode(path, plugin), range(2 * threads)))
                         entry["threaded_speedup"] = round(2 * threads * entry["ms"] / 1000 / (time.perf_counter() - t0), 2)
+            if threads > 0:
+                case["worker_decode"] = worker_decode(path, threads)
             # CPU time decides: decoding is single-threaded, and CPU time is what other processes on a
             # shared machine disturb least.
             good = {p: e["cpu_ms"] for p, e in case["plugins"].items() if e.get("correct") and "cpu_ms" in e}

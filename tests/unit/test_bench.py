@@ -61,12 +61,14 @@ def test_bench_infer_reports_both_rates():
 
 
 def test_bench_decode_checks_every_plugin_against_the_pixels():
-    r = _bench(["decode", "--rows", "64", "--cols", "48", "--repeats", "1", "--threads", "0"])
+    r = _bench(["decode", "--rows", "64", "--cols", "48", "--repeats", "1", "--threads", "1"])
     assert r["cases"], r
     for case in r["cases"]:
         assert case["plugins"], case
         assert case["fastest_correct"] in case["plugins"]
         assert case["plugins"][case["fastest_correct"]]["correct"] is True
+        rates = case["worker_decode"]
+        assert all(rates[k] > 0 for k in ("one_thread_images_per_s", "threads_images_per_s", "processes_images_per_s"))
 
 
 def test_bench_train_times_the_evaluation(tmp_path):
