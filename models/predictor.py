@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.boxhead import ood_score, pool_features
 from models.bundle import Bundle
 from models.calibration import tier
 from models.labels import LABELS
 from models.prediction import Finding, Prediction
-from models.preprocess import resize_for_model
 from models.saliency import grad_cam
 from models.tta import bl_tta
 
@@ -28,8 +28,15 @@ NO_FINDING = LABELS.index("No Finding")
 def to_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """MedSAM2 preprocessing: gray [0,1] -> resize to size x size -> 3 channels -> ImageNet norm.
 
-    Images already at size x size (a worker's decode processes resize them) are not resized."""
-    batch = [torch.as_tensor(resize_for_model(img, size))[None, None] for img in images]
+    Images already at size x size are not resized: a GPU worker's decode processes resize with
+    models.preprocess.resize_for_model (Pillow, no torch in those processes), which gives this
+    torch resize's numbers to within float rounding (tests/unit/test_preprocess.py)."""
+    batch = []
+    for img in images:
+        t = torch.as_tensor(np.ascontiguousarray(img), dtype=torch.float32)[None, None]
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        batch.append(t)
     x = torch.cat(batch).clamp(0, 1).expand(-1, 3, -1, -1)
     return (x - _MEAN) / _STD
 

@@ -211,9 +211,10 @@ def _other_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 
 def resize_for_model(image: np.ndarray, size: int) -> np.ndarray:
-    """The encoder's input resize: antialiased bilinear to size x size (MedSAM2's preprocessing),
-    float32. Pillow's "F" mode gives torch's antialiased bilinear interpolation to within float
-    rounding (tests/unit/test_preprocess.py) and needs no torch in the decode processes."""
+    """The encoder's input resize for the GPU worker's decode processes: antialiased bilinear to
+    size x size, float32. Pillow's "F" mode gives the numbers of models.predictor.to_input's torch
+    resize to within float rounding (tests/unit/test_preprocess.py), and keeps torch (300 MB per
+    process) out of those processes; in the model's own process torch's is faster."""
     if image.shape == (size, size):
         return np.asarray(image, dtype=np.float32)
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")

@@ -144,9 +144,13 @@ def test_bundle_round_trip_and_tamper_detection(tiny, tmp_path):
     preds = predictor.predict([image] * 2)
     assert len(preds) == 2 and len(preds[0].findings) == len(LABELS)
     assert preds[0].to_json() == preds[1].to_json()  # deterministic
-    # What a worker's decode processes return gives the same result as the decoded image.
-    prepared = predictor.predict([resize_for_model(image, b.image_size), image])
-    assert prepared[0].to_json() == prepared[1].to_json() == preds[0].to_json()
+    # What a worker's decode processes return (Pillow's resize) gives the result of the decoded
+    # image (torch's resize) to within float rounding.
+    resized, full = predictor.predict([resize_for_model(image, b.image_size), image])
+    for f, g in zip(resized.findings, full.findings, strict=True):
+        assert f.label == g.label and f.tier == g.tier
+        assert abs(f.probability - g.probability) < 1e-4 and abs(f.spread - g.spread) < 1e-4
+    assert np.allclose(resized.center, full.center, atol=1e-4) and abs(resized.ood_score - full.ood_score) < 1e-4
     assert preds[0].saliency and all(m.shape == (8, 8) for m in preds[0].saliency.values())
     assert all(0 <= f.probability <= 1 for f in preds[0].findings)
     # Altering the card or a weight file is caught.
