@@ -33,7 +33,10 @@ def make_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A send under way when the broker goes finishes: the job store records it, and a message
+        # delivered again finds the job done. Cancelling it (a prefork child is killed) would hold
+        # its SENDING claim for the whole send lease, many minutes.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
