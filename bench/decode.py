@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+from pydicom.uid import JPEG2000Lossless
 
 DCMCJPEG = "/usr/bin/dcmcjpeg"
 
