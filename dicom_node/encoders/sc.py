@@ -48,13 +48,6 @@ _ORANGE = (255, 150, 40)
 _RED = (255, 80, 80)
 
 
-def _resize_float(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a float map with Pillow ("F" mode keeps precision); size is (width, height)."""
-    pil = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
-    resample = Image.Resampling.LANCZOS if size[0] < pil.width else Image.Resampling.BICUBIC
-    return np.asarray(pil.resize(size, resample), dtype=np.float32)
-
-
 def _fit_size(image: np.ndarray) -> np.ndarray:
     """Long side into [MIN_SIDE, MAX_SIDE] (PACS-friendly, room for readable text), as uint8.
 

@@ -32,14 +32,19 @@ class Clock:
         return self.t
 
 
-def _result(path: Path) -> None:
+def _result_dataset() -> Dataset:
+    """A minimal SC result object: enough for the spool, the sender and the audit."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _result(path: Path) -> None:
+    _result_dataset().save_as(path, enforce_file_format=True)
 
 
 @pytest.fixture
@@ -162,16 +167,7 @@ def test_a_full_spool_gives_jobs_back_at_once(ctx, monkeypatch):
     assert pipeline.infer_jobs(jobs, ctx, Model(), sends.append) == jobs == sends
 
     def encode(source, image, prediction, model, now, reporter=None):
-        out = []
-        for _ in range(2):
-            ds = Dataset()
-            ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            out.append(ds)
-        return out
+        return [_result_dataset(), _result_dataset()]
 
     monkeypatch.setattr(pipeline, "encode_results", encode)
     dest = Destination("PACS", "127.0.0.1", 4242)
