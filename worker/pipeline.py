@@ -29,6 +29,7 @@ import structlog
 from pydicom import Dataset
 
 from dicom_node.audit import AuditLog
+from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sc import encode_sc
 from dicom_node.encoders.sr import encode_sr
 from dicom_node.encoders.text import encode_text_sr
@@ -75,8 +76,14 @@ def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, m
     """SR then SC for one source image, with UIDs derived from the source and the bundle.
 
     With a reporter (a similar cases index), the SR also carries the draft report and similar
-    cases, and a Basic Text SR with the draft comes third; without one the SR says so.
+    cases, and a Basic Text SR with the draft comes third; without one the SR says so. Values the
+    source header holds invalid are repaired or left out by their type (encoders.header) and
+    logged by tag; a missing Type 1 reference raises HeaderError.
     """
+    repairs = clean_header(source).repairs
+    if repairs:  # what the results did not copy as received, by tag and rule (never a value)
+        log.warning("encode.source_header_repaired", sop_instance_uid=str(source.SOPInstanceUID),
+                    repairs=[str(r) for r in repairs])
     uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
     draft = reporter(prediction, model.digest) if reporter is not None else None
     out = [encode_sr(source, prediction, model, uids, now, draft=draft), encode_sc(source, image, prediction, model, uids, now)]

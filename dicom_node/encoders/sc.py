@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pydicom.uid import JPEGLSLossless
 
 from dicom_node import codes
+from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sr import (
     equipment_and_dates,
     NOT_FOR_DIAGNOSIS,
@@ -200,9 +201,13 @@ def encode_sc(
     ------
     ValueError
         `image` is not a 2D array.
+    HeaderError
+        The source lacks a Type 1 attribute the SC must reference (encoders.header).
     """
     if np.asarray(image).ndim != 2:
         raise ValueError(f"encode_sc expects the 2D read_image() output, got shape {image.shape}")
+    header = clean_header(source)
+    source = header.dataset
     pixels = render(image, prediction, model)
     laterality = _laterality(source)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -230,7 +235,7 @@ def encode_sc(
     )
     sc.DerivationDescription = f"Saliency of {codes.ALGORITHM_NAME} over the source image"
     sc.SourceImageSequence = [_source_reference(source)]
-    finish(sc, model, now)
+    finish(sc, model, now, header)
     return sc
 
 

@@ -15,7 +15,6 @@ case (case id, similarity, key findings) and one per guideline reference; withou
 from __future__ import annotations
 
 import datetime
-import unicodedata
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -24,6 +23,7 @@ from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
 
 from dicom_node import codes
+from dicom_node.encoders.header import SourceHeader, carry_identity, clean_header, set_character_set
 from dicom_node.uids import ResultUIDs, derive_uid
 from index.retrieval import NO_INDEX
 from models.prediction import ModelIdentity, Prediction
@@ -90,8 +90,9 @@ def equipment_and_dates(model: ModelIdentity, now: datetime.datetime) -> dict:
                 series_date=now.date(), series_time=now.time())
 
 
-def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime) -> None:
-    """Replace highdicom's own clock readings with `now` and add our equipment item.
+def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime, header: SourceHeader) -> None:
+    """Replace highdicom's own clock readings with `now`, add our equipment item, the identity
+    highdicom leaves out and a character set that holds every string (encoders.header).
 
     Outputs then depend only on their inputs: encoding twice gives identical objects.
     """
@@ -110,6 +111,8 @@ def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime) -> None:
     if "ContributingEquipmentSequence" not in ds:
         ds.ContributingEquipmentSequence = []
     ds.ContributingEquipmentSequence.append(contributing_equipment(model, now))
+    carry_identity(ds, header)
+    set_character_set(ds, header.character_set)
 
 
 def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
@@ -211,14 +214,8 @@ def notices(prediction: Prediction, model: ModelIdentity) -> list[str]:
     return lines
 
 
-def plain(text: str) -> str:
-    """ASCII-fold free text ("Müller" -> "Muller"): the source's character set may be ASCII only."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return folded
-
-
 def _text(name: Code, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(name=name, value=plain(value), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 def draft_items(draft: Draft | None) -> list[hd.sr.TextContentItem]:
@@ -285,7 +282,11 @@ def encode_sr(
     ------
     KeyError
         A finding label or tier without a code (a contract violation upstream).
+    HeaderError
+        The source lacks a Type 1 attribute the SR must reference (encoders.header).
     """
+    header = clean_header(source)
+    source = header.dataset
     algorithm = _algorithm(model)
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -322,5 +323,5 @@ def encode_sr(
         series_description=series_description(model, "findings"),
         **equipment_and_dates(model, now),
     )
-    finish(sr, model, now)
+    finish(sr, model, now, header)
     return sr

@@ -23,6 +23,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import BasicTextSRStorage
 
 from dicom_node import codes
+from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sr import (
     equipment_and_dates,
     DRAFT_NOTICE,
@@ -33,7 +34,6 @@ from dicom_node.encoders.sr import (
     device_uid,
     finish,
     notices,
-    plain,
     series_description,
 )
 from dicom_node.uids import ResultUIDs
@@ -81,7 +81,7 @@ def _check_basic_text(item: Dataset, path: str = "root") -> None:
 def _section(name: Code, items: list[tuple[Code, str]]) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=name, relationship_type=_CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence(
-        [hd.sr.TextContentItem(name=n, value=plain(v), relationship_type=_CONTAINS) for n, v in items])
+        [hd.sr.TextContentItem(name=n, value=v, relationship_type=_CONTAINS) for n, v in items])
     return container
 
 
@@ -117,8 +117,9 @@ def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft) -
 def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity, draft: Draft,
                    uids: ResultUIDs, now: datetime.datetime) -> BasicTextSR:
     """Encode the draft report as a Basic Text SR in the source's study, in the model's text series."""
+    header = clean_header(source)
     sr = BasicTextSR(
-        evidence=[source],
+        evidence=[header.dataset],
         content=report_content(prediction, model, draft),
         series_instance_uid=uids.text_series,
         series_number=TEXT_SERIES_NUMBER,
@@ -132,5 +133,5 @@ def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity
         series_description=series_description(model, "draft report"),
         **equipment_and_dates(model, now),
     )
-    finish(sr, model, now)
+    finish(sr, model, now, header)
     return sr
