@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicom_node import codes
 from dicom_node.encoders.sc import encode_sc
@@ -22,6 +22,7 @@ from dicom_node.uids import ResultUIDs, derive_uid
 from models.labels import LABELS
 from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import read_image
+from tests.header_corpus import base
 
 NOW = datetime.datetime(2025, 3, 4, 5, 6, 7)
 DIGEST = "3f" * 32
@@ -75,39 +76,10 @@ def _real_cr() -> Dataset:
 
 
 def _synthetic_dx() -> Dataset:
-    """A small, complete DX For Presentation image with imager pixel spacing and orientation."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Test^Dx"
-    ds.PatientID = "DX-001"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate = "20250301"
-    ds.StudyTime = "101500"
-    ds.StudyID = "1"
-    ds.AccessionNumber = "ACC1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "DX"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "Test"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImagerPixelSpacing = [0.2, 0.2]
-    ds.Rows, ds.Columns = 300, 256
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    y, x = np.mgrid[0:300, 0:256]
-    ds.PixelData = ((np.sin(x / 20.0) + np.cos(y / 25.0) + 2) * 1000).astype(np.uint16).tobytes()
+    """A small, complete DX For Presentation image with imager pixel spacing and orientation, new UIDs."""
+    ds = base()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     return ds
 
 
