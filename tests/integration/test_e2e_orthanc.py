@@ -99,8 +99,8 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
     ]
     try:
         _wait(lambda: "listening" in logs["listen"].read_text(), 60, "the node to listen")
-        phantom = sorted((phantom_dir / "images").glob("*.dcm"))[0]
-        sources = [phantom, Path(get_testdata_file("RG1_J2KR.dcm"))]
+        phantoms = sorted((phantom_dir / "images").glob("*.dcm"))
+        sources = [phantoms[0], Path(get_testdata_file("RG1_J2KR.dcm")), _japanese(phantoms[1], tmp_path / "jp.dcm")]
         t0 = time.time()
         for src in sources:  # one association per file: each its own study
             out = subprocess.run(["/usr/bin/storescu", "-xv", "-aec", "PACS", "127.0.0.1", str(orthanc["dicom_port"]), str(src)],
@@ -131,6 +131,8 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
                 path.write_bytes(data)
                 ds = pydicom.dcmread(path)
                 assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+                assert str(ds.PatientName) == str(source.PatientName)  # every component group, decoded alike
+                assert ds.get("InstitutionName") == source.get("InstitutionName")
                 assert ds.SeriesInstanceUID != source.SeriesInstanceUID
                 kinds.append(ds.SOPClassUID.name)
                 v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
@@ -148,8 +150,10 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
         for src in sources:
             ds = pydicom.dcmread(src, stop_before_pixels=True)
             names |= {str(ds.PatientName), ds.PatientID, str(ds.PatientName).replace("^", " "), ds.get("PatientBirthDate", "")}
+            names |= {part for group in str(ds.PatientName).split("=")[1:] for part in [group, *group.split("^")]}
         names.discard("")
         text = "".join(p.read_text() for p in logs.values()) + (spool / "audit.jsonl").read_text()
+        text += text.encode().decode("unicode_escape", errors="ignore")  # JSON may escape kanji as \uXXXX
         leaked = [n for n in names if n in text]
         assert not leaked, f"patient identifiers in logs: {leaked}"
         audit = [json.loads(l) for l in (spool / "audit.jsonl").read_text().splitlines()]
@@ -163,6 +167,23 @@ def test_storescu_to_orthanc_to_node_and_back(orthanc, tiny_bundle, phantom_dir,
             except subprocess.TimeoutExpired:
                 p.kill()
         r.flushdb()
+
+
+def _japanese(phantom: Path, out: Path) -> Path:
+    """A phantom as a Japanese hospital sends it: \\ISO 2022 IR 87, three name groups, an ACR-NEMA
+    date, in a study of its own."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(phantom)
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Hakata^Hanako=博多^花子=はかた^はなこ"
+    ds.InstitutionName = "博多中央病院"
+    ds.PatientBirthDate = "1961.04.01"
+    ds.PatientID = "JP-0001"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return out
 
 
 _STUDY_CACHE: dict[str, str] = {}
