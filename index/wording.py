@@ -235,7 +235,7 @@ JAPANESE = Wording(
     normal_lungs="両肺野に明らかな異常影を認めない。",
     normal_pleural="明らかな胸水・気胸は認めない。",
     normal_impression="異常所見なし。",
-    no_findings="記載すべき所見なし。",
+    no_findings="所見の記載なし。",
     ood_line=("注: 本画像はモデルの学習範囲外である（分布外スコア {score:.2f}、閾値 {threshold:.2f} を超える）。"
               "上記の記載は信頼性が低いため、全体の読影を要する。"),
     no_index="類似症例インデックスが設定されていない",
@@ -269,7 +269,7 @@ JAPANESE = Wording(
     not_for_diagnosis="AIによる解析結果であり、一次診断には用いないこと",
     synthetic_notice="合成ファントム画像のみで学習したモデルであり、臨床的に検証されていない",
     ood_notice="モデルの学習範囲外の画像であり、解釈には注意を要する",
-    draft_notice="AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。署名済みの報告書ではない",
+    draft_notice="AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。確定した報告書ではない",
     model_line="モデル: {name} {version}。",
     intended_use_line="使用目的（モデルカード原文）: {text}",
     training_data_line="学習データ（モデルカード原文）: {text}",

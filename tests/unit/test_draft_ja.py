@@ -112,7 +112,7 @@ def test_not_validated_tiers_are_hedged_and_say_so() -> None:
     english = Drafter(label).draft(pred, None)
     assert english.impression == ("1. Possible cardiomegaly (confidence not validated). "
                                   "2. Possible pleural effusion (confidence not validated).")
-    assert _ja().draft(_prediction(dict.fromkeys(LABELS, (0.05, NOT_VALIDATED))), None).findings == "記載すべき所見なし。"
+    assert _ja().draft(_prediction(dict.fromkeys(LABELS, (0.05, NOT_VALIDATED))), None).findings == "所見の記載なし。"
 
 
 def test_a_japanese_case_sentence_is_not_copied_unchecked() -> None:

@@ -27,7 +27,7 @@ NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
 JA_NOTICES = ["AIによる解析結果であり、一次診断には用いないこと。",
               "合成ファントム画像のみで学習したモデルであり、臨床的に検証されていない。",
               "モデルの学習範囲外の画像であり、解釈には注意を要する。"]
-JA_DRAFT_NOTICE = "AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。署名済みの報告書ではない。"
+JA_DRAFT_NOTICE = "AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。確定した報告書ではない。"
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,22 @@ def test_a_japanese_text_sr_survives_encoding(draft) -> None:
         texts = _texts(back)
         assert draft.findings in texts and draft.impression in texts and JA_NOTICES[0] in texts
         assert set(draft.similar_lines()) <= set(texts) and set(draft.reference_lines()) <= set(texts)
+
+
+def test_encode_results_takes_the_language(draft, monkeypatch) -> None:
+    """worker.pipeline.encode_results (the node and `infer`): the language reaches both SRs."""
+    from models.preprocess import read_image
+    from worker.pipeline import encode_results
+
+    for module in (sr_module, text_module):
+        monkeypatch.setattr(module, "plain", lambda s: s, raising=False)
+    source, model = _synthetic_dx(), _model()
+    sr, sc, text_sr = encode_results(source, read_image(source), _prediction(ood=True), model, NOW,
+                                     lambda p, digest: draft, language="ja")
+    assert JA_NOTICES[0] in _texts(sr) and JA_DRAFT_NOTICE in _texts(text_sr)
+    assert draft.findings in _texts(sr) and draft.findings in _texts(text_sr)
+    no_index = encode_results(source, read_image(source), _prediction(ood=True), model, NOW, None, language="ja")
+    assert len(no_index) == 2 and "類似症例インデックスが設定されていない。" in _texts(no_index[0])
+    assert sc.ImageComments.startswith(NOT_FOR_DIAGNOSIS)  # the saliency image stays English
+    english = encode_results(source, read_image(source), _prediction(ood=True), model, NOW, None)
+    assert "No similar cases index configured." in _texts(english[0]) and NOT_FOR_DIAGNOSIS + "." in _texts(english[0])
