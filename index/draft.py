@@ -47,7 +47,7 @@ from index.retrieval import IndexMismatch, Retriever, Similar
 from index.store import StoreError
 from index.wording import ENGLISH, NOT_VALIDATED, Template, Wording, script_language, wording_for
 from models.labels import LABELS
-from models.prediction import Prediction
+from models.prediction import TIERS, Prediction
 
 log = structlog.get_logger()
 
@@ -64,6 +64,8 @@ _LUNG = ("Lung Opacity", *_OPACITY_CHILDREN)
 STATUSES = ("present", "probable", "possible", "absent")
 _TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible", NOT_VALIDATED: "possible"}
 _STATUS_TIER = {"present": "high", "probable": "medium", "possible": "low"}  # the tier a status reads as
+if set(TIERS) - set(_TIER_STATUS):  # a new tier must say how it is worded before a draft meets it
+    raise ImportError(f"draft status undefined for tiers {set(TIERS) - set(_TIER_STATUS)}")
 
 # The English strings under their historic names (the tables live in index/wording.py).
 TEMPLATES: Mapping[str, Template] = ENGLISH.templates
