@@ -16,6 +16,14 @@ The box-latent RAG drafter (`Drafter`):
 4. An out-of-distribution line when the OOD score is above its threshold, and the curated
    guideline references of every finding stated as present, probable or possible.
 
+A finding whose tier is "not validated" (a bundle whose confidence was never validated, such as a
+phantom-trained one) is hedged: above threshold it is stated as "possible" with its confidence
+written as not validated, below threshold it gets no normal statement; retrieval never drops it.
+
+Language: every string comes from one wording table (index/wording.py, `[report] language`).
+Retrieved sentences are copied only when they are written in the report's language and the
+labeler reads that language (see `Drafter`); otherwise the templates of that language are used.
+
 The "Bootstrapping-style" baseline (`bootstrap_draft`) is the paper's comparison without box or
 retrieval: generate candidate sentences for every label from templates, rank them by the point
 (center-only) probability, refine (keep the best candidate per label, drop unsure negatives,
@@ -35,10 +43,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from index.guidelines import Reference, for_labels
-from index.retrieval import NO_INDEX, IndexMismatch, Retriever, Similar
+from index.retrieval import IndexMismatch, Retriever, Similar
 from index.store import StoreError
+from index.wording import ENGLISH, NOT_VALIDATED, Template, Wording, script_language, wording_for
 from models.labels import LABELS
-from models.prediction import Prediction
+from models.prediction import TIERS, Prediction
 
 log = structlog.get_logger()
 
@@ -53,38 +62,15 @@ _OPACITY_CHILDREN = ("Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atel
 _LUNG = ("Lung Opacity", *_OPACITY_CHILDREN)
 
 STATUSES = ("present", "probable", "possible", "absent")
-_TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible"}
-_TIER_WORD = {"present": "high confidence", "probable": "medium confidence", "possible": "low confidence"}
+_TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible", NOT_VALIDATED: "possible"}
+_STATUS_TIER = {"present": "high", "probable": "medium", "possible": "low"}  # the tier a status reads as
+if set(TIERS) - set(_TIER_STATUS):  # a new tier must say how it is worded before a draft meets it
+    raise ImportError(f"draft status undefined for tiers {set(TIERS) - set(_TIER_STATUS)}")
 
-
-@dataclass(frozen=True)
-class Template:
-    present: str  # a plain positive sentence
-    noun: str  # for hedged wording and the impression
-    absent: str  # a normal statement, "" where absence is not reported (devices)
-
-
-TEMPLATES: Mapping[str, Template] = {
-    "Enlarged Cardiomediastinum": Template("The mediastinum is widened.", "mediastinal widening",
-                                           "Mediastinal contours are normal."),
-    "Cardiomegaly": Template("The cardiac silhouette is enlarged.", "cardiomegaly", "The heart is normal in size."),
-    "Lung Opacity": Template("Patchy lung opacity.", "lung opacity", "No focal lung opacity."),
-    "Lung Lesion": Template("There is a pulmonary nodule.", "pulmonary nodule", "No pulmonary nodule or mass."),
-    "Edema": Template("There is pulmonary edema.", "pulmonary edema", "No pulmonary edema."),
-    "Consolidation": Template("There is airspace consolidation.", "consolidation", "No focal consolidation."),
-    "Pneumonia": Template("Focal airspace opacity consistent with pneumonia.", "pneumonia", "No pneumonia."),
-    "Atelectasis": Template("There is atelectasis.", "atelectasis", "No atelectasis."),
-    "Pleural Effusion": Template("There is a pleural effusion.", "pleural effusion", "No pleural effusion."),
-    "Pneumothorax": Template("There is a pneumothorax.", "pneumothorax", "No pneumothorax."),
-    "Pleural Other": Template("There is pleural thickening.", "pleural thickening", "No pleural thickening."),
-    "Fracture": Template("There is a rib fracture.", "rib fracture", "No displaced rib fracture."),
-    "Support Devices": Template("Support devices are present.", "support devices", ""),
-}
-_IMPRESSION_EXTRA = {"Lung Lesion": "; CT recommended for further characterization"}
-
-OOD_LINE = ("Note: this image is outside the model's experience (out-of-distribution score {score:.2f} above "
-            "{threshold:.2f}); the statements above are unreliable and need a full read.")
-NORMAL_IMPRESSION = "No acute cardiopulmonary abnormality."
+# The English strings under their historic names (the tables live in index/wording.py).
+TEMPLATES: Mapping[str, Template] = ENGLISH.templates
+OOD_LINE = ENGLISH.ood_line
+NORMAL_IMPRESSION = ENGLISH.normal_impression
 
 _SPLIT = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(])")
 
@@ -121,35 +107,52 @@ class Draft:
     notes: tuple[str, ...] = ()
     method: str = "box-latent RAG"
     status: Mapping[str, str] = field(default_factory=dict)  # label -> status for stated findings
+    wording: Wording = field(default=ENGLISH, repr=False)  # the language it is written in
+
+    def reference_lines(self) -> list[str]:
+        return [reference_line(i, r, self.wording) for i, r in enumerate(self.references, 1)]
+
+    def similar_lines(self) -> list[str]:
+        return [similar_line(s, self.wording) for s in self.similar]
 
     def text(self) -> str:
         """The whole draft as a reader sees it: report, references, similar cases, notes."""
-        parts = [f"FINDINGS: {self.findings}", f"IMPRESSION: {self.impression}"]
-        if self.references:
-            parts.append("GUIDELINE REFERENCES:\n" + "\n".join(
-                reference_line(i, r) for i, r in enumerate(self.references, 1)))
-        if self.similar:
-            parts.append("SIMILAR PRIOR CASES:\n" + "\n".join(similar_line(s) for s in self.similar))
-        if self.notes:
-            parts.append("NOTES:\n" + "\n".join(self.notes))
+        w = self.wording
+        parts = [w.section_line.format(title=w.findings_title, body=self.findings),
+                 w.section_line.format(title=w.impression_title, body=self.impression)]
+        for title, lines in ((w.references_title, self.reference_lines()), (w.similar_title, self.similar_lines()),
+                             (w.notes_title, list(self.notes))):
+            if lines:
+                parts.append(w.section_block.format(title=title, body="\n".join(lines)))
         return "\n\n".join(parts)
 
     def report(self) -> str:
         """Only FINDINGS and IMPRESSION, as a reference report is written (for label-F1)."""
-        return f"FINDINGS: {self.findings}\nIMPRESSION: {self.impression}"
+        w = self.wording
+        return (w.section_line.format(title=w.findings_title, body=self.findings) + "\n"
+                + w.section_line.format(title=w.impression_title, body=self.impression))
 
 
-def key_findings(s: Similar) -> str:
+def key_findings(s: Similar, wording: Wording = ENGLISH) -> str:
     pos = s.case.positive(uncertain=True)
-    return ", ".join(pos) if pos else "No Finding"
+    return wording.list_join.join(wording.labels[k] for k in pos) if pos else wording.labels["No Finding"]
 
 
-def reference_line(i: int, r: Reference) -> str:
-    return f"[{i}] {r.label} ({r.note}): {r.guideline.cite()}"
+def reference_line(i: int, r: Reference, wording: Wording = ENGLISH) -> str:
+    """One guideline reference: the finding and why it applies in the report's language, the citation as published.
+
+    A curated note (index/guidelines.py) is translated, and every language has all of them
+    (index/wording.py checks it at import); a note given by another references function is kept.
+    """
+    key = (r.label, r.guideline.key)
+    note = wording.reference_notes[key] if ENGLISH.reference_notes.get(key) == r.note else r.note
+    return wording.reference_line.format(i=i, label=wording.labels.get(r.label, r.label), note=note,
+                                         citation=r.guideline.cite())
 
 
-def similar_line(s: Similar) -> str:
-    return f"{s.rank}. case {s.case.case_id} ({s.case.source}), similarity {s.similarity:.2f}: {key_findings(s)}"
+def similar_line(s: Similar, wording: Wording = ENGLISH) -> str:
+    return wording.similar_line.format(rank=s.rank, case_id=s.case.case_id, source=s.case.source,
+                                       similarity=s.similarity, findings=key_findings(s, wording))
 
 
 @dataclass(frozen=True)
@@ -161,12 +164,28 @@ class DraftConfig:
 
 
 class Drafter:
-    """Prediction + similar cases -> Draft. The labeler judges retrieved sentences (index/labelers)."""
+    """Prediction + similar cases -> Draft. The labeler judges retrieved sentences (index/labelers).
+
+    wording: the report language (index/wording.py; a language code or a table).
+    labeler_language: the language the labeler reads; the project's labelers (lexicon, grammar)
+    read English only.
+
+    A similar case's sentence is copied only when it is written in the report's language (judged
+    by script) and the labeler reads that language: copying is safe only because the labeler
+    checks that the sentence says what the prediction says (same polarity, same certainty, nothing
+    contradicted). So a Japanese report never carries an English sentence, and it does not copy a
+    Japanese case's sentence either: the English labelers cannot judge a Japanese sentence, so a
+    copy would be unchecked, and the Japanese templates are the honest choice. Retrieval still
+    informs the status of each finding and the similar-cases list in every language.
+    """
 
     def __init__(self, labeler: Labeler, config: DraftConfig = DraftConfig(),
-                 references: Callable[[list[str]], list[Reference]] = for_labels) -> None:
+                 references: Callable[[list[str]], list[Reference]] = for_labels,
+                 wording: str | Wording = ENGLISH, labeler_language: str = "en") -> None:
         self.config = config
         self.references = references
+        self.wording = wording_for(wording)
+        self.labeler_language = labeler_language
         self._label = functools.lru_cache(maxsize=65536)(lambda s: dict(labeler(s)))
 
     def status(self, prediction: Prediction, similar: Sequence[Similar] | None) -> dict[str, str]:
@@ -180,7 +199,7 @@ class Drafter:
             evidence = self.config.use_retrieval_evidence and share is not None
             if f.present:
                 st = _TIER_STATUS[f.tier]
-                if evidence and st == "possible" and share <= self.config.drop_unsupported:
+                if evidence and f.tier == "low" and share <= self.config.drop_unsupported:
                     continue  # an unsure call no similar case supports
                 out[f.label] = st
             elif f.tier == "high":
@@ -191,22 +210,28 @@ class Drafter:
                 out[f.label] = "possible"
         return out
 
-    def draft(self, prediction: Prediction, similar: Sequence[Similar] | None, why_none: str = NO_INDEX) -> Draft:
-        """similar None: no similar cases available (why_none says why, in the notes); []: none found."""
+    def draft(self, prediction: Prediction, similar: Sequence[Similar] | None, why_none: str | None = None) -> Draft:
+        """similar None: no similar cases available (why_none says why, in the notes); []: none found.
+
+        why_none: in the drafter's language (its wording's no_index, index_mismatch, ...); None: no_index.
+        """
+        w = self.wording
         cases = list(similar or [])[: self.config.k]
         status = self.status(prediction, cases if similar is not None else None)
         positives = [k for k in ORDER if status.get(k) in ("present", "probable", "possible")]
         stmts = self._positive_statements(positives, status, cases)
-        stmts += normal_statements(status)
+        stmts += normal_statements(status, w)
         notes = []
         if prediction.out_of_distribution:
-            line = OOD_LINE.format(score=prediction.ood_score, threshold=prediction.ood_threshold)
+            line = w.ood_line.format(score=prediction.ood_score, threshold=prediction.ood_threshold)
             stmts.append(Statement("", "note", line, "model"))
         if similar is None:
-            notes.append(why_none[:1].upper() + why_none[1:] + ": the draft is written from the model's findings alone.")
+            why = w.no_index if why_none is None else why_none
+            notes.append(w.alone_note.format(why=why, Why=w.capitalised(why)))
         stated = [k for k in positives if not (k == "Lung Opacity" and any(c in positives for c in _OPACITY_CHILDREN))]
+        unvalidated = frozenset(f.label for f in prediction.findings if f.tier == NOT_VALIDATED)
         return _assemble(stmts, positives, status, self.references(stated), tuple(cases), tuple(notes),
-                         "box-latent RAG")
+                         "box-latent RAG", wording=w, unvalidated=unvalidated)
 
     def _positive_statements(self, positives: list[str], status: Mapping[str, str],
                              cases: Sequence[Similar]) -> list[Statement]:
@@ -228,14 +253,18 @@ class Drafter:
                 out.append(Statement(label, st, text, f"case {case_id}"))
             else:
                 covered.add(label)
-                out.append(Statement(label, st, template_sentence(label, st), "template"))
+                out.append(Statement(label, st, template_sentence(label, st, self.wording), "template"))
         return out
 
     def _retrieved_sentence(self, label: str, st: str, status: Mapping[str, str],
                             cases: Sequence[Similar]) -> tuple[str, str, dict] | None:
+        if self.labeler_language != self.wording.language:
+            return None  # no labeler can check a sentence in this language: templates (class docstring)
         want = 1 if st == "present" else -1
         for s in cases:
             for sent in sentences(s.case.findings):
+                if script_language(sent) != self.wording.language:
+                    continue  # never a sentence of another language in the report
                 labels = self._label(sent)
                 if labels.get(label) != want or not _agrees(labels, status):
                     continue
@@ -263,18 +292,18 @@ def _agrees(labels: Mapping[str, int | None], status: Mapping[str, str]) -> bool
     return True
 
 
-def template_sentence(label: str, st: str) -> str:
-    t = TEMPLATES[label]
+def template_sentence(label: str, st: str, wording: Wording = ENGLISH) -> str:
+    t = wording.templates[label]
     if st == "present":
         return t.present
     if st == "probable":
-        return f"Probable {t.noun}."
+        return wording.probable_sentence.format(noun=t.noun)
     if st == "possible":
-        return f"Possible {t.noun}."
+        return wording.possible_sentence.format(noun=t.noun)
     return t.absent
 
 
-def normal_statements(status: Mapping[str, str]) -> list[Statement]:
+def normal_statements(status: Mapping[str, str], wording: Wording = ENGLISH) -> list[Statement]:
     """Grouped normal statements for confidently absent findings, in reading order."""
     absent = {k for k, v in status.items() if v == "absent"}
     out: list[Statement] = []
@@ -284,40 +313,44 @@ def normal_statements(status: Mapping[str, str]) -> list[Statement]:
         absent.difference_update(labels)
 
     if {"Cardiomegaly", "Enlarged Cardiomediastinum"} <= absent:
-        add(("Cardiomegaly", "Enlarged Cardiomediastinum"), "The cardiomediastinal silhouette is within normal limits.")
+        add(("Cardiomegaly", "Enlarged Cardiomediastinum"), wording.normal_cardiomediastinal)
     if set(_LUNG) <= absent:
-        add(_LUNG, "The lungs are clear.")
+        add(_LUNG, wording.normal_lungs)
     if {"Pleural Effusion", "Pneumothorax"} <= absent:
-        add(("Pleural Effusion", "Pneumothorax"), "No pleural effusion or pneumothorax.")
+        add(("Pleural Effusion", "Pneumothorax"), wording.normal_pleural)
     for k in ORDER:
-        if k in absent and TEMPLATES[k].absent:
-            add((k,), TEMPLATES[k].absent)
+        if k in absent and wording.templates[k].absent:
+            add((k,), wording.templates[k].absent)
     return out
 
 
-def _impression(positives: list[str], status: Mapping[str, str], tiers: bool = True) -> str:
+def _impression(positives: list[str], status: Mapping[str, str], tiers: bool = True, wording: Wording = ENGLISH,
+                unvalidated: frozenset[str] = frozenset()) -> str:
+    """unvalidated: labels whose tier is "not validated": their confidence reads so, whatever the status."""
+    w = wording
     items = []
     for k in positives:
         if k == "Lung Opacity" and any(c in positives for c in _OPACITY_CHILDREN):
             continue
-        noun = TEMPLATES[k].noun + _IMPRESSION_EXTRA.get(k, "")
-        st = status[k]
-        prefix = {"present": "", "probable": "Probable ", "possible": "Possible "}[st]
-        text = (prefix + noun) if prefix else noun[:1].upper() + noun[1:]
-        items.append(f"{text} ({_TIER_WORD[st]})." if tiers else f"{text}.")
+        st, noun = status[k], w.templates[k].noun
+        text = w.impression_status[st].format(noun=noun, Noun=w.capitalised(noun)) + w.impression_extra.get(k, "")
+        tier = NOT_VALIDATED if k in unvalidated else _STATUS_TIER[st]
+        items.append(w.impression_item.format(text=text, tier=w.tiers[tier]) if tiers
+                     else w.impression_plain.format(text=text))
     if not items:
-        return NORMAL_IMPRESSION
+        return w.normal_impression
     if len(items) == 1:
         return items[0]
-    return " ".join(f"{i}. {s}" for i, s in enumerate(items, 1))
+    return w.impression_join.join(w.impression_numbered.format(n=i, text=s) for i, s in enumerate(items, 1))
 
 
 def _assemble(stmts: list[Statement], positives: list[str], status: Mapping[str, str], refs: list[Reference],
-              cases: tuple[Similar, ...], notes: tuple[str, ...], method: str, tiers: bool = True) -> Draft:
-    findings = " ".join(s.text for s in stmts if s.text) or "No findings stated."
-    return Draft(findings=findings, impression=_impression(positives, status, tiers), statements=tuple(stmts),
-                 references=tuple(refs), similar=cases, notes=notes, method=method,
-                 status={k: status[k] for k in LABELS if k in status})
+              cases: tuple[Similar, ...], notes: tuple[str, ...], method: str, tiers: bool = True,
+              wording: Wording = ENGLISH, unvalidated: frozenset[str] = frozenset()) -> Draft:
+    findings = wording.sentence_join.join(s.text for s in stmts if s.text) or wording.no_findings
+    return Draft(findings=findings, impression=_impression(positives, status, tiers, wording, unvalidated),
+                 statements=tuple(stmts), references=tuple(refs), similar=cases, notes=notes, method=method,
+                 status={k: status[k] for k in LABELS if k in status}, wording=wording)
 
 
 def bootstrap_draft(probabilities: Mapping[str, float], thresholds: Mapping[str, float],
@@ -369,16 +402,20 @@ class Reporter:
             similar = self.retriever.search(prediction.center, prediction.radius, digest, k=self.drafter.config.k)
         except IndexMismatch as exc:
             log.error("index.bundle_mismatch", error=str(exc))
-            return self.drafter.draft(prediction, None, why_none="similar cases index built with another model bundle")
+            return self.drafter.draft(prediction, None, why_none=self.drafter.wording.index_mismatch)
         except (StoreError, sqlite3.Error, OSError, RuntimeError) as exc:  # a damaged index: the draft still comes
             log.error("index.unreadable", folder=str(self.retriever.index.root), error=str(exc))
-            return self.drafter.draft(prediction, None, why_none="similar cases index could not be read")
+            return self.drafter.draft(prediction, None, why_none=self.drafter.wording.index_unreadable)
         return self.drafter.draft(prediction, similar)
 
 
-def open_reporter(folder: Path, extractor: str = "lexicon", config: DraftConfig = DraftConfig()) -> Reporter:
-    """A Reporter over an index folder, judging retrieved sentences with one of index.labelers."""
+def open_reporter(folder: Path, extractor: str = "lexicon", config: DraftConfig = DraftConfig(),
+                  language: str | Wording = ENGLISH) -> Reporter:
+    """A Reporter over an index folder, judging retrieved sentences with one of index.labelers.
+
+    language: the report language (`[report] language`; index/wording.py). The labelers read English.
+    """
     from index.labelers import get_extractor
     from index.retrieval import CaseIndex
 
-    return Reporter(Retriever(CaseIndex.open(folder)), Drafter(get_extractor(extractor), config))
+    return Reporter(Retriever(CaseIndex.open(folder)), Drafter(get_extractor(extractor), config, wording=language))

@@ -4,6 +4,10 @@ Only published guidelines whose citation the project has checked are listed; a D
 where it was verified, otherwise the journal citation stands alone. A finding without an entry
 gets no reference: the drafter never makes one up. Before clinical use a site should review this
 table against the current editions (guidelines are superseded).
+
+Each reference's note (why the guideline applies to the finding) is written here in English; other
+report languages translate it in index/wording.py under the same (label, guideline key), and that
+module fails to import when a key here has no translation. Citations are never translated.
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ _BY_LABEL: dict[str, tuple[tuple[str, str], ...]] = {
 }
 if set(_BY_LABEL) - set(LABELS):  # a renamed label must not silently lose its references
     raise ImportError(f"guideline table names unknown labels {set(_BY_LABEL) - set(LABELS)}")
+
+
+def reference_notes() -> dict[tuple[str, str], str]:
+    """(label, guideline key) -> the English note: the keys every report language translates."""
+    return {(label, key): note for label, refs in _BY_LABEL.items() for key, note in refs}
 
 
 def for_label(label: str) -> list[Reference]:

@@ -22,6 +22,7 @@ import structlog
 from index import boxes
 from index.store import Case, CaseStore
 from index.vectors import VectorConfig, VectorIndex
+from index.wording import ENGLISH
 
 log = structlog.get_logger()
 
@@ -29,7 +30,7 @@ STORE_FILE = "cases.sqlite"
 VECTORS_FILE = "centers.faiss"
 MODES = ("box", "center")
 SCORES = ("overlap", "conditional")
-NO_INDEX = "no similar cases index configured"
+NO_INDEX = ENGLISH.no_index  # the English line; a draft takes its own wording's
 
 
 class IndexMismatch(ValueError):

@@ -199,7 +199,8 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
     predictor = Predictor(load_bundle(ensure_bundle(settings)), device=settings.model.device or None)
     model = predictor.bundle.identity()
     index = settings.index_path  # similar cases + draft report, when an index exists
-    reporter = LazyReporter(index, settings.index.extractor) if index is not None else None
+    language = settings.report.language  # of the draft report and the notices
+    reporter = LazyReporter(index, settings.index.extractor, language) if index is not None else None
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for i, f in enumerate(files):
@@ -216,7 +217,7 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
             typer.echo(json.dumps({"file": str(f), "error": str(exc)}))
             continue
         pred = predictor.predict([image])[0]
-        results = encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc), reporter)
+        results = encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc), reporter, language)
         names = dict(zip(("sr", "sc", "text"), (f"{stem}.sr.dcm", f"{stem}.sc.dcm", f"{stem}.text.dcm")))
         for name, result in zip(names.values(), results):
             (out / name).write_bytes(to_bytes(result))

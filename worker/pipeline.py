@@ -67,28 +67,35 @@ class Context:
     send_lease_s: float | None = None  # SENDING claims; must outlast the sender's retries (None: lease_s)
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
     reporter: Reporter | None = None  # similar cases + draft report; None: no index configured
+    language: str = "en"  # of the draft and the notices in the results ([report] language)
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
 
 def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, model: ModelIdentity,
-                   now: dt.datetime, reporter: Reporter | None = None) -> list[Dataset]:
+                   now: dt.datetime, reporter: Reporter | None = None, language: str = "en") -> list[Dataset]:
     """SR then SC for one source image, with UIDs derived from the source and the bundle.
 
     With a reporter (a similar cases index), the SR also carries the draft report and similar
     cases, and a Basic Text SR with the draft comes third; without one the SR says so. Values the
     source header holds invalid are repaired or left out by their type (encoders.header) and
     logged by tag; a missing Type 1 reference raises HeaderError.
+    language: of the notices in the SRs ([report] language); the reporter drafts in the same one.
+    The SC's burned-in notices stay English (its overlay font has Latin glyphs only).
     """
+    from index.wording import wording_for
+
     repairs = clean_header(source).repairs
     if repairs:  # what the results did not copy as received, by tag and rule (never a value)
         log.warning("encode.source_header_repaired", sop_instance_uid=str(source.SOPInstanceUID),
                     repairs=[str(r) for r in repairs])
+    wording = wording_for(language)
     uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
     draft = reporter(prediction, model.digest) if reporter is not None else None
-    out = [encode_sr(source, prediction, model, uids, now, draft=draft), encode_sc(source, image, prediction, model, uids, now)]
+    out = [encode_sr(source, prediction, model, uids, now, draft=draft, wording=wording),
+           encode_sc(source, image, prediction, model, uids, now)]
     if draft is not None:
-        out.append(encode_text_sr(source, prediction, model, draft, uids, now))
+        out.append(encode_text_sr(source, prediction, model, draft, uids, now, wording=wording))
     return out
 
 
@@ -248,7 +255,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
     if not all(f.exists() for f in files):
         source = pydicom.dcmread(ctx.spool.root / job.path)
         prediction, model = load_prediction(folder)
-        results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter)
+        results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter, ctx.language)
         try:
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))

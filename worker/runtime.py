@@ -42,7 +42,9 @@ class Runtime:
                       lease_s=settings.worker.lease_s,
                       send_lease_s=retry_window_s(settings.sender.attempts, settings.sender.backoff_s,
                                                   settings.sender.max_backoff_s, settings.sender.timeout_s),
-                      reporter=LazyReporter(index, settings.index.extractor) if index is not None else None)
+                      reporter=(LazyReporter(index, settings.index.extractor, settings.report.language)
+                                if index is not None else None),
+                      language=settings.report.language)
         return cls(settings=settings, ctx=ctx)
 
     def predictor(self):
@@ -82,8 +84,11 @@ class LazyReporter:
     alone and say why there are no similar cases; the error is logged once.
     """
 
-    def __init__(self, folder: Path, extractor: str = "lexicon") -> None:
+    def __init__(self, folder: Path, extractor: str = "lexicon", language: str = "en") -> None:
+        from index.wording import wording_for
+
         self.folder, self.extractor = folder, extractor
+        self.wording = wording_for(language)  # an unknown language fails here, not on the first draft
         self._reporter = None
         self._why = ""
         self._lock = threading.Lock()
@@ -93,11 +98,11 @@ class LazyReporter:
         from index.labelers import get_extractor
 
         try:
-            return open_reporter(self.folder, self.extractor)
+            return open_reporter(self.folder, self.extractor, language=self.wording)
         except (ValueError, OSError) as exc:  # StoreError is a ValueError
             log.error("index.cannot_open", folder=str(self.folder), error=str(exc))
-            self._why = f"similar cases index at {self.folder} could not be opened"
-            return Drafter(get_extractor(self.extractor))
+            self._why = self.wording.index_unopenable.format(folder=self.folder)
+            return Drafter(get_extractor(self.extractor), wording=self.wording)
 
     def __call__(self, prediction, digest: str):
         with self._lock:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from index.wording import LANGUAGES
 
 
 class Section(BaseModel):
@@ -92,6 +94,19 @@ class Index(Section):
     extractor: str = "lexicon"  # report labeler that judges retrieved sentences (index.labelers)
 
 
+class Report(Section):
+    # Language of the draft report and of the notices in the SRs (index/wording.py): "en" or "ja".
+    language: str = "en"
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value not in LANGUAGES:
+            raise ValueError(f"[report] language = {value!r} is not a report language: choose one of "
+                             f"{', '.join(repr(k) for k in LANGUAGES)}")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -103,6 +118,7 @@ class Settings(BaseSettings):
     sender: Sender = Field(default_factory=Sender)
     worker: Worker = Field(default_factory=Worker)
     index: Index = Field(default_factory=Index)
+    report: Report = Field(default_factory=Report)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -9,7 +9,8 @@ notice also as a TID 4019 Algorithm Parameter so each group repeats it.
 When a similar cases index is configured, the same container also carries the drafted report
 (FINDINGS and IMPRESSION as DCM Finding / Impression TEXT items), one TEXT item per similar prior
 case (case id, similarity, key findings) and one per guideline reference; without one it says
-"No similar cases index configured".
+"No similar cases index configured". Every sentence a reader sees comes from the report wording
+(index/wording.py, `[report] language`); coded concepts keep their standard code meanings.
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ from pydicom.valuerep import DA, DT, TM
 from dicom_node import codes
 from dicom_node.encoders.header import SourceHeader, carry_identity, clean_header, set_character_set
 from dicom_node.uids import ResultUIDs, derive_uid
-from index.retrieval import NO_INDEX
+from index.wording import ENGLISH, Wording
 from models.prediction import ModelIdentity, Prediction
 
 if TYPE_CHECKING:
     from index.draft import Draft
 
 SR_SERIES_NUMBER = 9901
-NOT_FOR_DIAGNOSIS = "AI result, not for primary diagnosis"
-SYNTHETIC_NOTICE = "Trained on synthetic phantom radiographs only - not clinically validated"
-OOD_NOTICE = "Image outside the model's experience - interpret with care"
-DRAFT_NOTICE = "Draft report written by the AI for a radiologist to correct; not a signed report"
+# The English notices (header attributes and the SC always use these); results take their wording's.
+NOT_FOR_DIAGNOSIS = ENGLISH.not_for_diagnosis
+SYNTHETIC_NOTICE = ENGLISH.synthetic_notice
+OOD_NOTICE = ENGLISH.ood_notice
+DRAFT_NOTICE = ENGLISH.draft_notice
 
 # Draft report concepts: DCM where one exists, the project's private scheme (declared in
 # codes.CODING_SCHEME_IDENTIFICATION) for similar cases and guideline references.
@@ -115,10 +117,10 @@ def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime, header: So
     set_character_set(ds, header.character_set)
 
 
-def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+def _algorithm(model: ModelIdentity, wording: Wording = ENGLISH) -> hd.sr.AlgorithmIdentification:
     params = [f"bundle sha256 {model.digest}"[:1024]]
     if model.synthetic_training:
-        params.append(SYNTHETIC_NOTICE)
+        params.append(wording.synthetic_notice)
     return hd.sr.AlgorithmIdentification(
         name=codes.ALGORITHM_NAME, version=software_version(model), parameters=params
     )
@@ -199,18 +201,22 @@ def _ood_group(
     )
 
 
-def notices(prediction: Prediction, model: ModelIdentity) -> list[str]:
-    """The sentences every rendering of a result must carry, most important first."""
-    lines = [NOT_FOR_DIAGNOSIS + "."]
+def notices(prediction: Prediction, model: ModelIdentity, wording: Wording = ENGLISH) -> list[str]:
+    """The sentences every rendering of a result must carry, most important first.
+
+    The model card's intended use and training data are quoted as the card writes them.
+    """
+    w = wording
+    lines = [w.sentence(w.not_for_diagnosis)]
     if model.synthetic_training:
-        lines.append(SYNTHETIC_NOTICE + ".")
+        lines.append(w.sentence(w.synthetic_notice))
     if prediction.out_of_distribution:
-        lines.append(OOD_NOTICE + ".")
-    lines.append(f"Model: {model.name} {software_version(model)}.")
+        lines.append(w.sentence(w.ood_notice))
+    lines.append(w.model_line.format(name=model.name, version=software_version(model)))
     if model.intended_use:
-        lines.append(f"Intended use: {model.intended_use}")
+        lines.append(w.intended_use_line.format(text=model.intended_use))
     if model.training_data:
-        lines.append(f"Training data: {model.training_data}")
+        lines.append(w.training_data_line.format(text=model.training_data))
     return lines
 
 
@@ -218,22 +224,21 @@ def _text(name: Code, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
-def draft_items(draft: Draft | None) -> list[hd.sr.TextContentItem]:
+def draft_items(draft: Draft | None, wording: Wording = ENGLISH) -> list[hd.sr.TextContentItem]:
     """TEXT items for the drafted report, the similar cases and the guideline references."""
-    from index.draft import reference_line, similar_line
-
+    w = wording
     if draft is None:
-        return [_text(codes.COMMENT, NO_INDEX[:1].upper() + NO_INDEX[1:] + ".")]
-    items = [_text(codes.COMMENT, DRAFT_NOTICE + "."),
+        return [_text(codes.COMMENT, w.sentence(w.capitalised(w.no_index)))]
+    items = [_text(codes.COMMENT, w.sentence(w.draft_notice)),
              _text(DRAFT_FINDING, draft.findings), _text(DRAFT_IMPRESSION, draft.impression)]
-    items += [_text(SIMILAR_CASE, similar_line(s)) for s in draft.similar]
-    items += [_text(GUIDELINE_REFERENCE, reference_line(i, r)) for i, r in enumerate(draft.references, 1)]
+    items += [_text(SIMILAR_CASE, line) for line in draft.similar_lines()]
+    items += [_text(GUIDELINE_REFERENCE, line) for line in draft.reference_lines()]
     items += [_text(codes.COMMENT, note) for note in draft.notes]
     return items
 
 
 def _notice_container(prediction: Prediction, model: ModelIdentity,
-                      draft: Draft | None = None) -> hd.sr.ContainerContentItem:
+                      draft: Draft | None = None, wording: Wording = ENGLISH) -> hd.sr.ContainerContentItem:
     """TID 1500 rows 10-12: document-level qualitative evaluations: free-text notices, the draft."""
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS,
@@ -246,9 +251,9 @@ def _notice_container(prediction: Prediction, model: ModelIdentity,
                 value=line[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-            for line in notices(prediction, model)
+            for line in notices(prediction, model, wording)
         ]
-        + draft_items(draft)
+        + draft_items(draft, wording)
     )
     return container
 
@@ -273,10 +278,12 @@ def encode_sr(
     uids: ResultUIDs,
     now: datetime.datetime,
     draft: Draft | None = None,
+    wording: Wording | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode one prediction as a TID 1500 SR in the source's study, in the model's SR series.
 
     draft: the drafted report and similar cases (index/draft.py); None when no index is configured.
+    wording: the language of the notices (index/wording.py); None: the draft's, else English.
 
     Raises
     ------
@@ -287,7 +294,8 @@ def encode_sr(
     """
     header = clean_header(source)
     source = header.dataset
-    algorithm = _algorithm(model)
+    wording = wording or (draft.wording if draft is not None else ENGLISH)
+    algorithm = _algorithm(model, wording)
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DEVICE_OBSERVER,
@@ -307,7 +315,7 @@ def encode_sr(
         imaging_measurements=groups,
         referenced_images=[source] if _library_describable(source) else None,
     )
-    report[0].ContentSequence.append(_notice_container(prediction, model, draft))
+    report[0].ContentSequence.append(_notice_container(prediction, model, draft, wording))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],

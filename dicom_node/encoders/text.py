@@ -26,7 +26,6 @@ from dicom_node import codes
 from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sr import (
     equipment_and_dates,
-    DRAFT_NOTICE,
     GUIDELINE_REFERENCE,
     GUIDELINE_REFERENCES,
     SIMILAR_CASE,
@@ -37,6 +36,7 @@ from dicom_node.encoders.sr import (
     series_description,
 )
 from dicom_node.uids import ResultUIDs
+from index.wording import Wording
 from models.prediction import ModelIdentity, Prediction
 
 if TYPE_CHECKING:
@@ -85,10 +85,13 @@ def _section(name: Code, items: list[tuple[Code, str]]) -> hd.sr.ContainerConten
     return container
 
 
-def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft) -> hd.sr.ContainerContentItem:
-    """The TID 2000 tree: observation context (the device), then one container per section."""
-    from index.draft import reference_line, similar_line
+def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft,
+                   wording: Wording | None = None) -> hd.sr.ContainerContentItem:
+    """The TID 2000 tree: observation context (the device), then one container per section.
 
+    wording: the language of the notices (index/wording.py); None: the draft's.
+    """
+    w = wording or draft.wording
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id="2000")
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -99,28 +102,31 @@ def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft) -
             ),
         )
     )
-    lines = [DRAFT_NOTICE + ".", *notices(prediction, model), *draft.notes]
+    lines = [w.sentence(w.draft_notice), *notices(prediction, model, w), *draft.notes]
     sections = [
         _section(NOTICES, [(codes.COMMENT, line) for line in dict.fromkeys(lines)]),
         _section(dcm_codes.DCM.Findings, [(dcm_codes.DCM.Finding, draft.findings)]),
         _section(dcm_codes.DCM.Impressions, [(dcm_codes.DCM.Impression, draft.impression)]),
     ]
     if draft.references:
-        sections.append(_section(GUIDELINE_REFERENCES, [(GUIDELINE_REFERENCE, reference_line(i, r))
-                                                       for i, r in enumerate(draft.references, 1)]))
+        sections.append(_section(GUIDELINE_REFERENCES, [(GUIDELINE_REFERENCE, line)
+                                                       for line in draft.reference_lines()]))
     if draft.similar:
-        sections.append(_section(SIMILAR_CASES, [(SIMILAR_CASE, similar_line(s)) for s in draft.similar]))
+        sections.append(_section(SIMILAR_CASES, [(SIMILAR_CASE, line) for line in draft.similar_lines()]))
     root.ContentSequence = hd.sr.ContentSequence([*context, *sections])
     return root
 
 
 def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity, draft: Draft,
-                   uids: ResultUIDs, now: datetime.datetime) -> BasicTextSR:
-    """Encode the draft report as a Basic Text SR in the source's study, in the model's text series."""
+                   uids: ResultUIDs, now: datetime.datetime, wording: Wording | None = None) -> BasicTextSR:
+    """Encode the draft report as a Basic Text SR in the source's study, in the model's text series.
+
+    wording: the language of the notices (index/wording.py); None: the draft's.
+    """
     header = clean_header(source)
     sr = BasicTextSR(
         evidence=[header.dataset],
-        content=report_content(prediction, model, draft),
+        content=report_content(prediction, model, draft, wording),
         series_instance_uid=uids.text_series,
         series_number=TEXT_SERIES_NUMBER,
         sop_instance_uid=uids.text_instance,

@@ -166,7 +166,7 @@ def test_a_full_spool_gives_jobs_back_at_once(ctx, monkeypatch):
     sends: list[str] = []
     assert pipeline.infer_jobs(jobs, ctx, Model(), sends.append) == jobs == sends
 
-    def encode(source, image, prediction, model, now, reporter=None):
+    def encode(source, image, prediction, model, now, reporter=None, language="en"):
         return [_result_dataset(), _result_dataset()]
 
     monkeypatch.setattr(pipeline, "encode_results", encode)
