@@ -157,3 +157,27 @@ def test_repairs_name_the_attribute_never_the_value() -> None:
     header = clean_header(received(case))
     (repair,) = [r for r in header.repairs if r.keyword == "PatientBirthDate"]
     assert repair.action == "emptied" and "(0010,0030)" in str(repair) and "19551345" not in str(repair)
+
+
+@needs_dciodvfy
+def test_a_japanese_draft_in_a_japanese_study_stays_in_iso_2022_ir_87(tmp_path: Path) -> None:
+    """The draft's kanji and kana are all in JIS X 0208: the PACS gets the character set it sent."""
+    source = received(next(c for c in CORPUS if c.name == "japanese \\ISO 2022 IR 87"))
+    model, prediction = _model(), _prediction(ood=True)
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    draft = Drafter(get_extractor("lexicon"), wording="ja").draft(prediction, None)
+    for kind, ds in (("text", encode_text_sr(source, prediction, model, draft, uids, NOW)),
+                     ("sr", encode_sr(source, prediction, model, uids, NOW, draft=draft))):
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert list(back.SpecificCharacterSet) == ["", "ISO 2022 IR 87"], kind
+        assert not _errors(path), kind
+        texts = {item.TextValue for item in _items(back) if "TextValue" in item}
+        assert draft.findings in texts and draft.impression in texts and str(back.PatientName) == str(source.PatientName)
+
+
+def _items(ds: Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
