@@ -124,20 +124,22 @@ def _where(exc: BaseException, frames: int = 3) -> str:
 
 
 def fail_job(ctx: Context, job: Job, claimed: JobState, stage: str, what: str, exc: BaseException,
-             redact: Sequence[str] | None = None, **extra: object) -> str:
+             redact: Sequence[str] | None = None, **extra: object) -> bool:
     """End a claimed job in FAILED: the reason says what failed and the exception's type and
     message (patient identifiers of its source, or `redact`, taken out), audited as a serious
-    failure and logged once. Returns the reason. Nothing retries it; ``medsam2-cxr resend``
-    brings it back."""
+    failure and logged once. False when the job was no longer ours (its lease ran out and another
+    worker took it). Nothing retries it; ``medsam2-cxr resend`` brings it back."""
     if redact is None:
         redact = identifiers_of(ctx.spool.root / job.path)
     reason = f"{what}: {describe(exc, redact)}"
-    if ctx.jobs.advance(job.id, claimed, JobState.FAILED, reason=reason):
-        ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
-                         error=type(exc).__name__, reason=reason, **extra)
-        log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
-                  error=type(exc).__name__, reason=reason, at=_where(exc))
-    return reason
+    if not ctx.jobs.advance(job.id, claimed, JobState.FAILED, reason=reason):
+        log.warning("job.failed_not_ours", job=job.id, stage=stage, error=type(exc).__name__)
+        return False
+    ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+                     error=type(exc).__name__, reason=reason, **extra)
+    log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+              error=type(exc).__name__, reason=reason, at=_where(exc))
+    return True
 
 
 # ---------------------------------------------------------------- the GPU step
@@ -196,14 +198,15 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             if is_transient(exc):
                 give_back(job, exc)
                 continue
-            redact, where = identifiers_of(path), None
-            try:  # the bytes the model cannot take leave the incoming folder; resend brings them back
-                where = ctx.spool.quarantine_file(ctx.spool.root / job.path, f"cannot read image: {describe(exc, redact)}",
-                                                  job.id, stage="worker", calling_aet=job.calling_aet)
-            except OSError:
-                log.exception("infer.quarantine_failed", job=job.id)
-            fail_job(ctx, job, JobState.INFERRING, "decode", "cannot read image", exc, redact,
-                     quarantined=ctx.spool.relative(where) if where else None)
+            redact = identifiers_of(path)
+            where = ctx.spool.quarantine_dir / f"{job.id}.dcm"
+            if fail_job(ctx, job, JobState.INFERRING, "decode", "cannot read image", exc, redact,
+                        quarantined=ctx.spool.relative(where)):
+                try:  # the bytes the model cannot take leave the incoming folder; resend brings them back
+                    ctx.spool.quarantine_file(ctx.spool.root / job.path, f"cannot read image: {describe(exc, redact)}",
+                                              job.id, stage="worker", calling_aet=job.calling_aet)
+                except OSError:
+                    log.exception("infer.quarantine_failed", job=job.id)
     predictions: list = []
     if claimed:
         with forward_lock or contextlib.nullcontext():
@@ -334,8 +337,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
             ctx.jobs.release(job_id, JobState.SENDING, JobState.INFERRED)
             raise
         what = "cannot encode results" if stage == "encode" else "cannot send results"
-        fail_job(ctx, job, JobState.SENDING, stage, what, exc)
-        return JobState.FAILED
+        return JobState.FAILED if fail_job(ctx, job, JobState.SENDING, stage, what, exc) else None
     ctx.jobs.advance(job_id, JobState.SENDING, JobState.DONE)
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],

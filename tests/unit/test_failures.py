@@ -333,3 +333,14 @@ def test_a_failed_instance_sent_again_is_a_new_job(ctx):
                                   study_instance_uid=job.study_instance_uid, calling_aet="MODALITY1", path=job.path,
                                   state=JobState.QUEUED)
     assert again.state == JobState.QUEUED and earlier is None
+
+
+def test_the_tasks_leave_every_retry_to_the_reconciler(tmp_path):
+    import worker.tasks  # noqa: F401  (registers the tasks)
+    from worker.app import INFER, SEND, make_app
+    from worker.settings import Settings
+
+    app = make_app(Settings(paths={"spool": str(tmp_path / "spool")}))
+    assert app.conf.task_acks_late and app.conf.task_acks_on_failure_or_timeout
+    for name in (INFER, SEND):
+        assert not getattr(app.tasks[name], "autoretry_for", ())
