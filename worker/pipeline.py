@@ -274,16 +274,20 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
     inflight: deque[Future] = deque()
     owed: queue.SimpleQueue[str] = queue.SimpleQueue()  # inferred, send not yet enqueued
 
+    errors: list[BaseException] = []
+
     def finish(future: Future) -> None:
         try:
             done.extend(future.result())
+        except Exception as exc:  # noqa: BLE001 - a transient error (its jobs were given back): raised below
+            errors.append(exc)
         finally:
             while not owed.empty():
                 _enqueue(enqueue_send, owed.get())
 
     with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool, \
             (contextlib.nullcontext(decode) if decode else ThreadPoolExecutor(2, thread_name_prefix="decode")) as decode:
-        while batch:
+        while batch and not errors:  # after an error no new batch: the one in flight finishes and is sent
             taken.update(batch)
             inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode))
             if len(inflight) == 2:
@@ -291,6 +295,8 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
             batch = gather([])
         while inflight:
             finish(inflight.popleft())
+    if errors:
+        raise errors[0]
     return done
 
 

@@ -282,6 +282,15 @@ def test_a_batch_with_a_transient_error_is_given_back(ctx, fake_parts):
     assert [ctx.jobs.get(j).state for j in jobs] == [JobState.QUEUED] * 2 and _failed_records(ctx) == []
 
 
+def test_a_transient_error_in_one_batch_lets_the_batch_in_flight_finish(ctx, fake_parts):
+    jobs = [_job(ctx, f"job{i}", inferred=False) for i in (1, 2)]
+    sends: list[str] = []
+    with pytest.raises(ConnectionError):
+        pipeline.infer_waiting("job1", ctx, Model(poison={1.0}, error=ConnectionError), sends.append, batch_size=1,
+                               gather_s=0)
+    assert [ctx.jobs.get(j).state for j in jobs] == [JobState.QUEUED, JobState.INFERRED] and sends == ["job2"]
+
+
 def test_an_image_that_cannot_be_decoded_fails_and_the_rest_go_on(ctx, fake_parts):
     jobs = [_job(ctx, f"job{i}", inferred=False) for i in (1, 2)]
 
