@@ -21,6 +21,9 @@ import sys
 from collections.abc import Iterable
 from concurrent.futures import BrokenExecutor
 
+import pydicom
+from pydicom.multival import MultiValue
+
 from dicom_node.spool import OutOfSpace
 
 # OSErrors whose errno says "later": out of space or quota, interrupted, busy, out of memory.
@@ -94,7 +97,7 @@ def identifiers(ds) -> list[str]:
             continue
         if value is None:
             continue
-        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
         for v in values:
             s = str(v).strip()
             if s:
@@ -107,8 +110,6 @@ def identifiers(ds) -> list[str]:
 def identifiers_of(path) -> list[str]:
     """:func:`identifiers` of the file at ``path`` (header only); [] when it cannot be read."""
     try:
-        import pydicom
-
         return identifiers(pydicom.dcmread(path, stop_before_pixels=True, force=True))
     except Exception:  # noqa: BLE001 - unreadable: nothing to redact from it
         return []
