@@ -396,7 +396,9 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
     for job in ctx.jobs.stale(stale_after_s):
         claimed = job.state in (JobState.INFERRING, JobState.SENDING)
         if claimed and job.attempts >= max_attempts:
-            reason = f"gave up after {job.attempts} attempts in state {job.state.value}"
+            # An error would have failed the job at once (fail_job): here its worker never came back.
+            reason = (f"gave up after {job.attempts} attempts in state {job.state.value}: "
+                      "each time its worker died or outlived its lease")
             if ctx.jobs.advance(job.id, job.state, JobState.DEAD, reason=reason):
                 ctx.spool.dead_letter(job.id, [], reason)
                 ctx.audit.record("failed", job=job.id, sop_instance_uid=job.sop_instance_uid, reason=reason)
