@@ -159,6 +159,17 @@ def _predict_each(predictor, images: list) -> list:
         return [_predict_each(predictor, [image])[0] for image in images]
 
 
+def _submit(decode: Executor, path: str, size: int) -> Future:
+    """model_input in the decode pool; a pool that cannot take it (broken: one of its processes
+    was killed) gives a future holding that error, decided per job like any decode error."""
+    try:
+        return decode.submit(model_input, path, size)
+    except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool, transient (worker.failures)
+        future: Future = Future()
+        future.set_exception(exc)
+        return future
+
+
 def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
                forward_lock: threading.Lock | None = None, decode: Executor | None = None) -> list[str]:
     """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
@@ -181,7 +192,7 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
     size = predictor.bundle.image_size
     paths = [str(ctx.spool.root / job.path) for job in jobs]
-    loading = [decode.submit(model_input, path, size) if decode else None for path in paths]
+    loading = [_submit(decode, path, size) if decode else None for path in paths]
     claimed, images = [], []
     transient: list[BaseException] = []
 

@@ -291,6 +291,21 @@ def test_a_transient_error_in_one_batch_lets_the_batch_in_flight_finish(ctx, fak
     assert [ctx.jobs.get(j).state for j in jobs] == [JobState.QUEUED, JobState.INFERRED] and sends == ["job2"]
 
 
+def test_a_broken_decode_pool_gives_the_jobs_back_at_once(ctx, fake_parts):
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    jobs = [_job(ctx, f"job{i}", inferred=False) for i in (1, 2)]
+
+    class Broken(ThreadPoolExecutor):
+        def submit(self, *args, **kw):
+            raise BrokenProcessPool("A child process terminated abruptly")
+
+    with Broken(1) as pool, pytest.raises(BrokenProcessPool):
+        pipeline.infer_jobs(jobs, ctx, Model(), lambda j: None, decode=pool)
+    assert [ctx.jobs.get(j).state for j in jobs] == [JobState.QUEUED] * 2 and _failed_records(ctx) == []
+
+
 def test_an_image_that_cannot_be_decoded_fails_and_the_rest_go_on(ctx, fake_parts):
     jobs = [_job(ctx, f"job{i}", inferred=False) for i in (1, 2)]
 
@@ -353,3 +368,22 @@ def test_the_tasks_leave_every_retry_to_the_reconciler(tmp_path):
     assert app.conf.task_acks_late and app.conf.task_acks_on_failure_or_timeout
     for name in (INFER, SEND):
         assert not getattr(app.tasks[name], "autoretry_for", ())
+
+
+def test_the_worker_starts_its_decode_processes_again_when_one_was_killed(tmp_path):
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    from worker.runtime import Runtime
+    from worker.settings import Settings
+
+    rt = Runtime.from_settings(Settings(paths={"spool": str(tmp_path / "spool")}))
+    pool = rt.decoder(1)
+    with pytest.raises(BrokenProcessPool):
+        pool.submit(os._exit, 1).result(timeout=60)  # a decode process killed (the OOM killer, say)
+    again = rt.decoder(1)
+    try:
+        assert again is not pool and again.submit(abs, -3).result(timeout=60) == 3
+    finally:
+        again.shutdown()
+        pool.shutdown()
