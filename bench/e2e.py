@@ -262,7 +262,7 @@ def run(spec: str = "t512", bundle: Path | None = None, runs: int = 20, burst: i
         model_rate = (rate_before + rate_after) / 2
         throughput = burst / burst_s
         counts = json.loads(subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config",
-                                            str(work / "node.toml")], capture_output=True, text=True, cwd=REPO).stdout)
+                                            str(work / "node.toml")], capture_output=True, text=True, cwd=REPO).stdout)["counts"]
         result = {
             "benchmark": "e2e",
             "encoder": spec, "device": "cuda" if cuda else "cpu", "rows": rows, "cols": cols,

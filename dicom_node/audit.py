@@ -25,6 +25,8 @@ A5 = {
     "sent": ("DICOM Instances Transferred", "110104", "R", 0),
     "failed": ("DICOM Instances Transferred", "110104", "C", 4),
     "dead_letter": ("DICOM Instances Transferred", "110104", "R", 8),
+    # A job a pipeline step could not finish (a bug or a defect in the data): final until resent.
+    "job_failed": ("DICOM Instances Accessed", "110103", "R", 8),
     "resent": ("DICOM Instances Transferred", "110104", "R", 0),
     "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
     "refused": ("Security Alert", "110113", "E", 4),

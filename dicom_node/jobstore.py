@@ -25,6 +25,11 @@ class JobState(StrEnum):
     SENDING = "sending"  # claimed by a sender (lease)
     DONE = "done"  # results stored at the destination
     DEAD = "dead"  # results in the dead-letter folder after the last attempt
+    FAILED = "failed"  # a step raised an error that will not go away (reason: type and message); resend after a fix
+
+
+# States nothing more happens to until `medsam2-cxr resend`: their SOP instance may come again.
+FINAL_FAILURES = (JobState.DEAD, JobState.FAILED)
 
 
 # States a reconciler may need to re-enqueue, and the state a worker claims them into.
@@ -123,9 +128,9 @@ class JobStore:
         with self._tx() as db:
             earlier = self._row(
                 db.execute(
-                    "SELECT * FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?) "
+                    "SELECT * FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?, ?) "
                     "ORDER BY created_at LIMIT 1",
-                    (sop_instance_uid, JobState.SKIPPED, JobState.DEAD),
+                    (sop_instance_uid, JobState.SKIPPED, *FINAL_FAILURES),
                 ).fetchone()
             )
             if earlier is not None and state == JobState.QUEUED:
@@ -169,6 +174,18 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    def reopen(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
+        """Like :meth:`advance`, and the job's attempts start again from 0 (a resend after a fix:
+        the reconciler's give-up counts the attempts since)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts=0, lease_until=0, updated_at=? "
+                "WHERE id=? AND state=?",
+                (to_state, reason, now, job_id, from_state),
+            )
+            return cur.rowcount == 1
+
     def release(self, job_id: str, claimed_state: JobState, back_to: JobState, reason: str | None = None) -> bool:
         """Give a claimed job back (for a retry later) without counting it as done."""
         return self.advance(job_id, claimed_state, back_to, reason)
@@ -198,6 +215,14 @@ class JobStore:
     def by_state(self, state: JobState) -> list[Job]:
         with self._tx() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY created_at", (state,)).fetchall()
+        return [j for j in map(self._row, rows) if j is not None]
+
+    def recent(self, states: tuple[JobState, ...], limit: int) -> list[Job]:
+        """Up to ``limit`` jobs in ``states``, the most recently changed first."""
+        marks = ",".join("?" * len(states))
+        with self._tx() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC LIMIT ?",
+                              (*states, max(0, int(limit)))).fetchall()
         return [j for j in map(self._row, rows) if j is not None]
 
     def waiting(self, limit: int) -> list[str]:

@@ -215,6 +215,17 @@ class Spool:
                          {"id": id, "reason": reason, "file": dest.name, **context})
         return dest
 
+    def take_back_quarantined(self, id: str, dest: Path) -> Path:
+        """Move ``quarantine/<id>.dcm`` back to ``dest`` (a resend after a fix) and drop its record."""
+        src = self.quarantine_dir / f"{_check_id(id)}.dcm"
+        if not src.is_file():
+            raise FileNotFoundError(f"nothing quarantined as {id}")
+        dest = self._move(src, self._inside(dest))
+        _fsync_dir(dest.parent)
+        (self.quarantine_dir / f"{id}.json").unlink(missing_ok=True)
+        _fsync_dir(self.quarantine_dir)
+        return dest
+
     def quarantined(self) -> list[dict]:
         """The quarantine's records (reason, file, context), oldest first."""
         records = []

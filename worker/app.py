@@ -32,6 +32,9 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raised is acked, never redelivered by the broker: a permanent failure is
+        # FAILED in the job store already, a transient one is retried by the reconciler.
+        task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         # A send under way when the broker goes finishes: the job store records it, and a message
         # delivered again finds the job done. Cancelling it (a prefork child is killed) would hold

@@ -185,13 +185,17 @@ def worker(config: ConfigOpt = None,
 def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)],
           out: Annotated[Path, typer.Option("--out", "-o")],
           config: ConfigOpt = None) -> None:
-    """Run the pipeline offline (no network, no broker): SR, SC and a JSON summary per image."""
+    """Run the pipeline offline (no network, no broker): SR, SC and a JSON summary per image.
+
+    Every file is tried; one JSON line each says what came of it (its summary, why it was
+    skipped, or the error's type and message); the exit code is 1 when any file failed."""
     import pydicom
 
     from dicom_node.filters import classify
     from models.bundle import load_bundle
     from models.predictor import Predictor
-    from models.preprocess import ImageError, read_image
+    from models.preprocess import read_image
+    from worker.failures import describe, identifiers
     from worker.pipeline import encode_results, to_bytes
     from worker.runtime import LazyReporter
 
@@ -205,6 +209,7 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
     failures = 0
     for i, f in enumerate(files):
         stem = f"{i:04d}-{f.stem}"
+        ds, stage = None, "read"
         try:
             ds = pydicom.dcmread(f)
             decision = classify(ds)
@@ -212,15 +217,20 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
                 typer.echo(json.dumps({"file": str(f), "skipped": decision.reason}))
                 continue
             image = read_image(ds)
-        except (ImageError, pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+            stage = "infer"
+            pred = predictor.predict([image])[0]
+            stage = "encode"
+            results = [to_bytes(r) for r in encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc),
+                                                           reporter, language)]
+        except Exception as exc:  # noqa: BLE001 - one file's failure is reported and the next one goes on
             failures += 1
-            typer.echo(json.dumps({"file": str(f), "error": str(exc)}))
+            typer.echo(json.dumps({"file": str(f), "stage": stage,
+                                   "error": describe(exc, identifiers(ds) if ds is not None else ())}))
+            log.error("infer.file_failed", file=f.name, stage=stage, error=type(exc).__name__)
             continue
-        pred = predictor.predict([image])[0]
-        results = encode_results(ds, image, pred, model, dt.datetime.now(dt.timezone.utc), reporter, language)
         names = dict(zip(("sr", "sc", "text"), (f"{stem}.sr.dcm", f"{stem}.sc.dcm", f"{stem}.text.dcm")))
         for name, result in zip(names.values(), results):
-            (out / name).write_bytes(to_bytes(result))
+            (out / name).write_bytes(result)
         summary = {"file": str(f), **dict(list(names.items())[:len(results)]),
                    "model": {"name": model.name, "version": model.version, "digest": model.digest},
                    **pred.to_json()}
@@ -228,6 +238,7 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
         typer.echo(json.dumps({"file": str(f), "summary": f"{stem}.json",
                                "present": [x.label for x in pred.findings if x.present],
                                "out_of_distribution": pred.out_of_distribution}))
+    typer.echo(f"{len(files) - failures} of {len(files)} files ok, {failures} failed", err=True)
     raise typer.Exit(1 if failures else 0)
 
 
@@ -246,9 +257,14 @@ def phantoms(n: Annotated[int, typer.Option("--n")], out: Annotated[Path, typer.
 
 
 @app.command()
-def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettered job ids; none: all")] = None,
+def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettered or failed job ids; none: "
+                                                                      "every dead letter")] = None,
+           failed: Annotated[bool, typer.Option("--failed", help="also every failed job")] = False,
            config: ConfigOpt = None) -> None:
-    """Send dead-lettered results again (after the destination is fixed)."""
+    """Send dead-lettered results again (after the destination is fixed), or bring failed jobs
+    back (after the fix of what failed): encoded and sent again, or inferred again when they
+    never got a prediction."""
+    from dicom_node.jobstore import JobState
     from worker.app import enqueuers, make_app
     from worker.pipeline import resend as resend_job
     from worker.runtime import Runtime
@@ -256,17 +272,34 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
     settings = _settings(config)
     rt = Runtime.from_settings(settings)
     enqueue_infer, enqueue_send = enqueuers(make_app(settings))
-    for job_id in job or rt.ctx.spool.dead_letters():
-        resend_job(job_id, rt.ctx, enqueue_send, enqueue_infer)
-        typer.echo(f"requeued {job_id}")
+    ids = list(job or rt.ctx.spool.dead_letters())
+    if failed:
+        ids += [j.id for j in rt.ctx.jobs.by_state(JobState.FAILED) if j.id not in ids]
+    errors = 0
+    for job_id in ids:
+        try:
+            state = resend_job(job_id, rt.ctx, enqueue_send, enqueue_infer)
+        except (ValueError, OSError) as exc:
+            errors += 1
+            typer.echo(f"not requeued {job_id}: {exc}", err=True)
+            continue
+        typer.echo(f"requeued {job_id} ({state.value})")
+    raise typer.Exit(1 if errors else 0)
 
 
 @app.command()
-def status(config: ConfigOpt = None) -> None:
-    """Job counts by state, from the job store."""
+def status(config: ConfigOpt = None,
+           failures: Annotated[int, typer.Option(help="how many recent failed or dead-lettered jobs to list")] = 20) -> None:
+    """Job counts by state, and the most recent failed and dead-lettered jobs with their reasons
+    (one JSON object)."""
+    from dicom_node.jobstore import FINAL_FAILURES
     from worker.runtime import Runtime
 
-    typer.echo(json.dumps(Runtime.from_settings(_settings(config)).ctx.jobs.counts(), sort_keys=True))
+    jobs = Runtime.from_settings(_settings(config)).ctx.jobs
+    recent = [{"job": j.id, "state": j.state.value, "reason": j.reason, "sop_instance_uid": j.sop_instance_uid,
+               "since": dt.datetime.fromtimestamp(j.updated_at, dt.timezone.utc).isoformat(timespec="seconds")}
+              for j in jobs.recent(FINAL_FAILURES, failures)]
+    typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent}, sort_keys=True))
 
 
 @app.command()

@@ -4,6 +4,8 @@ infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
 deliver_job: prediction -> SR + SC (+ a text SR with the draft report when a similar cases index is
 configured; deterministic UIDs) -> C-STORE -> done or dead letter.
 Each step claims its job in the job store first, so a duplicate message does nothing.
+An error that will not go away (worker.failures) ends the job at once in FAILED, with its reason,
+audited and logged; a transient one gives the job back for the reconciler to retry.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -33,13 +36,14 @@ from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sc import encode_sc
 from dicom_node.encoders.sr import encode_sr
 from dicom_node.encoders.text import encode_text_sr
-from dicom_node.jobstore import JobState, JobStore
+from dicom_node.jobstore import FINAL_FAILURES, Job, JobState, JobStore
 from dicom_node.sender import DeliveryFailed, Destination
 from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
 from models.prediction import Finding, ModelIdentity, Prediction
-from models.preprocess import ImageError, read_image
+from models.preprocess import read_image
 from worker.decoding import model_input
+from worker.failures import describe, identifiers_of, is_transient
 
 if TYPE_CHECKING:
     from index.draft import Draft
@@ -125,13 +129,69 @@ def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
     return pred, ModelIdentity(**body["model"])
 
 
+# ---------------------------------------------------------------- failures
+
+def _where(exc: BaseException, frames: int = 3) -> str:
+    """The innermost frames of a traceback as file:line function: where to look, with no values."""
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(tb))
+
+
+def fail_job(ctx: Context, job: Job, claimed: JobState, stage: str, what: str, exc: BaseException,
+             redact: Sequence[str] | None = None, **extra: object) -> bool:
+    """End a claimed job in FAILED: the reason says what failed and the exception's type and
+    message (patient identifiers of its source, or `redact`, taken out), audited as a serious
+    failure and logged once. False when the job was no longer ours (its lease ran out and another
+    worker took it). Nothing retries it; ``medsam2-cxr resend`` brings it back."""
+    if redact is None:
+        redact = identifiers_of(ctx.spool.root / job.path)
+    reason = f"{what}: {describe(exc, redact)}"
+    if not ctx.jobs.advance(job.id, claimed, JobState.FAILED, reason=reason):
+        log.warning("job.failed_not_ours", job=job.id, stage=stage, error=type(exc).__name__)
+        return False
+    ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+                     error=type(exc).__name__, reason=reason, **extra)
+    log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+              error=type(exc).__name__, reason=reason, at=_where(exc))
+    return True
+
+
 # ---------------------------------------------------------------- the GPU step
+
+def _predict_each(predictor, images: list) -> list:
+    """The batch's predictions; when the batch raises, each image alone, so that only the images
+    that raise by themselves fail. Each entry is a Prediction or the exception of its image."""
+    try:
+        out = list(predictor.predict(images))
+        if len(out) != len(images):
+            raise ValueError(f"the predictor returned {len(out)} predictions for {len(images)} images")
+        return out
+    except Exception as exc:  # noqa: BLE001 - decided per image below
+        if len(images) == 1:
+            return [exc]
+        log.warning("infer.batch_failed", images=len(images), error=type(exc).__name__, at=_where(exc))
+        return [_predict_each(predictor, [image])[0] for image in images]
+
+
+def _submit(decode: Executor, path: str, size: int) -> Future:
+    """model_input in the decode pool; a pool that cannot take it (broken: one of its processes
+    was killed) gives a future holding that error, decided per job like any decode error."""
+    try:
+        return decode.submit(model_input, path, size)
+    except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool, transient (worker.failures)
+        future: Future = Future()
+        future.set_exception(exc)
+        return future
+
 
 def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
                forward_lock: threading.Lock | None = None, decode: Executor | None = None) -> list[str]:
     """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
 
-    An image that cannot be decoded is skipped with its reason (and audited); the rest go on.
+    An image that cannot be decoded fails (FAILED, reason, audited, its file quarantined); when
+    the batch's forward raises, each image is tried alone and only those that raise alone fail.
+    The rest go on. A transient error (worker.failures) gives its job back to QUEUED and is raised
+    once the others are done.
     `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting);
     `decode` runs model_input for the batch's images in parallel (decoding a radiograph costs more
     than its forward on a GPU).
@@ -146,45 +206,67 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
     size = predictor.bundle.image_size
     paths = [str(ctx.spool.root / job.path) for job in jobs]
-    loading = [decode.submit(model_input, path, size) if decode else None for path in paths]
+    loading = [_submit(decode, path, size) if decode else None for path in paths]
     claimed, images = [], []
+    transient: list[BaseException] = []
+
+    def give_back(job: Job, exc: BaseException) -> None:
+        ctx.jobs.release(job.id, JobState.INFERRING, JobState.QUEUED)
+        log.warning("infer.released", job=job.id, error=type(exc).__name__)
+        transient.append(exc)
+
     for job, path, future in zip(jobs, paths, loading):
-        job_id = job.id
         try:
             images.append(future.result() if future else model_input(path, size))
             claimed.append(job)
-        except Exception as exc:  # noqa: BLE001 - any decode failure: quarantine, never retry it forever
-            reason = f"cannot read image: {exc}" if isinstance(exc, ImageError) else \
-                f"cannot read image: {type(exc).__name__}"
-            ctx.jobs.advance(job_id, JobState.INFERRING, JobState.SKIPPED, reason=reason)
-            try:
-                ctx.spool.quarantine_file(ctx.spool.root / job.path, reason, job_id, stage="worker",
-                                          calling_aet=job.calling_aet)
-            except OSError:
-                log.exception("infer.quarantine_failed", job=job_id)
-            ctx.audit.record("quarantined", job=job_id, sop_instance_uid=job.sop_instance_uid, stage="worker",
-                             reason=reason)
-    if not claimed:
-        return []
-    with forward_lock or contextlib.nullcontext():
-        t0 = time.perf_counter()
-        predictions = predictor.predict(images)
-        seconds = (time.perf_counter() - t0) / len(claimed)
-    model = predictor.bundle.identity()
+        except Exception as exc:  # noqa: BLE001 - decided by worker.failures
+            if is_transient(exc):
+                give_back(job, exc)
+                continue
+            redact = identifiers_of(path)
+            where = ctx.spool.quarantine_dir / f"{job.id}.dcm"
+            if fail_job(ctx, job, JobState.INFERRING, "decode", "cannot read image", exc, redact,
+                        quarantined=ctx.spool.relative(where)):
+                try:  # the bytes the model cannot take leave the incoming folder; resend brings them back
+                    ctx.spool.quarantine_file(ctx.spool.root / job.path, f"cannot read image: {describe(exc, redact)}",
+                                              job.id, stage="worker", calling_aet=job.calling_aet)
+                except OSError:
+                    log.exception("infer.quarantine_failed", job=job.id)
+    predictions: list = []
+    if claimed:
+        with forward_lock or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            predictions = _predict_each(predictor, images)
+            seconds = (time.perf_counter() - t0) / len(claimed)
+        model = predictor.bundle.identity()
     done = []
     for i, (job, pred) in enumerate(zip(claimed, predictions)):
+        if isinstance(pred, BaseException):
+            if is_transient(pred):
+                give_back(job, pred)
+            else:
+                fail_job(ctx, job, JobState.INFERRING, "infer", "inference failed", pred)
+            continue
         try:
             save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model)
         except OutOfSpace:  # a full spool: give the unsaved jobs back now, not when their lease runs out
             for rest in claimed[i:]:
                 ctx.jobs.release(rest.id, JobState.INFERRING, JobState.QUEUED)
             raise
+        except Exception as exc:  # noqa: BLE001 - decided by worker.failures
+            if is_transient(exc):
+                give_back(job, exc)
+            else:
+                fail_job(ctx, job, JobState.INFERRING, "infer", "cannot save prediction", exc)
+            continue
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
                              present=[f.label for f in pred.findings if f.present])
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
+    if transient:
+        raise transient[0]
     return done
 
 
@@ -217,16 +299,20 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
     inflight: deque[Future] = deque()
     owed: queue.SimpleQueue[str] = queue.SimpleQueue()  # inferred, send not yet enqueued
 
+    errors: list[BaseException] = []
+
     def finish(future: Future) -> None:
         try:
             done.extend(future.result())
+        except Exception as exc:  # noqa: BLE001 - a transient error (its jobs were given back): raised below
+            errors.append(exc)
         finally:
             while not owed.empty():
                 _enqueue(enqueue_send, owed.get())
 
     with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool, \
             (contextlib.nullcontext(decode) if decode else ThreadPoolExecutor(2, thread_name_prefix="decode")) as decode:
-        while batch:
+        while batch and not errors:  # after an error no new batch: the one in flight finishes and is sent
             taken.update(batch)
             inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode))
             if len(inflight) == 2:
@@ -234,6 +320,8 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
             batch = gather([])
         while inflight:
             finish(inflight.popleft())
+    if errors:
+        raise errors[0]
     return done
 
 
@@ -244,7 +332,10 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
     """Encode (if not yet) and send the results of one job; dead-letter them on final failure.
 
     `send` does its own retries (dicom_node.sender.send_with_retry) and raises DeliveryFailed
-    after the last attempt. Returns the job's new state, or None when the job was not ours.
+    after the last attempt: the results are dead-lettered. Any other error while encoding or
+    sending ends the job in FAILED at once when it will not go away, or gives it back to INFERRED
+    and is raised when it may (worker.failures). Returns the job's new state, or None when the
+    job was not ours.
     """
     job = ctx.jobs.claim(job_id, JobState.INFERRED, JobState.SENDING, ctx.send_lease_s or ctx.lease_s)
     if job is None:
@@ -252,19 +343,17 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
         return None
     folder = ctx.spool.result_dir(job_id)
     files = [folder / SR_FILE, folder / SC_FILE] + ([folder / TEXT_FILE] if ctx.reporter is not None else [])
-    if not all(f.exists() for f in files):
-        source = pydicom.dcmread(ctx.spool.root / job.path)
-        prediction, model = load_prediction(folder)
-        results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter, ctx.language)
-        try:
+    stage = "encode"
+    try:
+        if not all(f.exists() for f in files):
+            source = pydicom.dcmread(ctx.spool.root / job.path)
+            prediction, model = load_prediction(folder)
+            results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter, ctx.language)
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))
-        except OutOfSpace:  # a full spool: the reconciler retries it, not a claim that outlasts every send retry
-            ctx.jobs.release(job_id, JobState.SENDING, JobState.INFERRED)
-            raise
-    dest = destination_for(job.calling_aet)
-    t0 = time.perf_counter()
-    try:
+        stage = "send"
+        dest = destination_for(job.calling_aet)
+        t0 = time.perf_counter()
         send(files, dest)
     except DeliveryFailed as exc:
         where = ctx.spool.dead_letter(job_id, files, str(exc))
@@ -273,6 +362,13 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
                          reason=str(exc), folder=str(where))
         log.error("deliver.dead_letter", job=job_id, destination=dest.ae_title)
         return JobState.DEAD
+    except Exception as exc:  # noqa: BLE001 - decided by worker.failures
+        if is_transient(exc):
+            # e.g. a full spool: the reconciler retries it, not a claim that outlasts every send retry
+            ctx.jobs.release(job_id, JobState.SENDING, JobState.INFERRED)
+            raise
+        what = "cannot encode results" if stage == "encode" else "cannot send results"
+        return JobState.FAILED if fail_job(ctx, job, JobState.SENDING, stage, what, exc) else None
     ctx.jobs.advance(job_id, JobState.SENDING, JobState.DONE)
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
@@ -281,18 +377,31 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
 
 
 def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
-           enqueue_infer: Callable[[str], None] | None = None) -> None:
-    """Bring a dead-lettered job back: its results are sent again, or, when it never got as far
-    as a prediction, it is inferred again."""
+           enqueue_infer: Callable[[str], None] | None = None) -> JobState:
+    """Bring a dead-lettered or failed job back: its results are sent again, or, when it never
+    got as far as a prediction, it is inferred again. A failed job's results are encoded again
+    (the fix may be in the encoder; the UIDs stay the same) and its source comes back from the
+    quarantine. Returns the state the job is back in; its attempts count from 0 again."""
     job = ctx.jobs.get(job_id)
-    if job is None or job.state != JobState.DEAD:
-        raise ValueError(f"job {job_id}: not in the dead-letter state ({job.state if job else 'unknown job'})")
-    ctx.spool.take_back_dead_letter(job_id)
-    inferred = (ctx.spool.result_dir(job_id) / PREDICTION).exists()
+    if job is None or job.state not in FINAL_FAILURES:
+        raise ValueError(f"job {job_id}: not dead-lettered or failed ({job.state if job else 'unknown job'})")
+    folder = ctx.spool.result_dir(job_id)
+    if job.state == JobState.DEAD:
+        ctx.spool.take_back_dead_letter(job_id)
+    else:
+        for name in (SR_FILE, SC_FILE, TEXT_FILE):
+            (folder / name).unlink(missing_ok=True)
+        source = ctx.spool.root / job.path
+        if not source.exists():
+            with contextlib.suppress(FileNotFoundError):
+                ctx.spool.take_back_quarantined(job_id, source)
+    inferred = (folder / PREDICTION).exists()
     back_to = JobState.INFERRED if inferred or enqueue_infer is None else JobState.QUEUED
-    ctx.jobs.advance(job_id, JobState.DEAD, back_to, reason="resend requested")
-    ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid)
+    if not ctx.jobs.reopen(job_id, job.state, back_to, reason="resend requested"):
+        raise ValueError(f"job {job_id}: changed state during the resend")
+    ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid, was=job.state.value)
     _enqueue(enqueue_send if back_to == JobState.INFERRED else enqueue_infer, job_id)
+    return back_to
 
 
 # ---------------------------------------------------------------- reconciling with the broker
@@ -302,7 +411,7 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
     """Re-enqueue what the broker may have forgotten; the job store is the source of truth.
 
     A job whose worker died max_attempts times (a poison image, a crash in a library) is given
-    up: dead-lettered with the reason and audited, instead of killing workers forever. Partial
+    up: failed with the reason and audited as a serious failure, instead of killing workers forever. Partial
     writes a killed worker left in the spool's tmp/ are removed once they are that stale too.
     """
     swept = ctx.spool.sweep_tmp(older_than_s=stale_after_s)
@@ -312,11 +421,15 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
     for job in ctx.jobs.stale(stale_after_s):
         claimed = job.state in (JobState.INFERRING, JobState.SENDING)
         if claimed and job.attempts >= max_attempts:
-            reason = f"gave up after {job.attempts} attempts in state {job.state.value}"
-            if ctx.jobs.advance(job.id, job.state, JobState.DEAD, reason=reason):
-                ctx.spool.dead_letter(job.id, [], reason)
-                ctx.audit.record("failed", job=job.id, sop_instance_uid=job.sop_instance_uid, reason=reason)
-                log.error("reconcile.gave_up", job=job.id, attempts=job.attempts)
+            # An error would have failed the job at once (fail_job): here its worker never came back.
+            reason = (f"gave up after {job.attempts} attempts in state {job.state.value}: "
+                      "each time its worker died or outlived its lease")
+            if ctx.jobs.advance(job.id, job.state, JobState.FAILED, reason=reason):
+                stage = "infer" if job.state == JobState.INFERRING else "encode or send"
+                ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+                                 error="worker lost", reason=reason)
+                log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
+                          error="worker lost", reason=reason, attempts=job.attempts)
             continue
         target = enqueue_infer if job.state in (JobState.QUEUED, JobState.INFERRING) else enqueue_send
         if _enqueue(target, job.id):

@@ -57,9 +57,10 @@ class Runtime:
             return self._predictor
 
     def decoder(self, processes: int) -> Executor:
-        """The GPU worker's decode processes (worker.decoding), started once and kept."""
+        """The GPU worker's decode processes (worker.decoding), started once and kept; started
+        again when a killed process broke the pool (its jobs were given back, see worker.failures)."""
         with self._lock:
-            if self._decoder is None:
+            if self._decoder is None or getattr(self._decoder, "_broken", False):
                 self._decoder = decoding.start(processes)
             return self._decoder
 

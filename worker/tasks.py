@@ -1,4 +1,11 @@
-"""Thin Celery tasks: serialisation and routing only; the work is in worker.pipeline."""
+"""Thin Celery tasks: serialisation and routing only; the work is in worker.pipeline.
+
+No task retries on its own (no autoretry_for, no self.retry): a job whose step hit an error that
+will not go away is FAILED by the pipeline, which then returns normally, so its message is acked
+and nothing runs it again until `medsam2-cxr resend`. A transient error (worker.failures) is
+raised after the pipeline gave the job back; its message is acked too (acks_on_failure) and the
+reconciler, which owns every retry, enqueues the job again.
+"""
 
 from __future__ import annotations
 

@@ -103,8 +103,9 @@ def test_a_send_outlasting_its_lease_is_not_sent_twice(ctx, tmp_path):
 
 def test_an_image_only_the_worker_cannot_read_is_quarantined(ctx):
     """Bytes the listener accepted but the decoder refuses (any exception type, not only
-    ImageError): the job is skipped with its reason, the file moves to the quarantine, and the
-    audit says so, instead of a task that fails and is retried for ever."""
+    ImageError): the job fails at once with its reason (the exception's type and message), the
+    file moves to the quarantine, and the audit says so as a serious failure, instead of a task
+    that fails and is retried for ever."""
     path = ctx.spool.incoming_path("job2")
     ctx.spool.write_atomic(path, b"\0" * 132)  # not DICOM at all: dcmread raises
     ctx.jobs.add(job_id="job2", sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
@@ -119,11 +120,11 @@ def test_an_image_only_the_worker_cannot_read_is_quarantined(ctx):
 
     assert pipeline.infer_jobs(["job2"], ctx, NoModel(), lambda j: None) == []
     job = ctx.jobs.get("job2")
-    assert job.state == JobState.SKIPPED and job.reason.startswith("cannot read image")
+    assert job.state == JobState.FAILED and job.reason.startswith("cannot read image: InvalidDicomError: ")
     [record] = ctx.spool.quarantined()
     assert record["id"] == "job2" and record["stage"] == "worker" and record["reason"] == job.reason
     assert not path.exists() and (ctx.spool.quarantine_dir / "job2.dcm").exists()
-    assert [a["event"] for a in ctx.audit.read()] == ["quarantined"]
+    assert [(a["event"], a["event_outcome"]) for a in ctx.audit.read()] == [("job_failed", 8)]
     assert pydicom.misc.is_dicom(ctx.spool.quarantine_dir / "job2.dcm") is False
 
 

@@ -60,7 +60,7 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         assert classes == ["Basic Text SR Storage", "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO)
-        assert json.loads(status.stdout.strip().splitlines()[-1]) == {"done": 1, "skipped": 1}
+        assert json.loads(status.stdout.strip().splitlines()[-1]) == {"counts": {"done": 1, "skipped": 1}, "failures": []}
     finally:
         up.send_signal(signal.SIGTERM)
         try:

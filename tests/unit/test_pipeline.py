@@ -125,16 +125,30 @@ def test_reconciler_requeues_lost_messages_and_dead_workers(ctx, predictor, phan
     assert pipeline.infer_jobs(["job3"], ctx, predictor, sends.append) == ["job3"]
 
 
-def test_an_undecodable_image_is_skipped_with_its_reason(ctx, predictor, phantom_dir, tmp_path):
+def test_an_undecodable_image_fails_with_its_reason_and_resend_takes_it_back(ctx, predictor, phantom_dir, tmp_path):
     src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
     ds = pydicom.dcmread(src)
     ds.PixelData = ds.PixelData[:100]  # lies about its size
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".4"
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad)
     _receive(ctx, bad, "job4")
     assert pipeline.infer_jobs(["job4"], ctx, predictor, lambda j: None) == []
     job = ctx.jobs.get("job4")
-    assert job.state == JobState.SKIPPED and "cannot read image" in job.reason
+    assert job.state == JobState.FAILED and job.reason.startswith("cannot read image: ImageError: ")
+    assert "less than expected" in job.reason
+    [record] = [a for a in ctx.audit.read() if a["event"] == "job_failed"]
+    assert record["event_outcome"] == 8 and record["stage"] == "decode" and record["reason"] == job.reason
+    assert (ctx.spool.root / record["quarantined"]).exists() and not (ctx.spool.root / job.path).exists()
+    ctx.clock.t += 3600  # final: the reconciler never takes it again
+    assert pipeline.reconcile(ctx, 30, lambda j: None, lambda j: None) == 0
+    # After a fix (here: the full pixel data put back), resend infers it again.
+    shutil.copy(src, ctx.spool.root / record["quarantined"])
+    infers: list[str] = []
+    assert pipeline.resend("job4", ctx, lambda j: None, infers.append) == JobState.QUEUED and infers == ["job4"]
+    assert (ctx.spool.root / job.path).exists() and ctx.spool.quarantined() == []
+    assert ctx.jobs.get("job4").attempts == 0
+    assert pipeline.infer_jobs(["job4"], ctx, predictor, lambda j: None) == ["job4"]
 
 
 def test_a_job_that_kills_its_worker_is_given_up_and_can_be_resent(ctx, predictor, phantom_dir):
@@ -146,7 +160,8 @@ def test_a_job_that_kills_its_worker_is_given_up_and_can_be_resent(ctx, predicto
         ctx.clock.t += 61
     assert pipeline.reconcile(ctx, 30, infers.append, infers.append, max_attempts=5) == 0
     job = ctx.jobs.get("job5")
-    assert job.state == JobState.DEAD and "gave up after 5 attempts" in job.reason
-    assert [r["event"] for r in ctx.audit.read()] == ["failed"]
+    assert job.state == JobState.FAILED and "gave up after 5 attempts" in job.reason
+    (record,) = ctx.audit.read()
+    assert record["event"] == "job_failed" and record["event_outcome"] == 8  # serious failure
     pipeline.resend("job5", ctx, lambda j: None, infers.append)  # never inferred: infer again
     assert ctx.jobs.get("job5").state == JobState.QUEUED and infers == ["job5"]
