@@ -387,3 +387,19 @@ def test_the_worker_starts_its_decode_processes_again_when_one_was_killed(tmp_pa
     finally:
         again.shutdown()
         pool.shutdown()
+
+
+def test_a_source_without_a_series_uid_fails_at_once_naming_the_tag(ctx, phantom, tmp_path):
+    """The real encoders on a source whose Type 1 reference cannot be repaired (encoders.header)."""
+    ds = pydicom.dcmread(phantom)
+    ds.SeriesInstanceUID = ""
+    broken = tmp_path / "no-series.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    job_id = _job(ctx, "job9", inferred=True, source=broken)
+    sent: list = []
+    assert pipeline.deliver_job(job_id, ctx, lambda aet: DEST, lambda files, dest: sent.append(files)) \
+        == JobState.FAILED
+    job = ctx.jobs.get(job_id)
+    assert "HeaderError" in job.reason and "(0020,000E) SeriesInstanceUID" in job.reason and not sent
+    assert NAME not in job.reason and PID not in job.reason
+    assert [r["stage"] for r in _failed_records(ctx)] == ["encode"]
