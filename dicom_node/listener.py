@@ -123,6 +123,11 @@ class ListenerConfig:
     ``maximum_pdu_size`` is the Maximum Length Received we advertise (0: as large as the guard
     allows); ``max_pdu_length`` is the guard's cap on any PDU's declared length, so it must be at
     least as large. ``allowed_addresses`` are IP addresses or networks (empty: any).
+    ``association_request_timeout`` is how long a connection may take to deliver its whole
+    A-ASSOCIATE-RQ before it is dropped (until then it holds no association slot);
+    ``max_associations_per_address`` caps the slots one peer address holds (0: no cap) and
+    ``max_pending_per_address`` the connections from one address still sending their request
+    (one more evicts the oldest; 0: no cap). See :mod:`dicom_node.pdu_guard`.
     """
 
     ae_title: str = "MEDSAM2CXR"
@@ -131,6 +136,9 @@ class ListenerConfig:
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any
     allowed_addresses: tuple[str, ...] = ()  # empty: any
     max_associations: int = 16
+    max_associations_per_address: int = 8
+    max_pending_per_address: int = 16
+    association_request_timeout: float = 5.0
     maximum_pdu_size: int = 262144
     max_pdu_length: int = 4 * 2**20
     network_timeout: float = 60.0
@@ -433,7 +441,9 @@ def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
         _audit_quietly(deps, "quarantined", peer=peer, reason=reason, quarantine_id=qid)
 
     return Guard(max_pdu_length=cfg.max_pdu_length, allowed_networks=parse_networks(cfg.allowed_addresses),
-                 tls=cfg.tls, network_timeout=cfg.network_timeout, on_refused=refused, on_violation=violation)
+                 tls=cfg.tls, network_timeout=cfg.network_timeout, request_timeout=cfg.association_request_timeout,
+                 max_associations_per_address=cfg.max_associations_per_address,
+                 max_pending_per_address=cfg.max_pending_per_address, on_refused=refused, on_violation=violation)
 
 
 def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:
@@ -481,5 +491,5 @@ def start_listener(
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() also stops it, as with ae.start_server
     log.info("listener started", ae_title=cfg.ae_title, host=cfg.host, port=cfg.port, tls=cfg.tls is not None,
-             max_associations=cfg.max_associations)
+             max_associations=cfg.max_associations, max_associations_per_address=cfg.max_associations_per_address)
     return server

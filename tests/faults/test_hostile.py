@@ -347,3 +347,159 @@ def test_connections_that_send_nothing_hold_no_association_slot(node, tmp_path):
                 a.release()
     assert [a for a in n.audit.read() if a["event"] == "refused"] == []
     n.still_serving(tmp_path)
+
+
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def _association_rq(aet: str = SCU) -> bytes:
+    """The A-ASSOCIATE-RQ a real DCMTK echoscu sends, caught on a bare socket."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        proc = subprocess.Popen([ECHOSCU, "-aet", aet, "-aec", "MEDSAM2CXR", "127.0.0.1", str(srv.getsockname()[1])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+                data += conn.recv(4096)
+        proc.wait(timeout=10)
+    return data
+
+
+class Trickle:
+    """``n`` connections from 127.0.0.1 that send an A-ASSOCIATE-RQ one byte every ``interval``
+    seconds (a slow loris), never the last byte; stops by itself after ``seconds``."""
+
+    def __init__(self, port: int, n: int, interval: float = 0.2, seconds: float = 15.0) -> None:
+        import threading
+
+        self.rq = _association_rq()
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+        self.dropped: set[int] = set()  # connections the node closed
+        self._stop = threading.Event()
+        self._interval, self._seconds = interval, seconds
+        self._thread = threading.Thread(target=self._run, name="slow-loris", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self._seconds
+        for i in range(len(self.rq) - 1):
+            if self._stop.is_set() or time.monotonic() > end:
+                return
+            for k, s in enumerate(self.socks):
+                if k in self.dropped:
+                    continue
+                try:
+                    s.send(self.rq[i:i + 1])
+                except OSError:
+                    self.dropped.add(k)
+            self._stop.wait(self._interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for s in self.socks:
+            s.close()
+
+
+def _associate(port: int, bind: str | None = None):
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="MEDSAM2CXR",
+                        bind_address=(bind, 0) if bind else None)
+
+
+def _acceptors(n: Node) -> int:
+    return len([a for a in n.server.ae.active_associations if a.is_acceptor])
+
+
+def test_slow_loris_flood_holds_no_slot_and_a_real_sender_is_served(node, tmp_path):
+    """40 connections trickle their A-ASSOCIATE-RQ a byte at a time, ten times more than the
+    association limit of 4. Before the guard read the whole request itself, each was an
+    association: every sender got local-limit-exceeded while they lasted, and for the ACSE timeout
+    (30 s) after. Now: none takes a slot, the oldest beyond the pending cap are evicted at once,
+    the rest are dropped at the request deadline, and storescu from the flood's own address
+    (a modality behind the same NAT) and a client from another address are served meanwhile."""
+    from tests.conftest import wait_for
+
+    n = node(max_associations=4, max_pending_per_address=16, association_request_timeout=3.0)
+    t_start = time.time()
+    flood = Trickle(n.port, 40, interval=0.2, seconds=15)
+    try:
+        time.sleep(1.0)  # every flood connection is in and has sent a few bytes
+        assert _acceptors(n) == 0, "an incomplete association request holds a slot"
+        assert n.server.pending().get("127.0.0.1", 0) <= 16
+        t0 = time.monotonic()
+        n.still_serving(tmp_path)  # DCMTK storescu from 127.0.0.1, the flood's address
+        storescu_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        other = _associate(n.port, bind="127.0.0.2")
+        try:
+            assert other.is_established
+            assert other.send_c_echo().Status == SUCCESS
+        finally:
+            other.release()
+        other_s = time.monotonic() - t0
+        assert storescu_s < 5 and other_s < 5, (storescu_s, other_s)
+        # The flood's survivors are dropped at the deadline (3 s after they connected).
+        wait_for(lambda: not n.server.pending(), 6, lambda: f"pending requests {n.server.pending()}", step=0.1)
+        dropped_after = time.monotonic() - t0
+        wait_for(lambda: len(flood.dropped) == 40, 3, lambda: f"{len(flood.dropped)} of 40 flood sockets closed",
+                 step=0.1)
+    finally:
+        flood.close()
+    # Slots come back at once: the whole limit, at the same moment.
+    t0 = time.monotonic()
+    four = [_associate(n.port) for _ in range(4)]
+    try:
+        assert all(a.is_established for a in four)
+    finally:
+        for a in four:
+            if a.is_established:
+                a.release()
+    back_s = time.monotonic() - t0
+    reasons = [a["reason"] for a in n.audit.read() if a["event"] == "refused"]
+    evicted = [r for r in reasons if r.startswith("evicted: more than 16 connections from this address")]
+    timed_out = [r for r in reasons if r.startswith("association request incomplete after 3 s")]
+    when = [(round(a["time"] - t_start, 2), a["reason"]) for a in n.audit.read() if a["event"] == "refused"]
+    assert len(evicted) >= 24 and len(evicted) + len(timed_out) == 40, when
+    assert all(a["dicom_event"] == "Security Alert" for a in n.audit.read() if a["event"] == "refused")
+    print(f"[hostile] slow loris x40 (limit 4): storescu from the same address stored in {storescu_s:.2f} s, "
+          f"echo from 127.0.0.2 in {other_s:.2f} s; {len(evicted)} evicted, {len(timed_out)} dropped at the "
+          f"deadline (all gone {dropped_after:.1f} s later); 4 associations at once after: {back_s:.2f} s")
+    n.no_phi()
+
+
+def test_one_address_cannot_take_every_slot(node, tmp_path):
+    """Complete associations held open from one address: past max_associations_per_address it
+    gets a transient local-limit-exceeded reject (audited); another address still gets a slot."""
+    from tests.conftest import wait_for
+
+    n = node(max_associations=4, max_associations_per_address=2)
+    held = [_associate(n.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = _associate(n.port)
+        assert third.is_rejected
+        rj = third.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02), rj
+        other = _associate(n.port, bind="127.0.0.2")
+        try:
+            assert other.is_established and other.send_c_echo().Status == SUCCESS
+        finally:
+            other.release()
+    finally:
+        for a in held:
+            a.release()
+    [event] = [a for a in n.audit.read() if a["event"] == "refused"]
+    assert event["reason"] == "association limit of 2 per address reached"
+    assert event["peer"].startswith("127.0.0.1:") and event["dicom_event"] == "Security Alert"
+    # Released slots are free again for that address.
+    wait_for(lambda: n.server.associations_from("127.0.0.1") == 0, 5, "released associations to end", step=0.05)
+    again = _associate(n.port)
+    assert again.is_established
+    again.release()
+    print("[hostile] per-address cap 2 of 4: third from 127.0.0.1 rejected (transient, local-limit-exceeded), "
+          "127.0.0.2 served")
