@@ -323,7 +323,11 @@ class GuardedRequestHandler(RequestHandler):
                     guard.on_refused(peer, self._evicted_reason() or str(exc))
                 return
         finally:
-            self.server.leave_pending(address, self)
+            still_pending = self.server.leave_pending(address, self)
+        if not still_pending:  # evicted just as its request completed: the socket is shut down
+            self._close()
+            guard.on_refused(peer, self._evicted_reason() or "evicted")
+            return
         self.request.settimeout(guard.network_timeout)
         with self.server.slots:  # count and start under one lock, so two requests cannot both pass
             cap = guard.max_associations_per_address
@@ -452,13 +456,16 @@ class GuardedServer(ThreadedAssociationServer):
             evicted, queue[:] = queue[:-cap], queue[-cap:]
             return evicted
 
-    def leave_pending(self, address: str, handler: GuardedRequestHandler) -> None:
+    def leave_pending(self, address: str, handler: GuardedRequestHandler) -> bool:
+        """Stop counting ``handler``; False when it had been evicted meanwhile."""
         with self._pending_lock:
             queue = self._pending.get(address, [])
-            if handler in queue:
+            was_pending = handler in queue
+            if was_pending:
                 queue.remove(handler)
             if not queue:
                 self._pending.pop(address, None)
+            return was_pending
 
     def pending(self) -> dict[str, int]:
         """Connections per address whose association request is still incomplete."""
