@@ -156,7 +156,8 @@ class ListenerConfig:
     A-ASSOCIATE-RQ before it is dropped (until then it holds no association slot);
     ``max_associations_per_address`` caps the slots one peer address holds (0: no cap) and
     ``max_pending_per_address`` the connections from one address still sending their request
-    (one more evicts the oldest; 0: no cap). See :mod:`dicom_node.pdu_guard`.
+    (one more evicts the oldest; 0: no cap), ``max_pending`` those from all addresses together.
+    See :mod:`dicom_node.pdu_guard`.
     """
 
     ae_title: str = "MEDSAM2CXR"
@@ -167,6 +168,7 @@ class ListenerConfig:
     max_associations: int = 16
     max_associations_per_address: int = 8
     max_pending_per_address: int = 16
+    max_pending: int = 256
     association_request_timeout: float = 5.0
     maximum_pdu_size: int = 262144
     max_pdu_length: int = 4 * 2**20
@@ -575,7 +577,7 @@ def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
     return Guard(max_pdu_length=cfg.max_pdu_length, allowed_networks=parse_networks(cfg.allowed_addresses),
                  tls=cfg.tls, network_timeout=cfg.network_timeout, request_timeout=cfg.association_request_timeout,
                  max_associations_per_address=cfg.max_associations_per_address,
-                 max_pending_per_address=cfg.max_pending_per_address, on_refused=refused, on_violation=violation)
+                 max_pending_per_address=cfg.max_pending_per_address, max_pending=cfg.max_pending, on_refused=refused, on_violation=violation)
 
 
 def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:

@@ -19,7 +19,8 @@ pynetdicom:
 * one address holds at most ``max_associations_per_address`` associations (further requests get
   an A-ASSOCIATE-RJ, transient, local-limit-exceeded) and at most ``max_pending_per_address``
   connections whose request is still incomplete: one more evicts that address's oldest, so a
-  flood from behind a NAT cannot keep a modality at the same address from connecting.
+  flood from behind a NAT cannot keep a modality at the same address from connecting; and at most
+  ``max_pending`` such connections from all addresses together, likewise.
 
 The guard wraps pynetdicom's ``AssociationSocket`` in a proxy (:class:`GuardedSocket`) installed
 by :meth:`GuardedRequestHandler._create_association`, which hands pynetdicom the request bytes the
@@ -117,6 +118,9 @@ class Guard:
     max_pending_per_address : int
         Connections from one address whose request is still incomplete; one more evicts the
         oldest of them (0: no cap).
+    max_pending : int
+        The same for all addresses together (a flood from many addresses): one more evicts the
+        oldest of all; it bounds the handler threads and sockets such peers cost (0: no cap).
     on_refused : callable
         ``(peer, reason)``: a connection was refused before any association (audit it).
     on_violation : callable
@@ -131,6 +135,7 @@ class Guard:
     request_timeout: float = 5.0
     max_associations_per_address: int = 0
     max_pending_per_address: int = 16
+    max_pending: int = 256
     on_refused: Callable[[str, str], None] = field(default=lambda peer, reason: None)
     on_violation: Callable[[str, str, bytes], None] = field(default=lambda peer, reason, data: None)
 
@@ -300,9 +305,9 @@ class GuardedRequestHandler(RequestHandler):
             guard.on_refused(peer, "address not allowed")
             return
         self._raw = self.request  # the TCP socket, for an eviction from another thread
-        self._evicted = False
-        for old in self.server.admit_pending(address, self):
-            old.evict()
+        self._evicted: str | None = None
+        for old, why in self.server.admit_pending(address, self):
+            old.evict(why)
         try:
             if guard.tls is not None:
                 try:
@@ -310,7 +315,7 @@ class GuardedRequestHandler(RequestHandler):
                     self.request = guard.tls.wrap_socket(self.request, server_side=True)
                 except (ssl.SSLError, OSError) as exc:
                     self._close()
-                    guard.on_refused(peer, self._evicted_reason() or f"TLS handshake failed: {_tls_reason(exc)}")
+                    guard.on_refused(peer, self._evicted or f"TLS handshake failed: {_tls_reason(exc)}")
                     return
             try:
                 request = self._read_request(guard, peer)
@@ -320,13 +325,13 @@ class GuardedRequestHandler(RequestHandler):
             except RequestIncomplete as exc:
                 self._close()
                 if exc.received or self._evicted:
-                    guard.on_refused(peer, self._evicted_reason() or str(exc))
+                    guard.on_refused(peer, self._evicted or str(exc))
                 return
         finally:
             still_pending = self.server.leave_pending(address, self)
         if not still_pending:  # evicted just as its request completed: the socket is shut down
             self._close()
-            guard.on_refused(peer, self._evicted_reason() or "evicted")
+            guard.on_refused(peer, self._evicted or "evicted")
             return
         self.request.settimeout(guard.network_timeout)
         with self.server.slots:  # count and start under one lock, so two requests cannot both pass
@@ -380,19 +385,13 @@ class GuardedRequestHandler(RequestHandler):
             buf += chunk
         return bytes(buf)
 
-    def evict(self) -> None:
-        """Drop this connection (another thread's call): its address has too many pending."""
-        self._evicted = True
+    def evict(self, reason: str) -> None:
+        """Drop this connection (another thread's call): too many requests are pending."""
+        self._evicted = reason
         try:
             self._raw.shutdown(socket.SHUT_RDWR)  # wakes the handler's blocked recv
         except OSError:
             pass
-
-    def _evicted_reason(self) -> str | None:
-        if not self._evicted:
-            return None
-        return (f"evicted: more than {self.server.guard.max_pending_per_address} connections from this address "
-                "with an incomplete association request")
 
     def _reject(self, result: int, source: int, reason: int) -> None:
         rj = A_ASSOCIATE_RJ()
@@ -438,6 +437,7 @@ class GuardedServer(ThreadedAssociationServer):
         self.slots = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: dict[str, list[GuardedRequestHandler]] = {}
+        self._arrivals: dict[GuardedRequestHandler, str] = {}  # every pending one, oldest first
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -445,27 +445,47 @@ class GuardedServer(ThreadedAssociationServer):
         assert self.socket is not None
         return self.socket.accept()
 
-    def admit_pending(self, address: str, handler: GuardedRequestHandler) -> list[GuardedRequestHandler]:
-        """Count ``handler`` as pending for ``address``; returns the oldest ones to evict."""
+    def admit_pending(self, address: str, handler: GuardedRequestHandler
+                      ) -> list[tuple[GuardedRequestHandler, str]]:
+        """Count ``handler`` as pending for ``address``; returns the oldest ones to evict, each
+        with the reason."""
         with self._pending_lock:
             queue = self._pending.setdefault(address, [])
             queue.append(handler)
+            self._arrivals[handler] = address
+            evicted = []
             cap = self.guard.max_pending_per_address
-            if not cap or len(queue) <= cap:
-                return []
-            evicted, queue[:] = queue[:-cap], queue[-cap:]
+            if cap and len(queue) > cap:
+                why = f"evicted: more than {cap} connections from this address with an incomplete association request"
+                evicted = [(old, why) for old in queue[:-cap]]
+            total = self.guard.max_pending
+            if total and len(self._arrivals) - len(evicted) > total:
+                why = f"evicted: more than {total} connections with an incomplete association request"
+                gone = {old for old, _ in evicted}
+                for old in self._arrivals:
+                    if len(self._arrivals) - len(evicted) <= total:
+                        break
+                    if old not in gone:
+                        evicted.append((old, why))
+            for old, _ in evicted:
+                self._forget(old)
             return evicted
+
+    def _forget(self, handler: GuardedRequestHandler) -> bool:
+        address = self._arrivals.pop(handler, None)
+        if address is None:
+            return False
+        queue = self._pending.get(address, [])
+        if handler in queue:
+            queue.remove(handler)
+        if not queue:
+            self._pending.pop(address, None)
+        return True
 
     def leave_pending(self, address: str, handler: GuardedRequestHandler) -> bool:
         """Stop counting ``handler``; False when it had been evicted meanwhile."""
         with self._pending_lock:
-            queue = self._pending.get(address, [])
-            was_pending = handler in queue
-            if was_pending:
-                queue.remove(handler)
-            if not queue:
-                self._pending.pop(address, None)
-            return was_pending
+            return self._forget(handler)
 
     def pending(self) -> dict[str, int]:
         """Connections per address whose association request is still incomplete."""

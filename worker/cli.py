@@ -89,6 +89,7 @@ def _start_listener(settings: Settings, enqueue_infer):
                          allowed_addresses=tuple(n.allowed_addresses), max_associations=n.max_associations,
                          max_associations_per_address=n.max_associations_per_address,
                          max_pending_per_address=n.max_pending_per_address,
+                         max_pending=n.max_pending,
                          association_request_timeout=n.association_request_timeout_s,
                          max_pdu_length=n.max_pdu_length, tls=tls)
     return start_listener(cfg, Spool(root, min_free_bytes=n.min_free_mb * 2**20), JobStore(root / "jobs.sqlite"),

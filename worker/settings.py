@@ -35,6 +35,7 @@ class Node(Section):
     max_associations_per_address: int = 8
     # connections from one address still sending their A-ASSOCIATE-RQ; one more evicts the oldest (0: no cap)
     max_pending_per_address: int = 16
+    max_pending: int = 256  # the same from all addresses together (a flood from many); bounds threads and sockets
     association_request_timeout_s: float = 5.0  # seconds for the whole A-ASSOCIATE-RQ; until then no slot
     min_free_mb: int = 256  # refuse to store (out of resources) below this much free spool space
     max_pdu_length: int = 4 * 2**20  # larger declared PDU lengths are aborted (pynetdicom has no cap)

@@ -376,14 +376,15 @@ def _association_rq(aet: str = SCU) -> bytes:
 
 
 class Trickle:
-    """``n`` connections from 127.0.0.1 that send an A-ASSOCIATE-RQ one byte every ``interval``
-    seconds (a slow loris), never the last byte; stops by itself after ``seconds``."""
+    """``n`` connections (from 127.0.0.1, or from 127.0.1.1, 127.0.1.2, ... with ``many``) that
+    send an A-ASSOCIATE-RQ one byte every ``interval`` seconds (a slow loris), never the last
+    byte; stops by itself after ``seconds``."""
 
-    def __init__(self, port: int, n: int, interval: float = 0.2, seconds: float = 15.0) -> None:
-        import threading
-
+    def __init__(self, port: int, n: int, interval: float = 0.2, seconds: float = 15.0, many: bool = False) -> None:
         self.rq = _association_rq()
-        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5,
+                                               source_address=(f"127.0.1.{k + 1}", 0) if many else None)
+                      for k in range(n)]
         self.dropped: set[int] = set()  # connections the node closed
         self._stop = threading.Event()
         self._interval, self._seconds = interval, seconds
@@ -621,3 +622,24 @@ def test_sound_deflated_image_is_accepted_and_broken_deflate_quarantined(node, t
     assert len(reasons) == 2 and reasons[0] == "deflated data set: the deflate stream ends early", reasons
     assert reasons[1].startswith("deflated data set: corrupt deflate stream (Error -3"), reasons
     n.no_phi()
+
+
+def test_slow_loris_from_many_addresses_is_bounded_in_all(node, tmp_path):
+    """30 trickling connections from 30 addresses: no per-address cap bites, max_pending (10)
+    does: each one past it evicts the oldest, and storescu is served meanwhile."""
+    n = node(max_pending=10, association_request_timeout=3.0)
+    flood = Trickle(n.port, 30, interval=0.2, seconds=10, many=True)
+    try:
+        time.sleep(1.0)
+        assert sum(n.server.pending().values()) <= 10 and _acceptors(n) == 0
+        t0 = time.monotonic()
+        n.still_serving(tmp_path)
+        storescu_s = time.monotonic() - t0
+    finally:
+        flood.close()
+    assert storescu_s < 5
+    reasons = [a["reason"] for a in n.audit.read() if a["event"] == "refused"]
+    evicted = [r for r in reasons if r == "evicted: more than 10 connections with an incomplete association request"]
+    assert len(evicted) >= 20, reasons
+    print(f"[hostile] slow loris from 30 addresses (max_pending 10): {len(evicted)} evicted, "
+          f"storescu stored in {storescu_s:.2f} s")
