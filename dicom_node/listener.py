@@ -8,7 +8,9 @@ with nothing left behind. Pixel data are never decoded here, nor even read into 
 listener's memory does not grow with image size.
 
 Before the handler sees anything, :mod:`dicom_node.pdu_guard` checks the peer address, does the
-TLS handshake (:mod:`dicom_node.tls`) and caps every PDU's declared length. Inside the handler
+TLS handshake (:mod:`dicom_node.tls`), waits (a few seconds at most) for the whole association
+request before a connection takes a slot, caps the slots and unfinished requests per address, and
+caps every PDU's declared length. Inside the handler
 the whole header is parsed (every element, so a lying length or a broken sequence is found here,
 not in a worker) and the pixel data element is checked against Rows x Columns and a pixel limit,
 without decoding it. A deflated data set is inflated in bounded pieces first (pydicom would
