@@ -8,10 +8,15 @@ with nothing left behind. Pixel data are never decoded here, nor even read into 
 listener's memory does not grow with image size.
 
 Before the handler sees anything, :mod:`dicom_node.pdu_guard` checks the peer address, does the
-TLS handshake (:mod:`dicom_node.tls`) and caps every PDU's declared length. Inside the handler
+TLS handshake (:mod:`dicom_node.tls`), waits (a few seconds at most) for the whole association
+request before a connection takes a slot, caps the slots and unfinished requests per address, and
+caps every PDU's declared length. Inside the handler
 the whole header is parsed (every element, so a lying length or a broken sequence is found here,
 not in a worker) and the pixel data element is checked against Rows x Columns and a pixel limit,
-without decoding it. Whatever fails lands in the quarantine with its reason and gets 0xC000.
+without decoding it. A deflated data set is inflated in bounded pieces first (pydicom would
+inflate it whole into memory): one that inflates past the limit the pixel limit implies is
+refused before anything is written. Whatever fails lands in the quarantine with its reason and
+gets 0xC000 with that reason as its Error Comment.
 
 No patient identifiers are logged: pynetdicom's identifier logging is turned off and our own
 log lines and audit records carry only UIDs, AE titles, job ids and reasons.
@@ -24,13 +29,17 @@ import math
 import os
 import sqlite3
 import ssl
+import tempfile
 import threading
 import uuid
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import structlog
@@ -38,6 +47,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -108,6 +120,25 @@ DEFER_BYTES = 256 * 1024
 PIXEL_DATA = 0x7FE00010
 UNCOMPRESSED = {str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian),
                 "1.2.840.10008.1.2.2"}
+# A deflated data set (PS3.5 A.5) is inflated in pieces with this much output at a time, and at
+# most to inflate_limit(max_pixels): the largest pixel data the pixel limit lets through, at up to
+# MAX_BYTES_PER_PIXEL (32-bit or RGBA samples), plus room for the header. pydicom would inflate
+# the whole of it into memory first: a few MB of zeros can say gigabytes.
+INFLATE_PIECE = 1 << 20
+MAX_BYTES_PER_PIXEL = 4
+INFLATE_HEADER_BYTES = 16 * 2**20
+
+
+def inflate_limit(max_pixels: int) -> int:
+    """The most bytes a deflated data set may inflate to under a pixel limit of ``max_pixels``."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + INFLATE_HEADER_BYTES
+
+
+class InflateRefused(ValueError):
+    """A deflated data set inflates past its limit, or its deflate stream is broken; the message
+    is the quarantine reason (it names the limit, never a value)."""
+
+
 # Elements the filter and the worker's decoder read: a wrong VR here makes their values the wrong type.
 CRITICAL_ELEMENTS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Rows", "Columns", "BitsAllocated",
                      "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel", "NumberOfFrames",
@@ -123,6 +154,12 @@ class ListenerConfig:
     ``maximum_pdu_size`` is the Maximum Length Received we advertise (0: as large as the guard
     allows); ``max_pdu_length`` is the guard's cap on any PDU's declared length, so it must be at
     least as large. ``allowed_addresses`` are IP addresses or networks (empty: any).
+    ``association_request_timeout`` is how long a connection may take to deliver its whole
+    A-ASSOCIATE-RQ before it is dropped (until then it holds no association slot);
+    ``max_associations_per_address`` caps the slots one peer address holds (0: no cap) and
+    ``max_pending_per_address`` the connections from one address still sending their request
+    (one more evicts the oldest; 0: no cap), ``max_pending`` those from all addresses together.
+    See :mod:`dicom_node.pdu_guard`.
     """
 
     ae_title: str = "MEDSAM2CXR"
@@ -131,6 +168,10 @@ class ListenerConfig:
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any
     allowed_addresses: tuple[str, ...] = ()  # empty: any
     max_associations: int = 16
+    max_associations_per_address: int = 8
+    max_pending_per_address: int = 16
+    max_pending: int = 256
+    association_request_timeout: float = 5.0
     maximum_pdu_size: int = 262144
     max_pdu_length: int = 4 * 2**20
     network_timeout: float = 60.0
@@ -232,8 +273,8 @@ def _tag(keyword: str) -> str:
     return f"({t >> 16:04X},{t & 0xFFFF:04X}) {keyword}" if t is not None else keyword
 
 
-def inspect_instance(source: Path | bytes, context_sop_class: str | None, max_pixels: int = MAX_PIXELS
-                     ) -> tuple[pydicom.Dataset | None, str | None]:
+def inspect_instance(source: Path | bytes, context_sop_class: str | None, max_pixels: int = MAX_PIXELS,
+                     scratch: Path | None = None) -> tuple[pydicom.Dataset | None, str | None]:
     """Parse every element of a received instance and check what a worker will rely on.
 
     ``source`` is the received file (the listener's case: values over ``DEFER_BYTES`` are not
@@ -242,7 +283,25 @@ def inspect_instance(source: Path | bytes, context_sop_class: str | None, max_pi
     data). Pixel data are not decoded: for native transfer syntaxes their length is compared with
     Rows x Columns x Samples x Frames x BitsAllocated; for compressed ones the encapsulation must
     start with an Item tag. A declared size above ``max_pixels`` (a decompression bomb) is refused.
+
+    A deflated data set is first inflated in bounded pieces, counted and never held whole: one
+    that inflates past :func:`inflate_limit` is refused without writing anything; one within it
+    is inflated again into a temporary file in ``scratch`` (the spool's ``tmp/``) and inspected
+    like any other. That file is gone on return, so the dataset's values left on disk (the pixel
+    data) cannot be read from it; its ``file_meta`` keeps the deflated transfer syntax.
     """
+    try:
+        with _inflated(source, max_pixels, scratch) as (readable, transfer_syntax):
+            ds, reason = _inspect(readable, context_sop_class, max_pixels)
+    except InflateRefused as exc:
+        return None, str(exc)
+    if transfer_syntax is not None and ds is not None and hasattr(ds, "file_meta"):
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds, reason
+
+
+def _inspect(source: Path | bytes, context_sop_class: str | None, max_pixels: int
+             ) -> tuple[pydicom.Dataset | None, str | None]:
     seen = _READ_WARNINGS.collect()
     on_disk = not isinstance(source, (bytes, bytearray))
     try:
@@ -286,6 +345,76 @@ def inspect_instance(source: Path | bytes, context_sop_class: str | None, max_pi
     except Exception as exc:  # noqa: BLE001 - e.g. a multi-valued Rows, a non-numeric IS
         return ds, f"inconsistent image header: {type(exc).__name__}"
     return ds, None
+
+
+@contextmanager
+def _inflated(source: Path | bytes, max_pixels: int, scratch: Path | None
+              ) -> Iterator[tuple[Path | bytes, UID | None]]:
+    """``(source, None)`` unless it is a deflated Part 10 file; then ``(inflated copy, deflated
+    transfer syntax UID)``: the same preamble and meta (transfer syntax Explicit VR Little Endian)
+    and the inflated data set, in a temporary file (or bytes, for bytes)."""
+    on_disk = not isinstance(source, (bytes, bytearray))
+    with (open(source, "rb") if on_disk else BytesIO(source)) as fh:
+        try:
+            preamble = read_preamble(fh, False) or b"\0" * 128
+            meta = _read_file_meta_info(fh)
+            ts = str(meta.get("TransferSyntaxUID", "") or "")  # values convert lazily: may raise too
+        except Exception:  # noqa: BLE001 - not Part 10 or a broken meta: the full parse says why
+            ts = None
+        if ts != DeflatedExplicitVRLittleEndian:
+            yield source, None
+            return
+        start, limit = fh.tell(), inflate_limit(max_pixels)
+        _inflate_bounded(fh, None, limit)  # count first: a bomb is refused without a byte written
+        fh.seek(start)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if not on_disk:
+            out = BytesIO()
+            _write_inflated(out, preamble, meta, fh, limit)
+            yield out.getvalue(), UID(ts)
+            return
+        with tempfile.NamedTemporaryFile(dir=scratch, prefix="inflated-", suffix=".dcm") as tmp:
+            _write_inflated(tmp, preamble, meta, fh, limit)
+            tmp.flush()
+            yield Path(tmp.name), UID(ts)
+
+
+def _write_inflated(out: BinaryIO, preamble: bytes, meta: pydicom.Dataset, src: BinaryIO, limit: int) -> None:
+    out.write(preamble + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    _inflate_bounded(src, out, limit)
+
+
+def _inflate_bounded(src: BinaryIO, dst: BinaryIO | None, limit: int) -> int:
+    """Inflate the raw deflate stream (PS3.5 A.5: no zlib header) from ``src`` to ``dst`` (None:
+    count only), at most ``INFLATE_PIECE`` bytes of output in memory at a time; returns the
+    inflated size.
+
+    Raises
+    ------
+    InflateRefused
+        It inflates to more than ``limit`` bytes, the stream is corrupt, or it ends early.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        data = src.read(64 * 1024)
+        if not data:
+            raise InflateRefused("deflated data set: the deflate stream ends early")
+        while True:
+            try:
+                piece = inflater.decompress(data, INFLATE_PIECE)
+            except zlib.error as exc:
+                raise InflateRefused(f"deflated data set: corrupt deflate stream ({exc})") from exc
+            total += len(piece)
+            if total > limit:
+                raise InflateRefused(f"deflated data set inflates to more than {limit} bytes")
+            if dst is not None and piece:
+                dst.write(piece)
+            data = inflater.unconsumed_tail
+            if not data and len(piece) < INFLATE_PIECE:
+                break
+    return total
 
 
 def _deferred(raw: object) -> bool:
@@ -340,7 +469,16 @@ def _pixel_problem(ds: pydicom.Dataset, max_pixels: int, path: Path | None) -> s
     return None
 
 
-def handle_store(event: evt.Event, deps: _Deps) -> int:
+def _answer(status: int, comment: str) -> Dataset:
+    """A C-STORE failure status with an Error Comment (0000,0902) saying why: LO, so at most 64
+    characters. Quarantine reasons name tags and checks, never values, so they may go out."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
     """Persist first, then parse, classify, record, enqueue. Returns a C-STORE status."""
     calling = _calling_aet(event)
     job_id = deps.new_id()
@@ -358,7 +496,13 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
 
     # From here the bytes are safe on disk.
     context = str(event.context.abstract_syntax) if getattr(event, "context", None) else None
-    ds, reason = inspect_instance(path, context, deps.cfg.max_pixels)
+    try:
+        ds, reason = inspect_instance(path, context, deps.cfg.max_pixels, scratch=deps.spool.tmp)
+    except OSError as exc:  # no room in tmp/ to inflate a deflated data set: the sender may retry
+        path.unlink(missing_ok=True)
+        log.error("inspection failed; instance refused", job_id=job_id, calling_aet=calling, error=str(exc))
+        _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool write failed while inflating")
+        return _answer(OUT_OF_RESOURCES, "no spool space to inflate the data set")
     if reason is None:
         try:
             decision = classify(ds, own_manufacturer=deps.cfg.own_manufacturer)
@@ -373,7 +517,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int:
             log.exception("quarantine failed; bytes dropped", job_id=job_id)
         _audit_quietly(deps, "quarantined", job_id=job_id, calling_aet=calling, peer=_peer(event), reason=reason)
         log.warning("instance quarantined", job_id=job_id, calling_aet=calling, reason=reason)
-        return CANNOT_UNDERSTAND
+        return _answer(CANNOT_UNDERSTAND, reason)
 
     sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
     study = str(ds.get("StudyInstanceUID", "") or "")
@@ -433,7 +577,9 @@ def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
         _audit_quietly(deps, "quarantined", peer=peer, reason=reason, quarantine_id=qid)
 
     return Guard(max_pdu_length=cfg.max_pdu_length, allowed_networks=parse_networks(cfg.allowed_addresses),
-                 tls=cfg.tls, network_timeout=cfg.network_timeout, on_refused=refused, on_violation=violation)
+                 tls=cfg.tls, network_timeout=cfg.network_timeout, request_timeout=cfg.association_request_timeout,
+                 max_associations_per_address=cfg.max_associations_per_address,
+                 max_pending_per_address=cfg.max_pending_per_address, max_pending=cfg.max_pending, on_refused=refused, on_violation=violation)
 
 
 def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:
@@ -481,5 +627,5 @@ def start_listener(
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() also stops it, as with ae.start_server
     log.info("listener started", ae_title=cfg.ae_title, host=cfg.host, port=cfg.port, tls=cfg.tls is not None,
-             max_associations=cfg.max_associations)
+             max_associations=cfg.max_associations, max_associations_per_address=cfg.max_associations_per_address)
     return server

@@ -87,6 +87,10 @@ def _start_listener(settings: Settings, enqueue_infer):
     tls = server_context(n.tls.cert, n.tls.key, n.tls.ca or None, n.tls.require_client_cert) if n.tls.cert else None
     cfg = ListenerConfig(ae_title=n.ae_title, host=n.host, port=n.port, allowed_calling_aets=tuple(n.allowed_calling_aets),
                          allowed_addresses=tuple(n.allowed_addresses), max_associations=n.max_associations,
+                         max_associations_per_address=n.max_associations_per_address,
+                         max_pending_per_address=n.max_pending_per_address,
+                         max_pending=n.max_pending,
+                         association_request_timeout=n.association_request_timeout_s,
                          max_pdu_length=n.max_pdu_length, tls=tls)
     return start_listener(cfg, Spool(root, min_free_bytes=n.min_free_mb * 2**20), JobStore(root / "jobs.sqlite"),
                           AuditLog(root / "audit.jsonl"), enqueue_infer)

@@ -33,6 +33,12 @@ class Node(Section):
     allowed_calling_aets: list[str] = []  # empty: accept any caller
     allowed_addresses: list[str] = []  # IP addresses or networks ("10.1.0.0/16"); empty: any
     max_associations: int = 16
+    # slots one peer address may hold (0: no cap); a PACS opening more in parallel gets a transient reject
+    max_associations_per_address: int = 8
+    # connections from one address still sending their A-ASSOCIATE-RQ; one more evicts the oldest (0: no cap)
+    max_pending_per_address: int = 16
+    max_pending: int = 256  # the same from all addresses together (a flood from many); bounds threads and sockets
+    association_request_timeout_s: float = 5.0  # seconds for the whole A-ASSOCIATE-RQ; until then no slot
     min_free_mb: int = 256  # refuse to store (out of resources) below this much free spool space
     max_pdu_length: int = 4 * 2**20  # larger declared PDU lengths are aborted (pynetdicom has no cap)
     tls: NodeTls = Field(default_factory=NodeTls)

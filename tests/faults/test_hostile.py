@@ -12,21 +12,24 @@ import resource
 import socket
 import struct
 import subprocess
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 
 from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
-from dicom_node.listener import CANNOT_UNDERSTAND, SUCCESS, ListenerConfig, start_listener
+from dicom_node.listener import CANNOT_UNDERSTAND, SUCCESS, ListenerConfig, inflate_limit, start_listener
 from dicom_node.spool import Spool
 from tests.faults.harness import STORESCU, free_port
 
@@ -96,15 +99,20 @@ class Node:
         config = ListenerConfig(host="127.0.0.1", port=self.port, network_timeout=10, **cfg)
         self.server = start_listener(config, self.spool, self.jobs, self.audit, self.enqueued.append)
 
-    def send_raw(self, path: Path, sop_class: str = CR) -> int | None:
+    def send_raw(self, path: Path, sop_class: str = CR, syntax: str = ExplicitVRLittleEndian) -> int | None:
+        return getattr(self.send_file(path, sop_class, syntax), "Status", None)
+
+    def send_file(self, path: Path, sop_class: str = CR, syntax: str = ExplicitVRLittleEndian) -> Dataset | None:
+        """The C-STORE response (status dataset) for a file sent as it is (chunked, unparsed)."""
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
             ae = AE(ae_title=SCU)
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+            ae.add_requested_context(sop_class, [syntax])
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
             assoc = ae.associate("127.0.0.1", self.port, ae_title="MEDSAM2CXR")
             assert assoc.is_established
             try:
-                return getattr(assoc.send_c_store(path), "Status", None)
+                return assoc.send_c_store(path)
             finally:
                 assoc.release()
         finally:
@@ -347,3 +355,291 @@ def test_connections_that_send_nothing_hold_no_association_slot(node, tmp_path):
                 a.release()
     assert [a for a in n.audit.read() if a["event"] == "refused"] == []
     n.still_serving(tmp_path)
+
+
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def _association_rq(aet: str = SCU) -> bytes:
+    """The A-ASSOCIATE-RQ a real DCMTK echoscu sends, caught on a bare socket."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        proc = subprocess.Popen([ECHOSCU, "-aet", aet, "-aec", "MEDSAM2CXR", "127.0.0.1", str(srv.getsockname()[1])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+                data += conn.recv(4096)
+        proc.wait(timeout=10)
+    return data
+
+
+class Trickle:
+    """``n`` connections (from 127.0.0.1, or from 127.0.1.1, 127.0.1.2, ... with ``many``) that
+    send an A-ASSOCIATE-RQ one byte every ``interval`` seconds (a slow loris), never the last
+    byte; stops by itself after ``seconds``."""
+
+    def __init__(self, port: int, n: int, interval: float = 0.2, seconds: float = 15.0, many: bool = False) -> None:
+        self.rq = _association_rq()
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5,
+                                               source_address=(f"127.0.1.{k + 1}", 0) if many else None)
+                      for k in range(n)]
+        self.dropped: set[int] = set()  # connections the node closed
+        self._stop = threading.Event()
+        self._interval, self._seconds = interval, seconds
+        self._thread = threading.Thread(target=self._run, name="slow-loris", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self._seconds
+        for i in range(len(self.rq) - 1):
+            if self._stop.is_set() or time.monotonic() > end:
+                return
+            for k, s in enumerate(self.socks):
+                if k in self.dropped:
+                    continue
+                try:
+                    s.send(self.rq[i:i + 1])
+                except OSError:
+                    self.dropped.add(k)
+            self._stop.wait(self._interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for s in self.socks:
+            s.close()
+
+
+def _associate(port: int, bind: str | None = None):
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="MEDSAM2CXR",
+                        bind_address=(bind, 0) if bind else None)
+
+
+def _acceptors(n: Node) -> int:
+    return len([a for a in n.server.ae.active_associations if a.is_acceptor])
+
+
+def test_slow_loris_flood_holds_no_slot_and_a_real_sender_is_served(node, tmp_path):
+    """40 connections trickle their A-ASSOCIATE-RQ a byte at a time, ten times more than the
+    association limit of 4. Before the guard read the whole request itself, each was an
+    association: every sender got local-limit-exceeded while they lasted, and for the ACSE timeout
+    (30 s) after. Now: none takes a slot, the oldest beyond the pending cap are evicted at once,
+    the rest are dropped at the request deadline, and storescu from the flood's own address
+    (a modality behind the same NAT) and a client from another address are served meanwhile."""
+    from tests.conftest import wait_for
+
+    n = node(max_associations=4, max_pending_per_address=16, association_request_timeout=3.0)
+    t_start = time.time()
+    flood = Trickle(n.port, 40, interval=0.2, seconds=15)
+    try:
+        time.sleep(1.0)  # every flood connection is in and has sent a few bytes
+        assert _acceptors(n) == 0, "an incomplete association request holds a slot"
+        assert n.server.pending().get("127.0.0.1", 0) <= 16
+        t0 = time.monotonic()
+        n.still_serving(tmp_path)  # DCMTK storescu from 127.0.0.1, the flood's address
+        storescu_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        other = _associate(n.port, bind="127.0.0.2")
+        try:
+            assert other.is_established
+            assert other.send_c_echo().Status == SUCCESS
+        finally:
+            other.release()
+        other_s = time.monotonic() - t0
+        assert storescu_s < 5 and other_s < 5, (storescu_s, other_s)
+        # The flood's survivors are dropped at the deadline (3 s after they connected).
+        wait_for(lambda: not n.server.pending(), 6, lambda: f"pending requests {n.server.pending()}", step=0.1)
+        dropped_after = time.monotonic() - t0
+        wait_for(lambda: len(flood.dropped) == 40, 3, lambda: f"{len(flood.dropped)} of 40 flood sockets closed",
+                 step=0.1)
+    finally:
+        flood.close()
+    # Slots come back at once: the whole limit, at the same moment.
+    t0 = time.monotonic()
+    four = [_associate(n.port) for _ in range(4)]
+    try:
+        assert all(a.is_established for a in four)
+    finally:
+        for a in four:
+            if a.is_established:
+                a.release()
+    back_s = time.monotonic() - t0
+    reasons = [a["reason"] for a in n.audit.read() if a["event"] == "refused"]
+    evicted = [r for r in reasons if r.startswith("evicted: more than 16 connections from this address")]
+    timed_out = [r for r in reasons if r.startswith("association request incomplete after 3 s")]
+    when = [(round(a["time"] - t_start, 2), a["reason"]) for a in n.audit.read() if a["event"] == "refused"]
+    assert len(evicted) >= 24 and len(evicted) + len(timed_out) == 40, when
+    assert all(a["dicom_event"] == "Security Alert" for a in n.audit.read() if a["event"] == "refused")
+    print(f"[hostile] slow loris x40 (limit 4): storescu from the same address stored in {storescu_s:.2f} s, "
+          f"echo from 127.0.0.2 in {other_s:.2f} s; {len(evicted)} evicted, {len(timed_out)} dropped at the "
+          f"deadline (all gone {dropped_after:.1f} s later); 4 associations at once after: {back_s:.2f} s")
+    n.no_phi()
+
+
+def test_one_address_cannot_take_every_slot(node, tmp_path):
+    """Complete associations held open from one address: past max_associations_per_address it
+    gets a transient local-limit-exceeded reject (audited); another address still gets a slot."""
+    from tests.conftest import wait_for
+
+    n = node(max_associations=4, max_associations_per_address=2)
+    held = [_associate(n.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = _associate(n.port)
+        assert third.is_rejected
+        rj = third.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02), rj
+        other = _associate(n.port, bind="127.0.0.2")
+        try:
+            assert other.is_established and other.send_c_echo().Status == SUCCESS
+        finally:
+            other.release()
+    finally:
+        for a in held:
+            a.release()
+    [event] = [a for a in n.audit.read() if a["event"] == "refused"]
+    assert event["reason"] == "association limit of 2 per address reached"
+    assert event["peer"].startswith("127.0.0.1:") and event["dicom_event"] == "Security Alert"
+    # Released slots are free again for that address.
+    wait_for(lambda: n.server.associations_from("127.0.0.1") == 0, 5, "released associations to end", step=0.05)
+    again = _associate(n.port)
+    assert again.is_established
+    again.release()
+    print("[hostile] per-address cap 2 of 4: third from 127.0.0.1 rejected (transient, local-limit-exceeded), "
+          "127.0.0.2 served")
+
+
+def deflate_bomb(path: Path, inflated: int, rows: int = 64, cols: int = 64) -> Path:
+    """A Deflated Explicit VR Little Endian CR whose pixel data inflate to ``inflated`` bytes of
+    zeros, written without ever holding them: after a full flush deflate forgets its window, so
+    every further MiB of zeros compresses to the same block, repeated."""
+    ds = image(rows, cols)
+    del ds.PixelData
+    header = encode(ds) + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<L", inflated)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflater.compress(header) + deflater.flush(zlib.Z_FULL_FLUSH)
+    mib = bytes(1 << 20)
+    block = deflater.compress(mib) + deflater.flush(zlib.Z_FULL_FLUSH)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CR
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = DicomBytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM" + buf.getvalue() + head)
+        for _ in range((inflated >> 20) - 2):
+            fh.write(block)
+        fh.write(deflater.compress(mib) + deflater.flush())
+    return path
+
+
+def test_deflate_bomb_refused_promptly_quarantined_and_others_served(node, tmp_path):
+    """3.5 GB of zeros in a 3.7 MB deflated data set. pydicom inflates a deflated file whole
+    before reading a tag: the listener took 11.5 s and 2 GB per GiB and answered "truncated".
+    Now it counts the inflated bytes in 1 MiB pieces, stops at inflate_limit(max_pixels), and
+    answers 0xC000 with an Error Comment; a storescu sent meanwhile is served."""
+    n = node()
+    bomb = deflate_bomb(tmp_path / "bomb.dcm", 3500 * 2**20)
+    limit = inflate_limit(8192 * 8192)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    answer: dict = {}
+
+    def send() -> None:
+        t0 = time.monotonic()
+        answer["rsp"] = n.send_file(bomb, CR, DeflatedExplicitVRLittleEndian)
+        answer["seconds"] = time.monotonic() - t0
+        answer["done"] = time.monotonic()
+
+    sender = threading.Thread(target=send, name="bomb-sender")
+    sender.start()
+    time.sleep(0.1)  # the bomb is on its way in
+    t0 = time.monotonic()
+    n.still_serving(tmp_path)
+    other_s, other_done = time.monotonic() - t0, time.monotonic()
+    sender.join(timeout=30)
+    assert not sender.is_alive(), "no answer to the bomb within 30 s"
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    rsp = answer["rsp"]
+    assert rsp.Status == CANNOT_UNDERSTAND, rsp
+    assert rsp.ErrorComment == f"deflated data set inflates to more than {limit} bytes"
+    assert answer["seconds"] < 5, answer
+    assert other_s < 5
+    assert grew_mb < 64, f"peak memory grew by {grew_mb:.0f} MB"
+    [record] = n.quarantined()
+    assert record["reason"] == rsp.ErrorComment and record["stage"] == "listener"
+    kept = n.spool.quarantine_dir / record["file"]
+    # The deflated bytes as received (pynetdicom writes its own file meta), nothing inflated.
+    assert abs(kept.stat().st_size - bomb.stat().st_size) < 1024
+    [event] = [a for a in n.audit.read() if a["event"] == "quarantined"]
+    assert event["reason"] == record["reason"] and event["dicom_event"] == "Security Alert"
+    # Only storescu's image is in incoming/; no inflated copy was left in tmp/.
+    assert [f.stem for f in n.spool.incoming.iterdir()] == [j.id for j in n.jobs.by_state(JobState.QUEUED)]
+    assert list(n.spool.tmp.iterdir()) == []
+    print(f"[hostile] deflate bomb {bomb.stat().st_size / 1e6:.1f} MB -> 3.5 GiB: 0x{rsp.Status:04X} "
+          f"'{rsp.ErrorComment}' after {answer['seconds']:.2f} s, peak memory +{grew_mb:.0f} MB; storescu meanwhile "
+          f"stored in {other_s:.2f} s ({'before' if other_done < answer['done'] else 'after'} the bomb's answer)")
+    n.no_phi()
+
+
+def _deflated_file(path: Path, ds: Dataset) -> Path:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_sound_deflated_image_is_accepted_and_broken_deflate_quarantined(node, tmp_path):
+    n = node()
+    ds = image(256, 256, pixels=np.arange(256 * 256, dtype=np.uint16).tobytes())
+    good = _deflated_file(tmp_path / "deflated.dcm", ds)
+    assert n.send_raw(good, CR, DeflatedExplicitVRLittleEndian) == SUCCESS
+    [job] = n.jobs.by_state(JobState.QUEUED)
+    assert job.sop_instance_uid == ds.SOPInstanceUID
+    stored = pydicom.dcmread(n.spool.root / job.path)  # stored as received, still deflated
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert stored.PixelData == ds.PixelData
+    assert list(n.spool.tmp.iterdir()) == []
+    # A deflate stream cut short, and one with garbage in it.
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[:len(raw) - 200])
+    rsp = n.send_file(cut, CR, DeflatedExplicitVRLittleEndian)
+    assert rsp.Status == CANNOT_UNDERSTAND and rsp.ErrorComment == "deflated data set: the deflate stream ends early"
+    meta_end = raw.index(b"1.2.840.10008.1.2.1.99") + 24
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(raw[:meta_end + 40] + b"\xff" * 64 + raw[meta_end + 104:])
+    rsp = n.send_file(bad, CR, DeflatedExplicitVRLittleEndian)
+    assert rsp.Status == CANNOT_UNDERSTAND and rsp.ErrorComment.startswith("deflated data set: corrupt deflate")
+    reasons = [r["reason"] for r in n.quarantined()]
+    assert len(reasons) == 2 and reasons[0] == "deflated data set: the deflate stream ends early", reasons
+    assert reasons[1].startswith("deflated data set: corrupt deflate stream (Error -3"), reasons
+    n.no_phi()
+
+
+def test_slow_loris_from_many_addresses_is_bounded_in_all(node, tmp_path):
+    """30 trickling connections from 30 addresses: no per-address cap bites, max_pending (10)
+    does: each one past it evicts the oldest, and storescu is served meanwhile."""
+    n = node(max_pending=10, association_request_timeout=3.0)
+    flood = Trickle(n.port, 30, interval=0.2, seconds=10, many=True)
+    try:
+        time.sleep(1.0)
+        assert sum(n.server.pending().values()) <= 10 and _acceptors(n) == 0
+        t0 = time.monotonic()
+        n.still_serving(tmp_path)
+        storescu_s = time.monotonic() - t0
+    finally:
+        flood.close()
+    assert storescu_s < 5
+    reasons = [a["reason"] for a in n.audit.read() if a["event"] == "refused"]
+    evicted = [r for r in reasons if r == "evicted: more than 10 connections with an incomplete association request"]
+    assert len(evicted) >= 20, reasons
+    print(f"[hostile] slow loris from 30 addresses (max_pending 10): {len(evicted)} evicted, "
+          f"storescu stored in {storescu_s:.2f} s")
