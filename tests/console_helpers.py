@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -13,6 +14,7 @@ from console.web import build_router
 PASSWORDS = {"viewer": "viewer-pw-1", "operator": "operator-pw-1", "admin": "admin-pw-1"}
 
 
+@functools.cache
 def users_toml() -> str:
     """[[console.users]] for one user of each role, named after the role."""
     return "".join(f'[[console.users]]\nname = "{role}"\nrole = "{role}"\npassword_hash = "{hash_password(pw)}"\n'
