@@ -102,6 +102,7 @@ def plots(summary: dict) -> dict[str, str]:
     ax.set_xlabel("hours ago")
     ax.set_ylabel("jobs done")
     ax.set_title("throughput, last 24 h", fontsize=10)
+    ax.set_xlim(-23.6, 0.6)
     out["throughput"] = _svg(fig)
     fig = Figure(figsize=(6, 2.2))
     ax = fig.add_subplot()
@@ -112,6 +113,8 @@ def plots(summary: dict) -> dict[str, str]:
     ax.set_xlabel("hours ago")
     ax.set_ylabel("seconds, received to done")
     ax.set_title("latency, last 24 h", fontsize=10)
+    ax.set_xlim(-23.6, 0.6)
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     out["latency"] = _svg(fig)
     return out
