@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
+import structlog
 from fastapi import APIRouter, Depends, Form, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -30,6 +31,7 @@ from console.auth import (CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE,
 from dicom_node.jobstore import FINAL_FAILURES, JobState
 from dicom_node.lookup import keyed_hash, spool_secret
 
+log = structlog.get_logger()
 HERE = Path(__file__).resolve().parent
 JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
 JobId = Annotated[str, PathParam(pattern=JOB_ID, max_length=64)]
@@ -155,10 +157,19 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                                 until=_time(until, "until"), limit=limit, offset=offset)
         return [data.job_json(j) for j in found]
 
+    def readable(what: str, job_id: str, read: Callable):
+        """What ``read`` returns, or None when the spool's file cannot be read (logged, not a 500)."""
+        try:
+            return read(ctx, job_id)
+        except Exception as exc:  # noqa: BLE001 - a damaged result file must not take the page down
+            log.warning("console.unreadable", job=job_id, what=what, error=type(exc).__name__)
+            return None
+
     def job_detail(job_id: str) -> dict:
         job = job_or_404(job_id)
         return {"job": data.job_json(job), "timeline": data.timeline(ctx, job_id),
-                "findings": data.findings(ctx, job_id), "draft": data.draft(ctx, job_id),
+                "findings": readable("prediction", job_id, data.findings),
+                "draft": readable("text SR", job_id, data.draft),
                 "dead_letter_reason": data.dead_letter_reason(ctx, job_id),
                 "sc_preview": f"/jobs/{job_id}/sc.png" if data.result_file(ctx, job_id, "sc.dcm") else None}
 
@@ -194,6 +205,8 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
             values = data.identifiers(ctx, job)
         except FileNotFoundError as exc:
             raise HTTPException(404, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a source header pydicom cannot read
+            raise HTTPException(409, f"the source header of job {job_id} cannot be read: {type(exc).__name__}") from None
         ctx.audit.record("identifiers_viewed", user=session.user, address=_address(request), job=job.id,
                          sop_instance_uid=job.sop_instance_uid, study_instance_uid=job.study_instance_uid,
                          fields=sorted(values))
@@ -282,7 +295,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                 responses={200: {"content": {"image/png": {}}}})
     def sc_preview(session: ViewerPage, job_id: JobId):
         job_or_404(job_id)
-        png = data.sc_png(ctx, job_id)
+        png = readable("SC", job_id, data.sc_png)
         if png is None:
             raise HTTPException(404, f"job {job_id} has no SC in the spool")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})

@@ -203,3 +203,15 @@ def test_hash_password_helper(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("pw-from-stdin\n"))
     assert main(["hash-password"]) == 0
     assert PasswordHasher().verify(capsys.readouterr().out.strip(), "pw-from-stdin")
+
+
+def test_a_damaged_result_file_does_not_take_the_page_down(node):
+    folder = node["ctx"].spool.result_dir("jobdone")
+    (folder / "prediction.json").write_text("{not json")
+    (folder / "text.dcm").write_bytes(b"not dicom")
+    (folder / "sc.dcm").write_bytes(b"not dicom")
+    client = TestClient(node["app"])
+    _login(client, "viewer")
+    r = client.get("/jobs/jobdone")
+    assert r.status_code == 200 and "No prediction yet" in r.text
+    assert client.get("/jobs/jobdone/sc.png").status_code == 404
