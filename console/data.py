@@ -130,12 +130,18 @@ def _svg(fig) -> str:
 
 # ---------------------------------------------------------------- destinations
 
-def destinations(settings) -> list[tuple[str, object]]:
-    """(name, settings Destination): the default and every route, by calling AE."""
+def destinations(settings) -> list[tuple[str, str, object]]:
+    """(target, name, settings Destination): the default ("default") and every route (its
+    calling AE title)."""
     d = settings.destination
-    out = [("default", d.for_caller("\0none"))]
-    out += [(f"route {caller}", route) for caller, route in sorted(d.routes.items())]
+    out = [("default", "default", d.for_caller("\0none"))]
+    out += [(caller, f"route {caller}", route) for caller, route in sorted(d.routes.items())]
     return out
+
+
+def destination(settings, target: str):
+    """The settings Destination a target names, or None."""
+    return next((d for t, _, d in destinations(settings) if t == target), None)
 
 
 def c_echo(dest, timeout: float, calling_ae: str) -> tuple[bool, str]:
@@ -183,10 +189,10 @@ class EchoCache:
                 return self._value
             dests = destinations(self.settings)
             with ThreadPoolExecutor(max(1, min(8, len(dests)))) as pool:
-                answers = list(pool.map(lambda nd: self._echo(nd[1]), dests))
-            self._value = [{"name": name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+                answers = list(pool.map(lambda nd: self._echo(nd[2]), dests))
+            self._value = [{"target": target, "name": name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
                             "tls": bool(d.tls.ca), "up": up, "detail": detail}
-                           for (name, d), (up, detail) in zip(dests, answers)]
+                           for (target, name, d), (up, detail) in zip(dests, answers)]
             self._at = time.monotonic()
             return self._value
 

@@ -30,11 +30,13 @@ from console.auth import (CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE,
                           csrf_ok, role_allows)
 from dicom_node.jobstore import FINAL_FAILURES, JobState
 from dicom_node.lookup import keyed_hash, spool_secret
+from dicom_node.pause import Pauses
 
 log = structlog.get_logger()
 HERE = Path(__file__).resolve().parent
 JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
 JobId = Annotated[str, PathParam(pattern=JOB_ID, max_length=64)]
+Target = Annotated[str, PathParam(max_length=16, description="'default' or a route's calling AE title")]
 STATES = [s.value for s in JobState]
 
 
@@ -89,6 +91,8 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                               ctx.audit.record, clock, monotonic)
     lookup_key = spool_secret(settings.spool, "lookup", settings.node.lookup_secret)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["num"] = lambda v, digits=3: ("–" if v is None else f"{v:.{digits}f}"
+                                                         if isinstance(v, float) else v)
     echoes = data.EchoCache(settings, echo)
     queues: list = list(enqueue) if enqueue else []
 
@@ -149,8 +153,24 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         return job
 
     # -- what the pages and the API share ------------------------------------------------------
+    pauses = Pauses(settings.spool)
+
     def today_summary() -> dict:
-        return data.today(ctx, card(), clock(), echoes())
+        dests = [{**d, "paused": pauses.get(d["ae_title"], d["host"], d["port"])} for d in echoes()]
+        return data.today(ctx, card(), clock(), dests)
+
+    def pause(target: str, session: Session, request: Request, paused: bool) -> dict:
+        d = data.destination(settings, target)
+        if d is None:
+            raise HTTPException(404, f"no destination {target!r}: 'default' or a route's calling AE title")
+        if paused:
+            pauses.pause(d.ae_title, d.host, d.port, session.user, clock())
+        else:
+            pauses.resume(d.ae_title, d.host, d.port)
+        ctx.audit.record("destination_paused" if paused else "destination_resumed", user=session.user,
+                         address=_address(request), destination=f"{d.ae_title}@{d.host}:{d.port}", target=target,
+                         event_type_code="110131")
+        return {"target": target, "destination": f"{d.ae_title}@{d.host}:{d.port}", "paused": paused}
 
     def jobs_list(state, calling_aet, since, until, limit, offset) -> list[dict]:
         found = ctx.jobs.search(states=_state(state), calling_aet=calling_aet or None, since=_time(since, "since"),
@@ -312,6 +332,16 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
+    @router.post("/destinations/{target}/pause", tags=["pages"])
+    def pause_form(request: Request, session: OperatorPage, target: Target):
+        pause(target, session, request, True)
+        return RedirectResponse("/", status_code=303)
+
+    @router.post("/destinations/{target}/resume", tags=["pages"])
+    def resume_form(request: Request, session: OperatorPage, target: Target):
+        pause(target, session, request, False)
+        return RedirectResponse("/", status_code=303)
+
     @router.get("/failures", response_class=HTMLResponse, tags=["pages"])
     def failures_page(request: Request, session: ViewerPage):
         return page(request, "failures.html", session, failures=failures(), nav="failures",
@@ -365,6 +395,15 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     def api_identifiers(request: Request, session: Admin, job_id: JobId) -> JSONResponse:
         """The patient identifiers in the job's source header (admin; audited)."""
         return JSONResponse(identifiers(job_id, session, request), headers={"Cache-Control": "no-store"})
+
+    @router.post("/api/destinations/{target}/pause", tags=["api"])
+    def api_pause(request: Request, session: Operator, target: Target) -> dict:
+        """Hold results owed to a destination ('default' or a route's calling AE) until resumed."""
+        return pause(target, session, request, True)
+
+    @router.post("/api/destinations/{target}/resume", tags=["api"])
+    def api_resume(request: Request, session: Operator, target: Target) -> dict:
+        return pause(target, session, request, False)
 
     @router.get("/api/failures", tags=["api"])
     def api_failures(session: Viewer) -> list[dict]:

@@ -41,6 +41,9 @@ A5 = {
     "access_denied": ("Security Alert", "110113", "E", 4),  # a role without the right, or no CSRF token
     "job_query": ("Query", "110112", "E", 0),  # jobs looked up by the keyed hash of an accession or patient ID
     "identifiers_viewed": ("Patient Record", "110110", "R", 0),  # an admin read a source's identifiers
+    # an operator paused or resumed sending to a destination (event type: Software Configuration, 110131)
+    "destination_paused": ("Security Alert", "110113", "E", 0),
+    "destination_resumed": ("Security Alert", "110113", "E", 0),
 }
 EVENTS = {name: a5[0] for name, a5 in A5.items()}
 

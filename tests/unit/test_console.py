@@ -215,3 +215,30 @@ def test_a_damaged_result_file_does_not_take_the_page_down(node):
     r = client.get("/jobs/jobdone")
     assert r.status_code == 200 and "No prediction yet" in r.text
     assert client.get("/jobs/jobdone/sc.png").status_code == 404
+
+
+def test_pause_a_destination(node, tmp_path):
+    """An operator pauses the default destination: the sender's caller refuses to send (a
+    transient error: the job waits, still inferred) until it is resumed; both audited."""
+    from dicom_node.pause import DestinationPaused
+    from worker.runtime import Runtime
+
+    viewer, operator = TestClient(node["app"]), TestClient(node["app"])
+    _login(viewer, "viewer")
+    _login(operator, "operator")
+    assert viewer.post("/api/destinations/default/pause", headers={"X-CSRF-Token": _csrf(viewer)}).status_code == 403
+    assert operator.post("/api/destinations/NOSUCH/pause", headers={"X-CSRF-Token": _csrf(operator)}).status_code == 404
+    r = operator.post("/destinations/default/pause", data={"csrf": _csrf(operator)}, follow_redirects=False)
+    assert r.status_code == 303
+    assert "paused</b> by operator" in operator.get("/").text
+    rt = Runtime.from_settings(node["settings"])
+    dest = rt.destination_for("SITE_A")
+    with pytest.raises(DestinationPaused):
+        rt.send([], dest)
+    from worker.failures import is_transient
+
+    assert is_transient(DestinationPaused("x"))
+    r = operator.post("/api/destinations/default/resume", headers={"X-CSRF-Token": _csrf(operator)})
+    assert r.json() == {"target": "default", "destination": "PACS@127.0.0.1:4242", "paused": False}
+    assert [a["user"] for a in _audit(node, "destination_paused") + _audit(node, "destination_resumed")] == \
+        ["operator", "operator"]
