@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The real DICOM peers the tests talk to: DCMTK, dicom3tools, Orthanc (Debian packages).
+# The real DICOM peers the tests talk to: DCMTK, dicom3tools, Orthanc (Debian packages), and
+# Chromium for the console's browser test (Playwright drives Debian's; its own download is not used).
 peers:
-	@command -v /usr/bin/storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null)
+	@command -v /usr/bin/storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null && \
+	  test -x /usr/bin/chromium || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc chromium >/dev/null)
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
 

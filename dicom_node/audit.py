@@ -33,6 +33,17 @@ A5 = {
     "quarantined": ("Security Alert", "110113", "E", 4),
     "application_start": ("Application Activity", "110100", "E", 0),
     "application_stop": ("Application Activity", "110100", "E", 0),
+    # The web console (console/): every record names its user (and address).
+    "login": ("User Authentication", "110114", "E", 0),
+    "login_failed": ("User Authentication", "110114", "E", 4),
+    "logout": ("User Authentication", "110114", "E", 0),
+    "login_locked": ("Security Alert", "110113", "E", 4),  # a user or address locked out after failures
+    "access_denied": ("Security Alert", "110113", "E", 4),  # a role without the right, or no CSRF token
+    "job_query": ("Query", "110112", "E", 0),  # jobs looked up by the keyed hash of an accession or patient ID
+    "identifiers_viewed": ("Patient Record", "110110", "R", 0),  # an admin read a source's identifiers
+    # an operator paused or resumed sending to a destination (event type: Software Configuration, 110131)
+    "destination_paused": ("Security Alert", "110113", "E", 0),
+    "destination_resumed": ("Security Alert", "110113", "E", 0),
 }
 EVENTS = {name: a5[0] for name, a5 in A5.items()}
 

@@ -48,11 +48,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    lease_until REAL NOT NULL DEFAULT 0
+    lease_until REAL NOT NULL DEFAULT 0,
+    accession_hash TEXT,
+    patient_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_sop ON jobs (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 """
+# Columns added after the first release, with their type: a table made before gains them on open.
+_ADDED = (("accession_hash", "TEXT"), ("patient_hash", "TEXT"))
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_accession ON jobs (accession_hash);
+CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_hash);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+"""
+_COLUMNS = ("id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path, state, reason, attempts, "
+            "created_at, updated_at, lease_until, accession_hash, patient_hash")
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,9 @@ class Job:
     created_at: float
     updated_at: float
     lease_until: float
+    # HMAC-SHA256 (site secret) of Accession Number and Patient ID, never the values (dicom_node.lookup)
+    accession_hash: str | None = None
+    patient_hash: str | None = None
 
 
 class JobStore:
@@ -82,6 +96,15 @@ class JobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)  # executescript commits on its own
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED:  # the migration of a table made by an earlier release
+                if name not in have:
+                    try:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
+            db.executescript(_INDEXES)
         finally:
             db.close()
 
@@ -120,15 +143,18 @@ class JobStore:
         path: str,
         state: JobState,
         reason: str | None = None,
+        accession_hash: str | None = None,
+        patient_hash: str | None = None,
     ) -> tuple[Job, Job | None]:
         """Record a received instance. Returns (the new job, the earlier live job for the same
         SOP Instance UID or None). A resent instance whose earlier job is live or finished is
-        recorded as skipped, so the same image never yields a second result."""
+        recorded as skipped, so the same image never yields a second result. The hashes are
+        keyed hashes of the source's Accession Number and Patient ID (dicom_node.lookup)."""
         now = self._clock()
         with self._tx() as db:
             earlier = self._row(
                 db.execute(
-                    "SELECT * FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?, ?) "
+                    f"SELECT {_COLUMNS} FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?, ?) "
                     "ORDER BY created_at LIMIT 1",
                     (sop_instance_uid, JobState.SKIPPED, *FINAL_FAILURES),
                 ).fetchone()
@@ -136,17 +162,17 @@ class JobStore:
             if earlier is not None and state == JobState.QUEUED:
                 state, reason = JobState.SKIPPED, f"duplicate of job {earlier.id}"
             db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,0,?,?,0)",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,0,?,?)",
                 (job_id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path,
-                 state, reason, now, now),
+                 state, reason, now, now, accession_hash, patient_hash),
             )
-            job = self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+            job = self._row(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone())
         assert job is not None
         return job, earlier
 
     def get(self, job_id: str) -> Job | None:
         with self._tx() as db:
-            return self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+            return self._row(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def claim(self, job_id: str, from_state: JobState, to_state: JobState, lease_s: float) -> Job | None:
         """Compare-and-set from_state -> to_state with a lease. A job already in to_state whose
@@ -161,7 +187,7 @@ class JobStore:
             )
             if cur.rowcount != 1:
                 return None
-            return self._row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+            return self._row(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def advance(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
         """Move a claimed job on; False if it was not in from_state (another worker won)."""
@@ -196,7 +222,7 @@ class JobStore:
         now = self._clock()
         with self._tx() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE (state IN (?, ?) AND updated_at < ?) "
+                f"SELECT {_COLUMNS} FROM jobs WHERE (state IN (?, ?) AND updated_at < ?) "
                 "OR (state IN (?, ?) AND lease_until < ?) ORDER BY created_at",
                 (JobState.QUEUED, JobState.INFERRED, now - older_than_s,
                  JobState.INFERRING, JobState.SENDING, now),
@@ -214,14 +240,14 @@ class JobStore:
 
     def by_state(self, state: JobState) -> list[Job]:
         with self._tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY created_at", (state,)).fetchall()
+            rows = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state=? ORDER BY created_at", (state,)).fetchall()
         return [j for j in map(self._row, rows) if j is not None]
 
     def recent(self, states: tuple[JobState, ...], limit: int) -> list[Job]:
         """Up to ``limit`` jobs in ``states``, the most recently changed first."""
         marks = ",".join("?" * len(states))
         with self._tx() as db:
-            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC LIMIT ?",
+            rows = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC LIMIT ?",
                               (*states, max(0, int(limit)))).fetchall()
         return [j for j in map(self._row, rows) if j is not None]
 
@@ -232,3 +258,42 @@ class JobStore:
             rows = db.execute("SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT ?",
                               (JobState.QUEUED, max(0, int(limit)))).fetchall()
         return [r[0] for r in rows]
+
+    def search(self, *, states: tuple[JobState, ...] = (), calling_aet: str | None = None,
+               since: float | None = None, until: float | None = None, accession_hash: str | None = None,
+               patient_hash: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        """Jobs received in [since, until) matching every filter given, the newest first."""
+        where, args = [], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        for column, value in (("calling_aet", calling_aet), ("accession_hash", accession_hash),
+                              ("patient_hash", patient_hash)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        if since is not None:
+            where.append("created_at>=?")
+            args.append(float(since))
+        if until is not None:
+            where.append("created_at<?")
+            args.append(float(until))
+        sql = f"SELECT {_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
+        with self._tx() as db:
+            rows = db.execute(sql, (*args, max(0, int(limit)), max(0, int(offset)))).fetchall()
+        return [j for j in map(self._row, rows) if j is not None]
+
+    def callers(self) -> list[tuple[str, int, float]]:
+        """(calling AE title, jobs, last received) for every AE that ever sent, the latest first."""
+        with self._tx() as db:
+            return [tuple(r) for r in db.execute(
+                "SELECT calling_aet, COUNT(*), MAX(created_at) FROM jobs GROUP BY calling_aet "
+                "ORDER BY MAX(created_at) DESC").fetchall()]
+
+    def finished_since(self, since: float) -> list[tuple[str, float, float]]:
+        """(state, received, last change) of the jobs received since ``since``: throughput and latency."""
+        with self._tx() as db:
+            return [tuple(r) for r in db.execute(
+                "SELECT state, created_at, updated_at FROM jobs WHERE created_at>=? ORDER BY created_at",
+                (float(since),)).fetchall()]

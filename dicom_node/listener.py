@@ -36,7 +36,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
@@ -66,6 +66,7 @@ from pydicom.uid import (
 from dicom_node.audit import AuditLog
 from dicom_node.filters import classify
 from dicom_node.jobstore import JobState, JobStore
+from dicom_node.lookup import keyed_hash, spool_secret
 from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks
 from dicom_node.spool import OutOfSpace, Spool
 
@@ -178,6 +179,9 @@ class ListenerConfig:
     tls: ssl.SSLContext | None = None
     max_pixels: int = MAX_PIXELS
     own_manufacturer: str = "medsam2-cxr"
+    # Site secret of the job table's keyed hashes of Accession Number and Patient ID
+    # (dicom_node.lookup); empty: the key the node made in <spool>/secrets/lookup.key.
+    lookup_key: bytes = field(default=b"", repr=False)
 
     def advertised_pdu_size(self) -> int:
         if self.maximum_pdu_size and self.maximum_pdu_size > self.max_pdu_length:
@@ -194,6 +198,7 @@ class _Deps:
     audit: AuditLog
     enqueue: Callable[[str], None]
     new_id: Callable[[], str]
+    lookup_key: bytes = field(default=b"", repr=False)
 
 
 class _ReadWarnings(logging.Handler):
@@ -531,6 +536,8 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
             path=deps.spool.relative(path),
             state=JobState.QUEUED if decision.process else JobState.SKIPPED,
             reason=decision.reason,
+            accession_hash=keyed_hash(deps.lookup_key, ds.get("AccessionNumber")),
+            patient_hash=keyed_hash(deps.lookup_key, ds.get("PatientID")),
         )
     except Exception as exc:  # noqa: BLE001 - unrecorded bytes are useless: drop them, let the sender retry
         path.unlink(missing_ok=True)
@@ -615,7 +622,7 @@ def start_listener(
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
 
-    deps = _Deps(cfg, spool, jobs, audit, enqueue, new_id)
+    deps = _Deps(cfg, spool, jobs, audit, enqueue, new_id, cfg.lookup_key or spool_secret(spool.root, "lookup"))
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),

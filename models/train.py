@@ -415,6 +415,9 @@ def measure(head: BoxHead, variant: Variant, cal: dict, y: np.ndarray, x: np.nda
         "elementwise_accuracy": metrics.elementwise_accuracy(y, p, thr),
         "elementwise_accuracy_at_0.5": metrics.elementwise_accuracy(y, p, 0.5),
         "brier": metrics.brier(y, p), "ece": metrics.ece(y, p),
+        # share of test images called positive at the calibrated thresholds: what a site's own
+        # positive rates are held against (the console's today page)
+        "positive_rate": {k: float((p[:, i] >= thr[i]).mean()) for i, k in enumerate(LABELS)} if len(x) else {},
         "ood_score": "mean log radius of the box" if variant.box else "mean predictive entropy (no box)",
         "_p": p,
     }

@@ -78,6 +78,7 @@ def _start_listener(settings: Settings, enqueue_infer):
     from dicom_node.audit import AuditLog
     from dicom_node.jobstore import JobStore
     from dicom_node.listener import ListenerConfig, start_listener
+    from dicom_node.lookup import spool_secret
     from dicom_node.spool import Spool
 
     from dicom_node.tls import server_context
@@ -91,7 +92,8 @@ def _start_listener(settings: Settings, enqueue_infer):
                          max_pending_per_address=n.max_pending_per_address,
                          max_pending=n.max_pending,
                          association_request_timeout=n.association_request_timeout_s,
-                         max_pdu_length=n.max_pdu_length, tls=tls)
+                         max_pdu_length=n.max_pdu_length, tls=tls,
+                         lookup_key=spool_secret(root, "lookup", n.lookup_secret))
     return start_listener(cfg, Spool(root, min_free_bytes=n.min_free_mb * 2**20), JobStore(root / "jobs.sqlite"),
                           AuditLog(root / "audit.jsonl"), enqueue_infer)
 
@@ -270,7 +272,7 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
     never got a prediction."""
     from dicom_node.jobstore import JobState
     from worker.app import enqueuers, make_app
-    from worker.pipeline import resend as resend_job
+    from worker.pipeline import resend_jobs
     from worker.runtime import Runtime
 
     settings = _settings(config)
@@ -280,14 +282,12 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
     if failed:
         ids += [j.id for j in rt.ctx.jobs.by_state(JobState.FAILED) if j.id not in ids]
     errors = 0
-    for job_id in ids:
-        try:
-            state = resend_job(job_id, rt.ctx, enqueue_send, enqueue_infer)
-        except (ValueError, OSError) as exc:
+    for job_id, outcome in resend_jobs(ids, rt.ctx, enqueue_send, enqueue_infer):
+        if isinstance(outcome, Exception):
             errors += 1
-            typer.echo(f"not requeued {job_id}: {exc}", err=True)
-            continue
-        typer.echo(f"requeued {job_id} ({state.value})")
+            typer.echo(f"not requeued {job_id}: {outcome}", err=True)
+        else:
+            typer.echo(f"requeued {job_id} ({outcome.value})")
     raise typer.Exit(1 if errors else 0)
 
 

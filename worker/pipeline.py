@@ -377,11 +377,12 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
 
 
 def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
-           enqueue_infer: Callable[[str], None] | None = None) -> JobState:
+           enqueue_infer: Callable[[str], None] | None = None, user: str | None = None) -> JobState:
     """Bring a dead-lettered or failed job back: its results are sent again, or, when it never
     got as far as a prediction, it is inferred again. A failed job's results are encoded again
     (the fix may be in the encoder; the UIDs stay the same) and its source comes back from the
-    quarantine. Returns the state the job is back in; its attempts count from 0 again."""
+    quarantine. Returns the state the job is back in; its attempts count from 0 again.
+    `user`: who asked (a console login), recorded in the audit."""
     job = ctx.jobs.get(job_id)
     if job is None or job.state not in FINAL_FAILURES:
         raise ValueError(f"job {job_id}: not dead-lettered or failed ({job.state if job else 'unknown job'})")
@@ -399,9 +400,25 @@ def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
     back_to = JobState.INFERRED if inferred or enqueue_infer is None else JobState.QUEUED
     if not ctx.jobs.reopen(job_id, job.state, back_to, reason="resend requested"):
         raise ValueError(f"job {job_id}: changed state during the resend")
-    ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid, was=job.state.value)
+    ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid, was=job.state.value,
+                     **({"user": user} if user else {}))
     _enqueue(enqueue_send if back_to == JobState.INFERRED else enqueue_infer, job_id)
     return back_to
+
+
+def resend_jobs(job_ids: Sequence[str], ctx: Context, enqueue_send: Callable[[str], None],
+                enqueue_infer: Callable[[str], None] | None = None,
+                user: str | None = None) -> list[tuple[str, JobState | Exception]]:
+    """:func:`resend` for each job: (job, the state it is back in, or why it was not requeued:
+    a ValueError when it is not dead-lettered or failed, an OSError when its files could not
+    be moved). `medsam2-cxr resend` and the console's resend button both come here."""
+    out: list[tuple[str, JobState | Exception]] = []
+    for job_id in job_ids:
+        try:
+            out.append((job_id, resend(job_id, ctx, enqueue_send, enqueue_infer, user=user)))
+        except (ValueError, OSError) as exc:
+            out.append((job_id, exc))
+    return out
 
 
 # ---------------------------------------------------------------- reconciling with the broker

@@ -73,6 +73,9 @@ class Runtime:
         return Destination(ae_title=d.ae_title, host=d.host, port=d.port, tls=tls)
 
     def send(self, files, dest: Destination) -> None:
+        from dicom_node.pause import Pauses
+
+        Pauses(self.settings.spool).check(dest.ae_title, dest.host, dest.port)  # paused: the job waits
         s = self.settings.sender
         send_with_retry(files, dest, attempts=s.attempts, backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
                         calling_ae=self.settings.node.ae_title, timeout=s.timeout_s)

@@ -41,6 +41,10 @@ class Node(Section):
     association_request_timeout_s: float = 5.0  # seconds for the whole A-ASSOCIATE-RQ; until then no slot
     min_free_mb: int = 256  # refuse to store (out of resources) below this much free spool space
     max_pdu_length: int = 4 * 2**20  # larger declared PDU lengths are aborted (pynetdicom has no cap)
+    # Site secret for the keyed hashes (HMAC-SHA256) of Accession Number and Patient ID the job
+    # table keeps, so a study can be found without the table holding either value. Empty: a
+    # random key made once in <spool>/secrets/lookup.key (dicom_node/lookup.py).
+    lookup_secret: str = ""
     tls: NodeTls = Field(default_factory=NodeTls)
 
 
@@ -113,6 +117,32 @@ class Report(Section):
         return value
 
 
+class ConsoleUser(Section):
+    name: str
+    role: str = "viewer"  # viewer (reads), operator (+ resend), admin (+ patient identifiers on demand)
+    password_hash: str  # argon2 (`medsam2-cxr console hash-password`)
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in ("viewer", "operator", "admin"):
+            raise ValueError(f"console user role {value!r}: choose viewer, operator or admin")
+        return value
+
+
+class Console(Section):
+    # The web console (console/): pages and a JSON API behind a login.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: list[ConsoleUser] = []  # [[console.users]] name, role, password_hash; none: nobody can log in
+    session_secret: str = ""  # signs session cookies; empty: a random key made once in <spool>/secrets/
+    session_hours: float = 8.0  # a session ends this long after its login
+    lockout_failures: int = 5  # failed logins of one user, or from one address, within the window lock it
+    lockout_window_s: float = 900.0
+    lockout_s: float = 900.0  # how long a locked user or address is refused
+    echo_timeout_s: float = 3.0  # C-ECHO of each destination on the today page
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -125,6 +155,7 @@ class Settings(BaseSettings):
     worker: Worker = Field(default_factory=Worker)
     index: Index = Field(default_factory=Index)
     report: Report = Field(default_factory=Report)
+    console: Console = Field(default_factory=Console)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -106,3 +106,42 @@ def test_release_and_by_state(store):
     assert store.release("a", JobState.INFERRING, JobState.QUEUED, reason="gpu busy")
     assert [j.id for j in store.by_state(JobState.QUEUED)] == ["a"]
     assert store.get("a").reason == "gpu busy" and store.get("a").lease_until == 0
+
+
+def test_old_table_gains_the_hash_columns(tmp_path):
+    """A job table made before the keyed hashes existed is migrated on open; its rows keep."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE jobs (id TEXT PRIMARY KEY, sop_instance_uid TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL, calling_aet TEXT NOT NULL,
+        path TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0);
+        INSERT INTO jobs VALUES ('old', '1.2', '1.2.840', '1.3', 'MOD', 'incoming/old.dcm', 'done', NULL, 1, 5, 6, 0);""")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    old = store.get("old")
+    assert old.state == JobState.DONE and old.accession_hash is None and old.patient_hash is None
+    job, _ = store.add(job_id="new", sop_instance_uid="1.4", sop_class_uid="1.2.840", study_instance_uid="1.5",
+                       calling_aet="MOD", path="incoming/new.dcm", state=JobState.QUEUED,
+                       accession_hash="a" * 64, patient_hash="b" * 64)
+    assert job.accession_hash == "a" * 64
+    assert [j.id for j in store.search(accession_hash="a" * 64)] == ["new"]
+    assert [j.id for j in store.search(states=(JobState.DONE,))] == ["old"]
+    assert [j.id for j in store.search(since=5, until=6)] == ["old"]
+    assert store.callers()[0][:2] == ("MOD", 2)
+    JobStore(path)  # opening again changes nothing
+
+
+def test_keyed_hash_and_spool_secret(tmp_path):
+    from dicom_node.lookup import keyed_hash, spool_secret
+
+    key = spool_secret(tmp_path, "lookup")
+    assert len(key) == 32 and spool_secret(tmp_path, "lookup") == key  # made once, read back
+    assert (tmp_path / "secrets" / "lookup.key").stat().st_mode & 0o777 == 0o600
+    assert spool_secret(tmp_path, "lookup", "configured") == b"configured"
+    assert keyed_hash(key, " ACC1 ") == keyed_hash(key, "ACC1") != keyed_hash(b"other", "ACC1")
+    assert keyed_hash(key, "") is None and keyed_hash(key, None) is None
+    assert "ACC1" not in keyed_hash(key, "ACC1")

@@ -1,0 +1,327 @@
+"""What the console shows, read from the spool, the job table, the audit trail and the bundle.
+
+Plain functions of a pipeline Context (worker.pipeline.Context) and the settings; no web here.
+Nothing returned carries a patient identifier except :func:`identifiers`, which only the router's
+admin-only, audited route calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dicom_node.jobstore import Job
+from dicom_node.spool import REASON_FILE
+from worker.pipeline import PREDICTION, SC_FILE, TEXT_FILE, Context
+
+DAY_S = 86400.0
+SECRET_KEY = re.compile(r"pass|secret|key|token|hash|credential", re.I)
+REDACTED = "[redacted]"
+
+
+def job_json(job: Job) -> dict:
+    """A job as the console shows it: UIDs, ids, states and times, no identifier nor its hash."""
+    return {"id": job.id, "state": job.state.value, "reason": job.reason, "calling_aet": job.calling_aet,
+            "sop_instance_uid": job.sop_instance_uid, "sop_class_uid": job.sop_class_uid,
+            "study_instance_uid": job.study_instance_uid, "attempts": job.attempts,
+            "received": iso(job.created_at), "updated": iso(job.updated_at)}
+
+
+def iso(t: float | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- today
+
+def audit_since(ctx: Context, since: float, events: set[str] | None = None) -> list[dict]:
+    return [r for r in ctx.audit.read() if r.get("time", 0) >= since and (events is None or r["event"] in events)]
+
+
+def today(ctx: Context, card: dict | None, now: float, destinations: list[dict]) -> dict:
+    """The last 24 hours: counts per state (all time and received today), throughput and latency
+    per hour, OOD rate, each label's positive rate against the model card's test figure."""
+    since = now - DAY_S
+    rows = ctx.jobs.finished_since(since)
+    hours = [0] * 24
+    latencies: list[list[float]] = [[] for _ in range(24)]
+    today_counts: dict[str, int] = {}
+    for state, created, updated in rows:
+        today_counts[state] = today_counts.get(state, 0) + 1
+        if state == "done":
+            h = min(23, max(0, int((updated - since) // 3600)))
+            hours[h] += 1
+            latencies[h].append(updated - created)
+    inferred = audit_since(ctx, since, {"inferred"})
+    n = len(inferred)
+    ood = sum(bool(r.get("out_of_distribution")) for r in inferred)
+    present: dict[str, int] = {}
+    for r in inferred:
+        for label in r.get("present") or []:
+            present[label] = present.get(label, 0) + 1
+    card_rates = ((card or {}).get("metrics", {}).get("test", {}) or {}).get("positive_rate") or {}
+    labels = list((card or {}).get("labels") or sorted(set(present) | set(card_rates)))
+    done = [x for h in latencies for x in h]
+    return {
+        "since": iso(since), "now": iso(now),
+        "counts": ctx.jobs.counts(), "received_today": today_counts,
+        "throughput_per_hour": hours,
+        "latency_s": {"p50": _pct(done, 50), "p95": _pct(done, 95), "n": len(done),
+                      "per_hour_p50": [_pct(h, 50) for h in latencies], "per_hour_p95": [_pct(h, 95) for h in latencies]},
+        "inferred": n, "ood_rate": (ood / n) if n else None,
+        "positive_rates": [{"label": k, "today": (present.get(k, 0) / n) if n else None,
+                            "model_card": card_rates.get(k)} for k in labels],
+        "destinations": destinations,
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def plots(summary: dict) -> dict[str, str]:
+    """Inline SVG: completed jobs per hour, and their latency (p50, p95) per hour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    out = {}
+    x = np.arange(-23, 1)
+    fig = Figure(figsize=(6, 2.2))
+    ax = fig.add_subplot()
+    ax.bar(x, summary["throughput_per_hour"], color="#3b6ea5")
+    ax.set_xlabel("hours ago")
+    ax.set_ylabel("jobs done")
+    ax.set_title("throughput, last 24 h", fontsize=10)
+    ax.set_xlim(-23.6, 0.6)
+    out["throughput"] = _svg(fig)
+    fig = Figure(figsize=(6, 2.2))
+    ax = fig.add_subplot()
+    lat = summary["latency_s"]
+    for key, style in (("per_hour_p50", "o-"), ("per_hour_p95", "s--")):
+        ys = [np.nan if v is None else v for v in lat[key]]
+        ax.plot(x, ys, style, label=key.rsplit("_", 1)[1], markersize=3)
+    ax.set_xlabel("hours ago")
+    ax.set_ylabel("seconds, received to done")
+    ax.set_title("latency, last 24 h", fontsize=10)
+    ax.set_xlim(-23.6, 0.6)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    out["latency"] = _svg(fig)
+    return out
+
+
+def _svg(fig) -> str:
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+# ---------------------------------------------------------------- destinations
+
+def destinations(settings) -> list[tuple[str, str, object]]:
+    """(target, name, settings Destination): the default ("default") and every route (its
+    calling AE title)."""
+    d = settings.destination
+    out = [("default", "default", d.for_caller("\0none"))]
+    out += [(caller, f"route {caller}", route) for caller, route in sorted(d.routes.items())]
+    return out
+
+
+def destination(settings, target: str):
+    """The settings Destination a target names, or None."""
+    return next((d for t, _, d in destinations(settings) if t == target), None)
+
+
+def c_echo(dest, timeout: float, calling_ae: str) -> tuple[bool, str]:
+    """C-ECHO a destination (settings Destination): (up, what happened)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    tls = None
+    if dest.tls.ca:
+        from dicom_node.tls import client_context
+
+        tls = (client_context(dest.tls.ca, dest.tls.cert or None, dest.tls.key or None, dest.tls.check_hostname),
+               dest.host)
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    t0 = time.perf_counter()
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+    except Exception as exc:  # noqa: BLE001 - a bad TLS file or address: down, with why
+        return False, f"{type(exc).__name__}: {exc}"
+    if not assoc.is_established:
+        return False, "association rejected or no answer" if not assoc.is_rejected else "association rejected"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    ok = bool(status) and status.Status == 0
+    return ok, f"C-ECHO {'success' if ok else 'failed'} in {1000 * (time.perf_counter() - t0):.0f} ms"
+
+
+class EchoCache:
+    """C-ECHO of every destination, at most once per ``ttl_s``, all at once in threads."""
+
+    def __init__(self, settings, echo: Callable | None = None, ttl_s: float = 15.0) -> None:
+        self.settings, self.ttl_s = settings, ttl_s
+        self._echo = echo or (lambda d: c_echo(d, settings.console.echo_timeout_s, settings.node.ae_title))
+        self._at, self._value = 0.0, []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> list[dict]:
+        with self._lock:
+            if time.monotonic() - self._at < self.ttl_s:
+                return self._value
+            dests = destinations(self.settings)
+            with ThreadPoolExecutor(max(1, min(8, len(dests)))) as pool:
+                answers = list(pool.map(lambda nd: self._echo(nd[2]), dests))
+            self._value = [{"target": target, "name": name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+                            "tls": bool(d.tls.ca), "up": up, "detail": detail}
+                           for (target, name, d), (up, detail) in zip(dests, answers)]
+            self._at = time.monotonic()
+            return self._value
+
+    def forget(self) -> None:
+        with self._lock:
+            self._at = 0.0
+
+
+# ---------------------------------------------------------------- one job
+
+def timeline(ctx: Context, job_id: str) -> list[dict]:
+    """The job's audit records, oldest first (the listener names it job_id, the pipeline job)."""
+    return [{**r, "at": iso(r.get("time"))} for r in ctx.audit.read() if job_id in (r.get("job"), r.get("job_id"))]
+
+
+def result_file(ctx: Context, job_id: str, name: str) -> Path | None:
+    """A result file of the job: in results/ (owed or sent) or dead-letter/ (given up on)."""
+    for folder in (ctx.spool.results / job_id, ctx.spool.dead / job_id):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def findings(ctx: Context, job_id: str) -> dict | None:
+    path = ctx.spool.results / job_id / PREDICTION
+    if not path.is_file():
+        return None
+    body = json.loads(path.read_text())
+    return {"findings": body.get("findings", []), "ood_score": body.get("ood_score"),
+            "ood_threshold": body.get("ood_threshold"), "out_of_distribution": body.get("out_of_distribution"),
+            "model": body.get("model", {})}
+
+
+def draft(ctx: Context, job_id: str) -> list[dict] | None:
+    """The text SR's content items in document order: heading (concept name) and text."""
+    path = result_file(ctx, job_id, TEXT_FILE)
+    if path is None:
+        return None
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    out: list[dict] = []
+
+    def walk(items: Iterable, depth: int) -> None:
+        for item in items:
+            name = ""
+            if item.get("ConceptNameCodeSequence"):
+                name = str(item.ConceptNameCodeSequence[0].get("CodeMeaning", ""))
+            if item.get("ValueType") == "TEXT":
+                out.append({"heading": name, "text": str(item.get("TextValue", "")), "depth": depth})
+            elif item.get("ValueType") == "CONTAINER" and name:
+                out.append({"heading": name, "text": "", "depth": depth})
+            walk(item.get("ContentSequence", []), depth + 1)
+
+    walk([ds], 0)
+    return out
+
+
+def sc_png(ctx: Context, job_id: str, max_side: int = 1024) -> bytes | None:
+    """The SC (saliency picture) as PNG, from the spool's copy, at most ``max_side`` pixels."""
+    path = result_file(ctx, job_id, SC_FILE)
+    if path is None:
+        return None
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    if arr.ndim == 2 and arr.dtype != np.uint8:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / (hi - lo or 1) * 255).astype(np.uint8)
+    if arr.ndim == 3 and str(ds.get("PhotometricInterpretation", "RGB")).startswith("YBR"):
+        from pydicom.pixels import convert_color_space
+
+        arr = convert_color_space(arr, str(ds.PhotometricInterpretation), "RGB")
+    img = Image.fromarray(arr)
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dead_letter_reason(ctx: Context, job_id: str) -> str | None:
+    path = ctx.spool.dead / job_id / REASON_FILE
+    try:
+        return json.loads(path.read_text()).get("reason")
+    except (OSError, ValueError):
+        return None
+
+
+def identifiers(ctx: Context, job: Job) -> dict:
+    """Patient identifiers from the job's source header in the spool (incoming or quarantine)."""
+    import pydicom
+
+    for path in (ctx.spool.root / job.path, ctx.spool.quarantine_dir / f"{job.id}.dcm"):
+        if path.is_file():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return {k: str(ds.get(k, "") or "") for k in
+                    ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "StudyID")}
+    raise FileNotFoundError(f"the source of job {job.id} is no longer in the spool")
+
+
+# ---------------------------------------------------------------- sites, configuration
+
+def sites(ctx: Context, settings) -> list[dict]:
+    seen = {aet: (n, last) for aet, n, last in ctx.jobs.callers()}
+    routes = settings.destination.routes
+    names = sorted(set(seen) | set(routes) | set(settings.node.allowed_calling_aets))
+    default = settings.destination
+    out = []
+    for aet in names:
+        route = routes.get(aet)
+        d = route or default
+        out.append({"calling_aet": aet, "jobs": seen.get(aet, (0, None))[0], "last_seen": iso(seen.get(aet, (0, None))[1]),
+                    "route": f"{d.ae_title}@{d.host}:{d.port}" + (" (TLS)" if d.tls.ca else ""),
+                    "routed": route is not None,
+                    "allowed": (not settings.node.allowed_calling_aets) or aet in settings.node.allowed_calling_aets})
+    return sorted(out, key=lambda s: s["last_seen"] or "", reverse=True)
+
+
+def redacted(value: object, key: str = "") -> object:
+    """The configuration with every password, key, secret, token and hash replaced; a URL's
+    password too."""
+    if isinstance(value, dict):
+        return {k: redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if SECRET_KEY.search(key) and value not in ("", None):
+        return REDACTED
+    if isinstance(value, str):
+        return re.sub(r"(?<=://)([^:/@]*):[^@/]*@", r"\1:" + REDACTED + "@", value)
+    return value
