@@ -213,8 +213,18 @@ class JobStore:
             return cur.rowcount == 1
 
     def release(self, job_id: str, claimed_state: JobState, back_to: JobState, reason: str | None = None) -> bool:
-        """Give a claimed job back (for a retry later) without counting it as done."""
-        return self.advance(job_id, claimed_state, back_to, reason)
+        """Give a claimed job back (for a retry later) without counting it as done, nor as an
+        attempt: attempts count the claims whose worker never came back (the reconciler gives up
+        after max_attempts), and a worker that releases came back (a full spool, a paused
+        destination, a broker away)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts=MAX(attempts-1, 0), lease_until=0, "
+                "updated_at=? WHERE id=? AND state=?",
+                (back_to, reason, now, job_id, claimed_state),
+            )
+            return cur.rowcount == 1
 
     def stale(self, older_than_s: float) -> list[Job]:
         """Jobs whose broker message may be lost: waiting longer than older_than_s, or claimed by

@@ -106,6 +106,11 @@ def test_release_and_by_state(store):
     assert store.release("a", JobState.INFERRING, JobState.QUEUED, reason="gpu busy")
     assert [j.id for j in store.by_state(JobState.QUEUED)] == ["a"]
     assert store.get("a").reason == "gpu busy" and store.get("a").lease_until == 0
+    assert store.get("a").attempts == 0  # its worker came back: not an attempt toward the give-up
+    for _ in range(10):  # a destination paused for a long time: claimed and given back again and again
+        store.claim("a", JobState.QUEUED, JobState.INFERRING, lease_s=60)
+        store.release("a", JobState.INFERRING, JobState.QUEUED)
+    assert store.get("a").attempts == 0
 
 
 def test_old_table_gains_the_hash_columns(tmp_path):
