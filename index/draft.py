@@ -53,7 +53,7 @@ _OPACITY_CHILDREN = ("Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atel
 _LUNG = ("Lung Opacity", *_OPACITY_CHILDREN)
 
 STATUSES = ("present", "probable", "possible", "absent")
-_TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible"}
+_TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible", "not validated": "possible"}
 _TIER_WORD = {"present": "high confidence", "probable": "medium confidence", "possible": "low confidence"}
 
 

@@ -1,7 +1,9 @@
 """Prediction -> Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR style).
 
 One measurement group (TID 1501) per CheXpert label carries: finding type, Present/Absent, the
-calibrated probability, and the confidence tier as Certainty of Finding. One more group carries the
+calibrated probability, the confidence tier as Certainty of Finding (a private "not validated" code
+from a bundle never validated on real images), and the operating point that chose its threshold
+as a TID 4019 Algorithm Parameter. One more group carries the
 out-of-distribution score. Warnings a reader must see (not for primary diagnosis, synthetic
 training) go in the TID 1500 "Qualitative Evaluations" container as TEXT items, and the synthetic
 notice also as a TID 4019 Algorithm Parameter so each group repeats it.
@@ -26,7 +28,9 @@ from pydicom.valuerep import DA, DT, TM
 from dicom_node import codes
 from dicom_node.uids import ResultUIDs, derive_uid
 from index.retrieval import NO_INDEX
-from models.prediction import ModelIdentity, Prediction
+from models.operating_points import describe as describe_operating_point
+from models.operating_points import summary as operating_points_summary
+from models.prediction import NOT_VALIDATED, Finding, ModelIdentity, Prediction
 
 if TYPE_CHECKING:
     from index.draft import Draft
@@ -35,6 +39,7 @@ SR_SERIES_NUMBER = 9901
 NOT_FOR_DIAGNOSIS = "AI result, not for primary diagnosis"
 SYNTHETIC_NOTICE = "Trained on synthetic phantom radiographs only - not clinically validated"
 OOD_NOTICE = "Image outside the model's experience - interpret with care"
+NOT_VALIDATED_NOTICE = "Confidence not stated: the model was not validated on real radiographs"
 DRAFT_NOTICE = "Draft report written by the AI for a radiologist to correct; not a signed report"
 
 # Draft report concepts: DCM where one exists, the project's private scheme (declared in
@@ -112,8 +117,19 @@ def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime) -> None:
     ds.ContributingEquipmentSequence.append(contributing_equipment(model, now))
 
 
-def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
-    params = [f"bundle sha256 {model.digest}"[:1024]]
+def operating_point_line(finding: Finding) -> str:
+    """How the finding's threshold was chosen, e.g. "operating point sensitivity:0.90 (validation
+    sensitivity >= 90%), threshold 0.1234"."""
+    if not finding.operating_point:
+        return f"threshold {finding.threshold:.4f}"
+    return (f"operating point {finding.operating_point} ({describe_operating_point(finding.operating_point)}), "
+            f"threshold {finding.threshold:.4f}")
+
+
+def _algorithm(model: ModelIdentity, extra: tuple[str, ...] = ()) -> hd.sr.AlgorithmIdentification:
+    params = [f"bundle sha256 {model.digest}"[:1024], *extra]
+    if model.operating_points:
+        params.append(f"site operating points {model.operating_points}"[:1024])
     if model.synthetic_training:
         params.append(SYNTHETIC_NOTICE)
     return hd.sr.AlgorithmIdentification(
@@ -124,11 +140,12 @@ def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
 def _finding_groups(
     source: Dataset,
     prediction: Prediction,
-    algorithm: hd.sr.AlgorithmIdentification,
+    model: ModelIdentity,
     uids: ResultUIDs,
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     groups = []
     for finding in prediction.findings:
+        algorithm = _algorithm(model, (operating_point_line(finding),))  # names the operating point
         concept = codes.LABEL_CODES[finding.label]
         site = codes.LABEL_FINDING_SITES.get(finding.label)
         groups.append(
@@ -203,6 +220,10 @@ def notices(prediction: Prediction, model: ModelIdentity) -> list[str]:
         lines.append(SYNTHETIC_NOTICE + ".")
     if prediction.out_of_distribution:
         lines.append(OOD_NOTICE + ".")
+    if any(f.tier == NOT_VALIDATED for f in prediction.findings):
+        lines.append(NOT_VALIDATED_NOTICE + ".")
+    if ops := operating_points_summary({f.label: f.operating_point for f in prediction.findings}):
+        lines.append(f"Operating points: {ops}.")
     lines.append(f"Model: {model.name} {software_version(model)}.")
     if model.intended_use:
         lines.append(f"Intended use: {model.intended_use}")
@@ -298,7 +319,7 @@ def encode_sr(
             ),
         )
     )
-    groups = _finding_groups(source, prediction, algorithm, uids)
+    groups = _finding_groups(source, prediction, model, uids)
     groups.append(_ood_group(source, prediction, algorithm, uids))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
