@@ -88,6 +88,10 @@ def test_sensitivity_point_on_a_small_known_example():
     roc = op.RocTable.from_scores(p, y)
     assert roc.choose("sensitivity:0.9") == pytest.approx(0.45)  # highest: between 0.4 and 0.5
     assert roc.choose("sensitivity:0.95") == pytest.approx(0.15)  # all 10: below 0.2
+    # With a specificity floor the point never goes below the lowest threshold keeping it.
+    assert roc.choose("sensitivity:0.95,min_specificity:0.6") == pytest.approx(0.35)  # spec 2/3
+    assert roc.choose("sensitivity:0.9,min_specificity:0.6") == pytest.approx(0.45)  # floor not binding
+    assert str(op.Criterion.parse(" Sensitivity:0.90, min_specificity:0.80")) == "sensitivity:0.9,min_specificity:0.8"
     assert op.confusion(y, p, 0.45) == {"tp": 9, "fp": 0, "tn": 3, "fn": 1, "sensitivity": 0.9,
                                         "specificity": 1.0, "ppv": 1.0}
 
@@ -100,11 +104,12 @@ def test_one_class_or_too_few_images_fall_back_to_one_half_and_the_card_says_so(
     fitted = op.fit(p, y)
     assert fitted["thresholds"]["Pneumothorax"] == op.FALLBACK_THRESHOLD  # one class
     assert set(fitted["operating_points"]["fallback"]) == set(LABELS[1:])
-    assert fitted["operating_points"]["criteria"]["Pneumothorax"] == "sensitivity:0.9"
+    assert fitted["operating_points"]["criteria"]["Pneumothorax"] == op.URGENT_CRITERION
     assert fitted["operating_points"]["criteria"]["Cardiomegaly"] == "accuracy"
 
 
-@pytest.mark.parametrize("spec", ["sensitivity", "sensitivity:1.5", "accuracy:0.3", "magic", "threshold:abc"])
+@pytest.mark.parametrize("spec", ["sensitivity", "sensitivity:1.5", "accuracy:0.3", "magic", "threshold:abc",
+                                  "f1,min_specificity:0.5", "sensitivity:0.9,min_specificity:2"])
 def test_bad_specs_are_refused(spec):
     with pytest.raises(ValueError, match="operating point"):
         op.Criterion.parse(spec)
@@ -130,7 +135,7 @@ def test_the_default_bundle_card_states_each_labels_operating_point_with_test_co
     assert ops["urgent_labels"] == list(op.URGENT_LABELS)
     test = card["metrics"]["test"]["operating_points"]
     for k in LABELS:
-        assert ops["criteria"][k] == ("sensitivity:0.9" if k in op.URGENT_LABELS else "accuracy")
+        assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if k in op.URGENT_LABELS else "accuracy")
         assert set(ops["validation_roc"][k]) == {"thresholds", "tp", "fp", "n_pos", "n_neg"}
         t = test[k]
         assert t["criterion"] == ops["criteria"][k] and t["threshold"] == card["thresholds"][k]
@@ -152,7 +157,7 @@ def test_a_site_operating_point_changes_present_and_the_results_name_it(tiny_bun
     site = Predictor(site_bundle, device="cpu").predict([image], saliency_top=0)[0]
     by, own_by = {f.label: f for f in site.findings}, {f.label: f for f in own.findings}
     assert by["Pleural Effusion"].present and by["Pleural Effusion"].operating_point == "threshold:0.001"
-    assert own_by["Pleural Effusion"].operating_point == "sensitivity:0.9"
+    assert own_by["Pleural Effusion"].operating_point == op.URGENT_CRITERION
     assert by["Fracture"].operating_point == "specificity:0.99"
     assert by["Cardiomegaly"].operating_point == "accuracy" and by["Cardiomegaly"] == own_by["Cardiomegaly"]
     everything = Predictor(load_bundle(tiny_bundle, {"*": "threshold:1e-9"}), device="cpu").predict([image], 0)[0]
