@@ -118,3 +118,27 @@ def _texts(ds) -> list[str]:
             out.append(str(item.TextValue))
         out += _texts(item)
     return out
+
+
+def test_an_sr_with_not_validated_tiers_and_operating_points_passes_dciodvfy(real_predictions, tmp_path):
+    import shutil
+    import subprocess
+
+    from worker.pipeline import encode_results
+
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy not installed (dicom3tools)")
+    bundle, images, preds, _ = real_predictions
+    # A DICOM source whose prediction has a "not validated" tier; one finding is set to it if none has.
+    name, image, ds = next((img for img, p in zip(images, preds) if img[2] is not None
+                            and any(f.tier == NOT_VALIDATED for f in p.findings)), images[0])
+    pred = preds[[n for n, _, _ in images].index(name)]
+    findings = tuple(dataclasses.replace(f, tier=NOT_VALIDATED) if i == 0 else f for i, f in enumerate(pred.findings))
+    pred = dataclasses.replace(pred, findings=findings)
+    sr, *_ = encode_results(ds, image, pred, bundle.identity(), NOW, None)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    lines = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (lines.stdout + lines.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
