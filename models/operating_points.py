@@ -104,7 +104,7 @@ class Criterion:
             return f"fixed threshold {self.value:g}"
         words = f"validation {self.kind} >= {100 * self.value:.0f}%"
         if self.min_specificity is not None:
-            words += f" unless specificity falls below {100 * self.min_specificity:.0f}%"
+            words += f" (specificity kept >= {100 * self.min_specificity:.0f}%)"
         return words
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -211,3 +212,21 @@ def test_tiers_are_never_medium_or_high_from_a_bundle_not_validated_on_real_imag
 
     assert tier(0.99, 0.5, 0.0) == "high" and tier(0.99, 0.5, 0.0, validated=False) == "not validated"
     assert tier(0.52, 0.5, 0.3, validated=False) == "low"
+
+
+def test_the_io_step_reads_back_the_operating_point_and_the_not_validated_tier(tiny_bundle, tmp_path):
+    from dicom_node.spool import Spool
+    from worker.pipeline import load_prediction, save_prediction
+
+    bundle = load_bundle(tiny_bundle, {"Edema": "f1"})
+    pred = Predictor(bundle, device="cpu").predict([read_image(pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm")))])[0]
+    pred = dataclasses.replace(pred, findings=(dataclasses.replace(pred.findings[0], tier="not validated"),
+                                               *pred.findings[1:]))
+    folder = tmp_path / "job"
+    folder.mkdir()
+    save_prediction(Spool(tmp_path), folder, pred, bundle.identity())
+    back, model = load_prediction(folder)
+    key = lambda f: (f.label, f.tier, f.operating_point)  # noqa: E731  (probabilities are rounded)
+    assert [key(f) for f in back.findings] == [key(f) for f in pred.findings] and model == bundle.identity()
+    assert {f.label: f.operating_point for f in back.findings}["Edema"] == "f1"
+    assert model.results_digest == bundle.identity().results_digest != model.digest
