@@ -85,6 +85,8 @@ TIER_CODES: Mapping[str, Code] = MappingProxyType(
         "high": codes.DCM.High,  # DCM 111575
         "medium": codes.DCM.Medium,  # DCM 111576
         "low": codes.DCM.Low,  # DCM 111577
+        # A bundle not validated on real images states no confidence (models.calibration.tier).
+        "not validated": Code("NOTVALID", PRIVATE_SCHEME, "Confidence not validated"),
     }
 )
 UNITLESS = codes.UCUM.NoUnits  # UCUM "1"

@@ -41,11 +41,10 @@ from types import MappingProxyType
 
 from index.guidelines import reference_notes as _english_reference_notes
 from models.labels import LABELS
-from models.prediction import TIERS
+from models.prediction import ALL_TIERS, NOT_VALIDATED
 
 # Tiers the wording covers: the calibrated ones and "not validated" (phantom-trained bundles).
-NOT_VALIDATED = "not validated"
-TIER_KEYS: tuple[str, ...] = tuple(dict.fromkeys((*TIERS, "high", "medium", "low", NOT_VALIDATED)))
+TIER_KEYS: tuple[str, ...] = ALL_TIERS
 HEDGES = ("present", "probable", "possible")  # draft statuses a positive statement can have
 
 
@@ -107,6 +106,8 @@ class Wording:
     not_for_diagnosis: str
     synthetic_notice: str
     ood_notice: str
+    not_validated_notice: str  # tiers read "not validated" (a bundle not validated on real images)
+    operating_points_line: str  # {ops}: models.operating_points.summary, in English like the criteria
     draft_notice: str
     model_line: str  # {name} {version}
     intended_use_line: str  # {text}: the model card's own words
@@ -179,6 +180,8 @@ ENGLISH = Wording(
     not_for_diagnosis="AI result, not for primary diagnosis",
     synthetic_notice="Trained on synthetic phantom radiographs only - not clinically validated",
     ood_notice="Image outside the model's experience - interpret with care",
+    not_validated_notice="Confidence not stated: the model was not validated on real radiographs",
+    operating_points_line="Operating points: {ops}.",
     draft_notice="Draft report written by the AI for a radiologist to correct; not a signed report",
     model_line="Model: {name} {version}.",
     intended_use_line="Intended use: {text}",
@@ -269,6 +272,8 @@ JAPANESE = Wording(
     not_for_diagnosis="AIによる解析結果であり、一次診断には用いないこと",
     synthetic_notice="合成ファントム画像のみで学習したモデルであり、臨床的に検証されていない",
     ood_notice="モデルの学習範囲外の画像であり、解釈には注意を要する",
+    not_validated_notice="実際の胸部X線写真で検証されていないモデルのため、確信度は示さない",
+    operating_points_line="判定閾値の基準: {ops}。",
     draft_notice="AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。確定した報告書ではない",
     model_line="モデル: {name} {version}。",
     intended_use_line="使用目的（モデルカード原文）: {text}",

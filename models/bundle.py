@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import encoder as enc
+from models import operating_points as op
 from models.boxhead import BoxHead
 from models.labels import LABELS
 from models.prediction import ModelIdentity
@@ -70,6 +72,15 @@ class Bundle:
     thresholds: np.ndarray  # (L,)
     samples: torch.Tensor  # (N, d) BL-TTA points
     ood_threshold: float
+    operating_points: tuple[str, ...] = ()  # (L,) the criterion behind each threshold
+    overrides: tuple[tuple[str, str], ...] = ()  # the site's configured operating points, applied
+
+    @property
+    def validated(self) -> bool:
+        """Whether confidence tiers may be stated: the card says the bundle was validated on real
+        images and it was not trained on synthetic data only. A card that does not say: no."""
+        c = self.card
+        return bool(c.get("validated_on_real_images", False)) and not bool(c.get("synthetic_training", True))
 
     @property
     def digest(self) -> str:
@@ -85,6 +96,7 @@ class Bundle:
             name=c["name"], version=c["version"], digest=c["digest"], manufacturer=c.get("manufacturer", "medsam2-cxr"),
             synthetic_training=bool(c["synthetic_training"]), training_data=c["training_data"],
             intended_use=c["intended_use"],
+            operating_points=";".join(f"{k}={v}" for k, v in self.overrides),
         )
 
 
@@ -98,10 +110,18 @@ def read_card(root: Path) -> dict:
     return card
 
 
-def load_bundle(root: Path) -> Bundle:
-    """Load and verify every file against the card. Raises BundleError on any mismatch."""
+def load_bundle(root: Path, operating_points: Mapping[str, str] | None = None) -> Bundle:
+    """Load and verify every file against the card. Raises BundleError on any mismatch.
+
+    operating_points: a site's per-label criteria (label or "*" -> spec, models.operating_points),
+    applied from the card's validation ROC points without refitting; BundleError when one cannot be.
+    """
     root = Path(root)
     card = read_card(root)
+    try:
+        thresholds, criteria = op.apply(card, operating_points)
+    except ValueError as exc:
+        raise BundleError(f"{root / CARD}: {exc}") from exc
     if tuple(card["labels"]) != LABELS:
         raise BundleError(f"{root / CARD}: labels {card['labels']} differ from this code's {list(LABELS)}")
     for key in ("encoder", "head"):
@@ -119,7 +139,9 @@ def load_bundle(root: Path) -> Bundle:
     return Bundle(
         root=root, card=card, encoder=encoder, head=head,
         temperature=torch.tensor([card["temperatures"][k] for k in LABELS], dtype=torch.float32),
-        thresholds=np.array([card["thresholds"][k] for k in LABELS], dtype=np.float64),
+        thresholds=np.array([thresholds[k] for k in LABELS], dtype=np.float64),
         samples=box_samples(tta["n"], h["latent_dim"], tta["seed"]),
         ood_threshold=float(card["ood"]["threshold"]),
+        operating_points=tuple(criteria[k] for k in LABELS),
+        overrides=tuple(sorted((k, str(op.Criterion.parse(v))) for k, v in (operating_points or {}).items())),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.prediction import TIERS
+from models.prediction import NOT_VALIDATED, TIERS
 
 _GRID = np.exp(np.linspace(np.log(0.2), np.log(5.0), 61))
 
@@ -35,7 +35,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-label decision threshold maximising Youden's J on validation; 0.5 where undefined."""
+    """Per-label decision threshold maximising Youden's J on validation; 0.5 where undefined.
+
+    The node's rule before issue 16, kept for comparison; bundles now use models.operating_points.
+    """
     L = p.shape[1]
     out = np.full(L, 0.5)
     for k in range(L):
@@ -50,8 +53,18 @@ def fit_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def tier(probability: float, threshold: float, spread: float) -> str:
-    """high: far from the threshold and stable across BL-TTA samples; low: close or unstable."""
+def tier(probability: float, threshold: float, spread: float, validated: bool = True) -> str:
+    """high: far from the threshold and stable across BL-TTA samples; low: close or unstable.
+
+    validated: whether the bundle was validated on real images (models.bundle.Bundle.validated).
+    A bundle that was not never states medium or high confidence: those become NOT_VALIDATED
+    (its own figures, on phantoms, say nothing of a patient's image); low stays low.
+    """
+    t = _tier(probability, threshold, spread)
+    return t if validated or t == TIERS[2] else NOT_VALIDATED
+
+
+def _tier(probability: float, threshold: float, spread: float) -> str:
     margin = abs(probability - threshold) / max(threshold if probability < threshold else 1 - threshold, 1e-6)
     if margin >= 0.6 and spread < 0.05:
         return TIERS[0]

@@ -5,7 +5,9 @@ trained on synthetic phantom radiographs the project generates, on the MedSAM2 g
 weights are MedSAM2's when a checkpoint is given and a seeded random initialisation otherwise;
 the model card and every result say which. Its card carries the figures measured on its own
 held-out phantoms: macro-AUROC, elementwise accuracy, Brier, ECE, the AUROC drop at twice the
-strongest training shift, and OOD AUROC of the radius against phantom lateral and non-chest views.
+strongest training shift, OOD AUROC of the radius against phantom lateral and non-chest views, and
+per label the operating point (models.operating_points) with test sensitivity, specificity and PPV.
+Its card says `validated_on_real_images: false`, so its results state no medium or high tier.
 """
 
 from __future__ import annotations

@@ -146,6 +146,29 @@ def _summ(runs: list[dict], key: str, higher_is_better: bool = True) -> dict:
     return metrics.summarize([r.get(key, float("nan")) for r in runs], higher_is_better)
 
 
+def _operating_points(runs: list[dict]) -> dict:
+    """Per label: the criterion, and threshold, sensitivity, specificity and PPV on the test split
+    over seeds (mean, sd, best), with the confusion counts summed over seeds."""
+    out = {}
+    for k in LABELS:
+        per = [r["operating_points"][k] for r in runs]
+        out[k] = {"criterion": per[0]["criterion"],
+                  **{m: metrics.summarize([x[m] for x in per]) for m in ("threshold", "sensitivity", "specificity", "ppv")},
+                  "counts_over_seeds": {c: int(sum(x[c] for x in per)) for c in ("tp", "fp", "tn", "fn")}}
+    return out
+
+
+def criteria_summary(criteria: dict[str, str]) -> str:
+    """One line for a table: the most common criterion, then the labels that have another."""
+    names = list(criteria.values())
+    main = max(dict.fromkeys(names), key=names.count)
+    others: dict[str, list[str]] = {}
+    for k, c in criteria.items():
+        if c != main:
+            others.setdefault(c, []).append(k)
+    return "; ".join([main] + [f"{c} for {', '.join(ks)}" for c, ks in others.items()])
+
+
 def aggregate(runs: list[dict], name: str, cfg: EvalConfig, shift_method: str) -> dict:
     """One variant's entry of metrics.json: mean, sd and best over seeds for every figure."""
     r0 = runs[0]
@@ -158,6 +181,8 @@ def aggregate(runs: list[dict], name: str, cfg: EvalConfig, shift_method: str) -
         "per_label_auroc": {k: metrics.summarize([r["per_label_auroc"][k] for r in runs])["mean"] for k in LABELS},
         "elementwise_accuracy": _summ(runs, "elementwise_accuracy"),
         "elementwise_accuracy_at_0.5": _summ(runs, "elementwise_accuracy_at_0.5"),
+        "operating_points": _operating_points(runs),
+        "criteria": criteria_summary({k: v["criterion"] for k, v in r0["operating_points"].items()}),
         "brier": _summ(runs, "brier", False),
         "ece": _summ(runs, "ece", False),
         "ood_score": r0["ood_score"],
@@ -248,8 +273,10 @@ def run_evaluation(dataset: Dataset, extract: FeatureExtractor, out: Path, encod
             "train_shift_range": list(TRAIN_SHIFT_RANGE),
             "ood_sets": f.ood_descriptions,
             "ood_positive_class": "out-of-distribution (higher score = more foreign)",
-            "thresholds": "elementwise_accuracy uses each model's per-label thresholds fitted on validation "
-                          "(Youden's J), as its bundle would; elementwise_accuracy_at_0.5 uses 0.5",
+            "thresholds": ("elementwise_accuracy and operating_points (per-label sensitivity, specificity, PPV) use "
+                           "each model's per-label thresholds, fitted on its calibrated validation probabilities by "
+                           "the criterion its bundle would use (models.operating_points; each variant's `criteria` "
+                           "names them); elementwise_accuracy_at_0.5 uses 0.5"),
             "ece": f"{metrics.ECE_BINS} equal-width bins over all known (image, label) cells",
             "brier": "mean (p - y)^2 per label over known images, averaged over labels",
             "macro_auroc": "per label over known images, labels with both classes only; labels_scored says how many",
@@ -327,6 +354,29 @@ def _fmt(s: dict | None, digits: int = 3, sd: bool = True) -> str:
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}" if sd else f"{s['mean']:.{digits}f}"
 
 
+def _operating_point_table(res: dict, order: list[str]) -> list[str]:
+    """Sensitivity / specificity per label at each variant's bundle thresholds (test split)."""
+    shown = [k for k in order if k in res and "operating_points" in res[k]]
+    if not shown:
+        return []
+
+    def cell(o: dict) -> str:
+        se, sp = o["sensitivity"]["mean"], o["specificity"]["mean"]
+        return ("n/a" if se is None else f"{se:.2f}") + " / " + ("n/a" if sp is None else f"{sp:.2f}")
+
+    L = ["## Sensitivity / specificity per label at the bundle's thresholds (test split, mean over seeds)", "",
+         "| Label | " + " | ".join(k for k in shown) + " | criterion (" + shown[-1] + ") | test positives |",
+         "|" + " --- |" * (len(shown) + 3)]
+    for lab in LABELS:
+        o_last = res[shown[-1]]["operating_points"][lab]
+        c = o_last["counts_over_seeds"]
+        n_seeds = max(1, o_last["threshold"]["n"])
+        L.append(f"| {lab} | " + " | ".join(cell(res[k]["operating_points"][lab]) for k in shown)
+                 + f" | {o_last['criterion']} | {(c['tp'] + c['fn']) // n_seeds} |")
+    L += ["", "n/a: no positive (sensitivity) or no negative (specificity) test image for the label."]
+    return L
+
+
 def render_table(report: dict) -> str:
     """table.md: the paper's Table 2 layout, then shift, BL-TTA and OOD detail, then the paper's figures."""
     res = report["variants"]
@@ -349,29 +399,33 @@ def render_table(report: dict) -> str:
         "",
         "## Table 2 layout",
         "",
-        "| Model | macro-AUROC | best seed | labels scored | elementwise acc. | elementwise acc. at 0.5 | Brier | ECE | "
-        + " | ".join(f"OOD AUROC {o}" for o in ood_names) + " | AUROC drop at 2x shift |",
-        "|" + " --- |" * (9 + len(ood_names)),
+        "| Model | macro-AUROC | best seed | labels scored | elementwise acc. | thresholds by | elementwise acc. at 0.5 "
+        "| Brier | ECE | " + " | ".join(f"OOD AUROC {o}" for o in ood_names) + " | AUROC drop at 2x shift |",
+        "|" + " --- |" * (10 + len(ood_names)),
     ]
     order = ["B0", "B1", "B2", "B3", "B4", "B5"]
     for k in order:
         if k == "B2" or k not in res:
             why = report.get("not_measured", {}).get(k)
             if why:
-                L.append(f"| {NAMES.get(k, k)} | not measured here: {why} |" + " |" * (8 + len(ood_names)))
+                L.append(f"| {NAMES.get(k, k)} | not measured here: {why} |" + " |" * (9 + len(ood_names)))
             continue
         r = res[k]
         name = f"**{r['name']}**" if k == "B5" else r["name"]
         oods = [_fmt(r["ood_auroc"][o]["auroc"]) for o in ood_names]
         L.append(f"| {name} | {_fmt(r['macro_auroc'])} | {r['macro_auroc']['best']:.3f} | "
                  f"{r['macro_auroc']['labels_scored']}/14 | {_fmt(r['elementwise_accuracy'])} | "
-                 f"{_fmt(r['elementwise_accuracy_at_0.5'])} | {_fmt(r['brier'])} | "
+                 f"{r.get('criteria', 'n/a')} | {_fmt(r['elementwise_accuracy_at_0.5'])} | {_fmt(r['brier'])} | "
                  f"{_fmt(r['ece'])} | " + " | ".join(oods) + f" | {_fmt(r.get('shift_drop_at_2'))} |")
-    L += ["", "Elementwise accuracy: at each model's per-label thresholds fitted on validation (Youden's J, what its "
-          "bundle uses), and at 0.5. OOD score: mean log radius of the box for B3-B5; the point-embedding baselines "
+    L += ["", "Elementwise accuracy: at each model's per-label thresholds, fitted on its calibrated validation "
+          "probabilities by the criterion its bundle uses (\"thresholds by\": accuracy = best validation accuracy, "
+          "ties towards 0.5; sensitivity:X = the highest threshold with validation sensitivity >= X), and at 0.5. "
+          "OOD score: mean log radius of the box for B3-B5; the point-embedding baselines "
           "(B0, B1) have no radius, so their OOD column uses the mean predictive entropy instead. OOD images are the "
           "positive class.",
-          "", "## Macro-AUROC under device shift", ""]
+          ""]
+    L += _operating_point_table(res, order)
+    L += ["", "## Macro-AUROC under device shift", ""]
     shifts = list(any_v.get("shift_auroc", {}))
     if shifts:
         L += ["| Model | " + " | ".join(f"shift {float(s):g}" for s in shifts) + " | drop at 2 |",

@@ -5,11 +5,16 @@ Plain dataclasses with no torch inside, so encoders and senders can be tested wi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 TIERS = ("high", "medium", "low")
+# The tier of every finding that would be medium or high from a bundle not validated on real
+# images (a phantom-trained one): its confidence cannot be stated (models.calibration.tier).
+NOT_VALIDATED = "not validated"
+ALL_TIERS = (*TIERS, NOT_VALIDATED)
 
 
 @dataclass(frozen=True)
@@ -19,8 +24,9 @@ class Finding:
     label: str
     probability: float  # calibrated P(label present)
     threshold: float  # decision threshold from the model card
-    tier: str  # "high" | "medium" | "low": how far from the threshold and how stable across TTA samples
+    tier: str  # ALL_TIERS: how far from the threshold and how stable across TTA samples, or "not validated"
     spread: float  # standard deviation of the probability over the N BL-TTA samples
+    operating_point: str = ""  # the criterion that chose the threshold (models.operating_points spec)
 
     @property
     def present(self) -> bool:
@@ -55,6 +61,7 @@ class Prediction:
                     "label": f.label,
                     "probability": round(f.probability, 4),
                     "threshold": round(f.threshold, 4),
+                    "operating_point": f.operating_point,
                     "present": f.present,
                     "tier": f.tier,
                     "spread": round(f.spread, 4),
@@ -78,7 +85,17 @@ class ModelIdentity:
     synthetic_training: bool  # True while the bundle was trained on phantoms only
     training_data: str
     intended_use: str
+    # The site's configured operating points ("label=spec;..."), "" when the bundle's own apply.
+    operating_points: str = ""
 
     @property
     def short_digest(self) -> str:
         return self.digest[:12]
+
+    @property
+    def results_digest(self) -> str:
+        """What result UIDs derive from: the bundle digest, and the site's operating points when
+        set (they change which findings are present, so a result made with them is a new object)."""
+        if not self.operating_points:
+            return self.digest
+        return hashlib.sha256(f"{self.digest}|{self.operating_points}".encode()).hexdigest()

@@ -81,14 +81,17 @@ class Predictor:
             center_logits = self.head.logits(c) / self.temperature
             maps = grad_cam(vf, center_logits, targets) if saliency_top > 0 else [{} for _ in images]
         scores = ood_score(r).detach().cpu().numpy()
+        ops = self.bundle.operating_points or ("",) * len(LABELS)
         out = []
         for b in range(len(images)):
             # Outside the model's experience no finding is stated with more than low confidence.
+            # A bundle not validated on real images states no medium or high tier (calibration.tier).
             foreign = bool(scores[b] > self.bundle.ood_threshold)
             findings = tuple(
                 Finding(label=LABELS[k], probability=float(p[b, k]), threshold=float(thr[k]),
-                        tier="low" if foreign else tier(float(p[b, k]), float(thr[k]), float(spread[b, k])),
-                        spread=float(spread[b, k]))
+                        tier="low" if foreign else tier(float(p[b, k]), float(thr[k]), float(spread[b, k]),
+                                                        validated=self.bundle.validated),
+                        spread=float(spread[b, k]), operating_point=ops[k])
                 for k in range(len(LABELS))
             )
             out.append(Prediction(

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from models import metrics
 from models.boxhead import BoxHead, ood_score, pool_features
-from models.calibration import fit_temperature, fit_thresholds
+from models import operating_points
+from models.calibration import fit_temperature
 from models.labels import LABELS
 from models.predictor import to_input
 from models.preprocess import read_image
@@ -304,12 +305,19 @@ def macro_auroc(y: np.ndarray, p: np.ndarray) -> tuple[float, int]:
     return metrics.macro_auroc(y, p)
 
 
-def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: float = 99.0) -> dict:
-    """Temperatures, thresholds, OOD threshold and validation figures for the model card."""
+def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: float = 99.0,
+              criteria: dict[str, str] | None = None) -> dict:
+    """Temperatures, operating points, OOD threshold and validation figures for the model card.
+
+    Thresholds are chosen after calibration, on the calibrated validation probabilities, by each
+    label's criterion (models.operating_points: best accuracy; sensitivity >= 0.90 for the
+    urgent findings; `criteria` overrides per label).
+    """
     sc = score(head, val.x, variant.tta_n)
     temperature = fit_temperature(sc.logits_n, val.y) if variant.calibrate else np.ones(len(LABELS))
     p = sc.probabilities(temperature)
-    thresholds = fit_thresholds(p, val.y)
+    ops = operating_points.fit(p, val.y, criteria)
+    thresholds = np.array([ops["thresholds"][k] for k in LABELS])
     auroc, scored = macro_auroc(val.y, p)
     ood = {"score": "mean log radius of the box", "threshold": float(np.percentile(sc.ood, ood_percentile)),
            "percentile_of_validation": ood_percentile}
@@ -318,6 +326,7 @@ def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: 
     return {
         "temperatures": dict(zip(LABELS, map(float, temperature))),
         "thresholds": dict(zip(LABELS, map(float, thresholds))),
+        "operating_points": ops["operating_points"],
         "ood": ood,
         "tta": {"n": variant.tta_n, "sampler": "scrambled Sobol, antithetic pairs", "seed": 0},
         "validation": {"n_images": int(len(val.x)), "macro_auroc": auroc, "labels_scored": scored,
@@ -414,6 +423,9 @@ def measure(head: BoxHead, variant: Variant, cal: dict, y: np.ndarray, x: np.nda
         "per_label_auroc": metrics.per_label_auroc(y, p),
         "elementwise_accuracy": metrics.elementwise_accuracy(y, p, thr),
         "elementwise_accuracy_at_0.5": metrics.elementwise_accuracy(y, p, 0.5),
+        "operating_points": {k: {"criterion": cal.get("operating_points", {}).get("criteria", {}).get(k, "bundle threshold"),
+                                 "threshold": float(thr[i]), **operating_points.confusion(y[:, i], p[:, i], thr[i])}
+                             for i, k in enumerate(LABELS)},
         "brier": metrics.brier(y, p), "ece": metrics.ece(y, p),
         # share of test images called positive at the calibrated thresholds: what a site's own
         # positive rates are held against (the console's today page)
@@ -510,6 +522,11 @@ def train_bundle(dataset, variant_name: str, seed: int, out: Path, spec: str = "
         "manufacturer": "medsam2-cxr",
         "created": (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds"),
         "synthetic_training": synthetic,
+        # Confidence tiers are stated only by a bundle validated on real images (models.calibration.tier):
+        # a held-out test split of real radiographs counts; phantoms do not.
+        "validated_on_real_images": not synthetic,
+        "validation_data": (f"held-out test split of {dataset.description}" if not synthetic else
+                            "none: measured on synthetic phantoms only, never on real radiographs"),
         "training_data": (f"{dataset.description}; patient-level split (seed {split_seed}): {int(tr.sum())} train, "
                           f"{int(va.sum())} validation, {int(te.sum())} test images"),
         "intended_use": ("Research and integration testing of the medsam2-cxr node. Not for clinical use: not "
@@ -545,7 +562,11 @@ def build_description(variant: Variant, seed: int, split_seed: int, epochs: int,
         "inference": (f"BL-TTA N={variant.tta_n} (scrambled Sobol, antithetic)" if variant.tta_n > 1
                       else "center point only"),
         "calibration": ("per-label temperature on validation (grid search, BCE)" if variant.calibrate else "none (T=1)"),
-        "thresholds": "per label, maximising Youden's J on validation",
+        "thresholds": ("per label on the calibrated validation probabilities: "
+                       f"{operating_points.DEFAULT_CRITERION} ({operating_points.describe(operating_points.DEFAULT_CRITERION)}; "
+                       "ties towards 0.5), "
+                       f"{operating_points.URGENT_CRITERION} ({operating_points.describe(operating_points.URGENT_CRITERION)}) "
+                       f"for the urgent findings {', '.join(operating_points.URGENT_LABELS)}"),
     }
     if variant.invariance:
         d["invariance"] = (f"one shifted copy per training image, intensity uniform in {list(TRAIN_SHIFT_RANGE)} "

@@ -206,7 +206,8 @@ def infer(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fals
     from worker.runtime import LazyReporter
 
     settings = _settings(config)
-    predictor = Predictor(load_bundle(ensure_bundle(settings)), device=settings.model.device or None)
+    predictor = Predictor(load_bundle(ensure_bundle(settings), settings.model.operating_points),
+                          device=settings.model.device or None)
     model = predictor.bundle.identity()
     index = settings.index_path  # similar cases + draft report, when an index exists
     language = settings.report.language  # of the draft report and the notices

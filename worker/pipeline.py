@@ -94,7 +94,7 @@ def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, m
         log.warning("encode.source_header_repaired", sop_instance_uid=str(source.SOPInstanceUID),
                     repairs=[str(r) for r in repairs])
     wording = wording_for(language)
-    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.results_digest)
     draft = reporter(prediction, model.digest) if reporter is not None else None
     out = [encode_sr(source, prediction, model, uids, now, draft=draft, wording=wording),
            encode_sc(source, image, prediction, model, uids, now)]
@@ -123,7 +123,8 @@ def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
     with np.load(folder / SALIENCY) as z:
         saliency = {k: z[k] for k in z.files}
     findings = tuple(Finding(label=f["label"], probability=f["probability"], threshold=f["threshold"],
-                             tier=f["tier"], spread=f["spread"]) for f in body["findings"])
+                             tier=f["tier"], spread=f["spread"], operating_point=f.get("operating_point", ""))
+                     for f in body["findings"])
     pred = Prediction(findings=findings, ood_score=body["ood_score"], ood_threshold=body["ood_threshold"],
                       center=np.array(body["center"]), radius=np.array(body["radius"]), saliency=saliency)
     return pred, ModelIdentity(**body["model"])

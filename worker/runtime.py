@@ -53,7 +53,8 @@ class Runtime:
                 from models.bundle import load_bundle
                 from models.predictor import Predictor
 
-                self._predictor = Predictor(load_bundle(self.settings.bundle_path), device=self.settings.model.device or None)
+                self._predictor = Predictor(load_bundle(self.settings.bundle_path, self.settings.model.operating_points),
+                                            device=self.settings.model.device or None)
             return self._predictor
 
     def decoder(self, processes: int) -> Executor:

@@ -84,6 +84,22 @@ class Model(Section):
     encoder_checkpoint: str = ""  # a MedSAM2 checkpoint for building the default bundle, if available
     default_images: int = 400  # phantoms the default bundle is trained on
     device: str = ""  # empty: cuda when available, else cpu
+    # Per-label operating point, instead of the bundle's own (best accuracy; sensitivity >= 0.90 for
+    # the urgent findings): label (or "*" for every other label) -> "accuracy", "f1", "youden",
+    # "sensitivity:X", "specificity:X" or "threshold:X". Applied from the bundle's validation ROC
+    # points without refitting; every result names the operating point it used.
+    operating_points: dict[str, str] = {}
+
+    @field_validator("operating_points")
+    @classmethod
+    def _known_operating_points(cls, value: dict[str, str]) -> dict[str, str]:
+        from models.labels import LABELS
+        from models.operating_points import ALL_OTHERS, Criterion
+
+        unknown = [k for k in value if k not in LABELS and k != ALL_OTHERS]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; labels are {list(LABELS)} (or {ALL_OTHERS!r})")
+        return {k: str(Criterion.parse(v)) for k, v in value.items()}
 
 
 class Sender(Section):

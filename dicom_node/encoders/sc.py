@@ -28,6 +28,8 @@ from dicom_node.encoders.sr import (
     software_version,
 )
 from dicom_node.uids import ResultUIDs
+from index.wording import ENGLISH
+from models.operating_points import summary as operating_points_summary
 from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import to_uint8
 
@@ -115,8 +117,10 @@ def _panel_lines(
     lines.append(("", _WHITE))
     for f in prediction.top(PANEL_FINDINGS):
         status = "present" if f.present else "below threshold"
-        text = f"{f.label}: {100 * f.probability:.0f}% - {status}, {f.tier} confidence"
+        text = f"{f.label}: {100 * f.probability:.0f}% - {status}, {ENGLISH.tiers[f.tier]}"
         lines.append((text, _WHITE if f.present else (200, 200, 200)))
+    if ops := operating_points_summary({f.label: f.operating_point for f in prediction.findings}):
+        lines.append((f"Thresholds: {ops}", _WHITE))
     if shown:
         lines.append(("Heat map: " + ", ".join(f.label for f in shown), _WHITE))
     lines.append((f"{model.name} {software_version(model)}", _WHITE))

@@ -1,7 +1,9 @@
 """Prediction -> Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR style).
 
 One measurement group (TID 1501) per CheXpert label carries: finding type, Present/Absent, the
-calibrated probability, and the confidence tier as Certainty of Finding. One more group carries the
+calibrated probability, the confidence tier as Certainty of Finding (a private "not validated" code
+from a bundle never validated on real images), and the operating point that chose its threshold
+as a TID 4019 Algorithm Parameter. One more group carries the
 out-of-distribution score. Warnings a reader must see (not for primary diagnosis, synthetic
 training) go in the TID 1500 "Qualitative Evaluations" container as TEXT items, and the synthetic
 notice also as a TID 4019 Algorithm Parameter so each group repeats it.
@@ -27,7 +29,9 @@ from dicom_node import codes
 from dicom_node.encoders.header import SourceHeader, carry_identity, clean_header, set_character_set
 from dicom_node.uids import ResultUIDs, derive_uid
 from index.wording import ENGLISH, Wording
-from models.prediction import ModelIdentity, Prediction
+from models.operating_points import describe as describe_operating_point
+from models.operating_points import summary as operating_points_summary
+from models.prediction import NOT_VALIDATED, Finding, ModelIdentity, Prediction
 
 if TYPE_CHECKING:
     from index.draft import Draft
@@ -37,6 +41,7 @@ SR_SERIES_NUMBER = 9901
 NOT_FOR_DIAGNOSIS = ENGLISH.not_for_diagnosis
 SYNTHETIC_NOTICE = ENGLISH.synthetic_notice
 OOD_NOTICE = ENGLISH.ood_notice
+NOT_VALIDATED_NOTICE = ENGLISH.not_validated_notice
 DRAFT_NOTICE = ENGLISH.draft_notice
 
 # Draft report concepts: DCM where one exists, the project's private scheme (declared in
@@ -117,8 +122,20 @@ def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime, header: So
     set_character_set(ds, header.character_set)
 
 
-def _algorithm(model: ModelIdentity, wording: Wording = ENGLISH) -> hd.sr.AlgorithmIdentification:
-    params = [f"bundle sha256 {model.digest}"[:1024]]
+def operating_point_line(finding: Finding) -> str:
+    """How the finding's threshold was chosen, e.g. "operating point sensitivity:0.90 (validation
+    sensitivity >= 90%), threshold 0.1234" (an algorithm parameter: English, like the codes)."""
+    if not finding.operating_point:
+        return f"threshold {finding.threshold:.4f}"
+    return (f"operating point {finding.operating_point} ({describe_operating_point(finding.operating_point)}), "
+            f"threshold {finding.threshold:.4f}")
+
+
+def _algorithm(model: ModelIdentity, wording: Wording = ENGLISH,
+               extra: tuple[str, ...] = ()) -> hd.sr.AlgorithmIdentification:
+    params = [f"bundle sha256 {model.digest}"[:1024], *extra]
+    if model.operating_points:
+        params.append(f"site operating points {model.operating_points}"[:1024])
     if model.synthetic_training:
         params.append(wording.synthetic_notice)
     return hd.sr.AlgorithmIdentification(
@@ -129,11 +146,13 @@ def _algorithm(model: ModelIdentity, wording: Wording = ENGLISH) -> hd.sr.Algori
 def _finding_groups(
     source: Dataset,
     prediction: Prediction,
-    algorithm: hd.sr.AlgorithmIdentification,
+    model: ModelIdentity,
     uids: ResultUIDs,
+    wording: Wording = ENGLISH,
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     groups = []
     for finding in prediction.findings:
+        algorithm = _algorithm(model, wording, (operating_point_line(finding),))  # names the operating point
         concept = codes.LABEL_CODES[finding.label]
         site = codes.LABEL_FINDING_SITES.get(finding.label)
         groups.append(
@@ -212,6 +231,10 @@ def notices(prediction: Prediction, model: ModelIdentity, wording: Wording = ENG
         lines.append(w.sentence(w.synthetic_notice))
     if prediction.out_of_distribution:
         lines.append(w.sentence(w.ood_notice))
+    if any(f.tier == NOT_VALIDATED for f in prediction.findings):
+        lines.append(w.sentence(w.not_validated_notice))
+    if ops := operating_points_summary({f.label: f.operating_point for f in prediction.findings}):
+        lines.append(w.operating_points_line.format(ops=ops))
     lines.append(w.model_line.format(name=model.name, version=software_version(model)))
     if model.intended_use:
         lines.append(w.intended_use_line.format(text=model.intended_use))
@@ -307,7 +330,7 @@ def encode_sr(
             ),
         )
     )
-    groups = _finding_groups(source, prediction, algorithm, uids)
+    groups = _finding_groups(source, prediction, model, uids, wording)
     groups.append(_ood_group(source, prediction, algorithm, uids))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,

@@ -59,6 +59,13 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
         assert set(v["shift_auroc"]) == {"0.0", "0.5", "1.0", "1.5", "2.0"}
         assert len(v["seeds"]) == 2 and not any(k.startswith("_") for k in v["seeds"][0])
         assert ("bl_tta" in v) == VARIANTS[name].box
+        # accuracy and per-label sensitivity / specificity at the bundle's own thresholds, criterion named
+        assert 0 <= v["elementwise_accuracy"]["mean"] <= 1
+        assert v["criteria"].startswith("accuracy") and "Pneumothorax" in v["criteria"]
+        ops = v["operating_points"]
+        assert set(ops) == set(LABELS) and ops["Pneumothorax"]["criterion"].startswith("sensitivity:0.9")
+        assert set(ops["Cardiomegaly"]) >= {"criterion", "threshold", "sensitivity", "specificity", "ppv",
+                                            "counts_over_seeds"}
     assert set(m["variants"]["B5"]["bl_tta"]) == {"1", "8", "64"}
     assert m["variants"]["B0"]["ood_score"].startswith("mean predictive entropy")
     assert m["variants"]["B5"]["ood_score"] == "mean log radius of the box"
@@ -66,6 +73,8 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
     assert "B2" in m["not_measured"]
     table = (tmp_path / "table.md").read_text()
     assert "| **B5 full" in table and "BL-TTA" in table and "B2 Bootstrapping-style" in table
+    assert "| thresholds by |" in table and "Sensitivity / specificity per label" in table
+    assert "| Pneumothorax |" in table and "sensitivity:0.9,min_specificity:0.8" in table
     for png in ("roc_per_label.png", "reliability.png", "auroc_vs_shift.png", "radius_in_vs_out.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,282 @@
+"""Operating points: the threshold at which a finding is called present, and the rule that chose it.
+
+A bundle fits every label's threshold on its validation split, after calibration, by a stated
+criterion, and keeps each label's validation confusion counts at every candidate threshold
+(`RocTable`) so a site can switch a label to another criterion in its configuration without
+refitting (`[model.operating_points]`, applied by models.bundle.load_bundle).
+
+Criteria (the spec strings a card and a configuration use):
+- "accuracy": the highest validation accuracy (for the label: TP + TN over known images), ties
+  broken towards 0.5 (the accuracy-optimal threshold of a calibrated probability). The default:
+  a second reader is best served by a call that is right most often, and it is what the
+  elementwise accuracy of the paper's table measures.
+- "sensitivity:X": the highest threshold whose validation sensitivity is at least X;
+  "sensitivity:X,min_specificity:Y" the same, but never below the lowest threshold whose
+  validation specificity is at least Y. The urgent findings of a triage product get the latter
+  (URGENT_LABELS, URGENT_CRITERION): missing one costs more than a false alarm, but not without
+  limit.
+- "specificity:X": the lowest threshold whose validation specificity is at least X.
+- "f1": the highest F1 of the present calls; "youden": the highest sensitivity + specificity - 1
+  (the node's criterion before issue 16: on calibrated, flattened probabilities it picks low
+  thresholds and calls many findings present).
+- "threshold:X": a fixed threshold X in (0, 1), fitted on nothing.
+A label whose validation split has fewer than MIN_KNOWN known images or one class only gets 0.5,
+and the card says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.labels import LABELS
+
+# Findings a chest X-ray triage product flags as urgent: the one list the node consults.
+URGENT_LABELS: tuple[str, ...] = ("Pneumothorax", "Pleural Effusion")
+DEFAULT_CRITERION = "accuracy"
+# High sensitivity, but a flag that fires on more than one normal image in five is no triage a
+# reader trusts: on a weak bundle (few validation positives, phantom features) the sensitivity
+# point alone flagged about nine normal images in ten (tuned on phantoms of seed 101, not the
+# evaluation's seed).
+URGENT_CRITERION = "sensitivity:0.9,min_specificity:0.8"
+MIN_KNOWN = 5
+FALLBACK_THRESHOLD = 0.5
+ALL_OTHERS = "*"  # configuration key: every label not named
+
+_NAMED = ("accuracy", "f1", "youden")
+_PARAMETRISED = ("sensitivity", "specificity", "threshold")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A parsed operating-point spec. Build with Criterion.parse("sensitivity:0.9")."""
+
+    kind: str
+    value: float | None = None
+    min_specificity: float | None = None  # sensitivity only: never below the point with this specificity
+
+    @classmethod
+    def parse(cls, spec: str | Criterion) -> Criterion:
+        """Raises ValueError for an unknown criterion or a value outside (0, 1)."""
+        if isinstance(spec, Criterion):
+            return spec
+        text = str(spec).strip().lower()
+        text, comma, floor = text.partition(",")
+        if comma:
+            base = cls.parse(text)
+            key, _, arg = floor.partition(":")
+            if base.kind != "sensitivity" or key.strip() != "min_specificity":
+                raise ValueError(f"operating point {spec!r} not understood; the only compound is "
+                                 "sensitivity:X,min_specificity:Y")
+            return cls(base.kind, base.value, cls.parse(f"specificity:{arg}").value)
+        kind, sep, arg = text.partition(":")
+        kind = kind.strip()
+        if kind in _NAMED and not sep:
+            return cls(kind)
+        if kind in _PARAMETRISED and sep:
+            try:
+                value = float(arg)
+            except ValueError:
+                raise ValueError(f"operating point {spec!r}: {arg!r} is not a number") from None
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"operating point {spec!r}: the value must lie strictly between 0 and 1")
+            return cls(kind, value)
+        raise ValueError(f"operating point {spec!r} not understood; use one of {', '.join(_NAMED)}, "
+                         f"or sensitivity:X, specificity:X, threshold:X with 0 < X < 1")
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return self.kind
+        floor = "" if self.min_specificity is None else f",min_specificity:{self.min_specificity:g}"
+        return f"{self.kind}:{self.value:g}{floor}"
+
+    def describe(self) -> str:
+        """Words for a reader, e.g. "validation sensitivity >= 90%"."""
+        if self.kind == "accuracy":
+            return "best validation accuracy"
+        if self.kind == "f1":
+            return "best validation F1"
+        if self.kind == "youden":
+            return "best validation Youden's J"
+        if self.kind == "threshold":
+            return f"fixed threshold {self.value:g}"
+        words = f"validation {self.kind} >= {100 * self.value:.0f}%"
+        if self.min_specificity is not None:
+            words += f" (specificity kept >= {100 * self.min_specificity:.0f}%)"
+        return words
+
+
+def describe(spec: str) -> str:
+    """Reader's words for a spec; a spec this code does not parse (an old card's) is shown as is."""
+    try:
+        return Criterion.parse(spec).describe()
+    except ValueError:
+        return str(spec)
+
+
+def summary(criteria: Mapping[str, str]) -> str:
+    """One line naming the operating points of a result, e.g. "best validation accuracy;
+    validation sensitivity >= 90% for Pneumothorax, Pleural Effusion"; "" when none is named."""
+    named = {k: v for k, v in criteria.items() if v}
+    if not named:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for k, v in named.items():
+        groups.setdefault(describe(v), []).append(k)
+    main = max(groups, key=lambda d: len(groups[d]))
+    parts = [main if len(groups) > 1 or len(named) == len(LABELS) else f"{main} for {', '.join(groups[main])}"]
+    parts += [f"{d} for {', '.join(ks)}" for d, ks in groups.items() if d != main]
+    return "; ".join(parts)
+
+
+def default_criteria() -> dict[str, str]:
+    """The criterion each label gets in a new bundle: URGENT_CRITERION for URGENT_LABELS."""
+    return {k: URGENT_CRITERION if k in URGENT_LABELS else DEFAULT_CRITERION for k in LABELS}
+
+
+@dataclass(frozen=True)
+class RocTable:
+    """One label's validation confusion counts at every candidate threshold, ascending.
+
+    Candidates lie between consecutive distinct validation probabilities (midpoints), plus one
+    below the lowest and one above the highest, so every achievable split of the validation
+    images is represented and no threshold sits exactly on a validation score.
+    """
+
+    thresholds: np.ndarray  # (T,) ascending, in (0, 1)
+    tp: np.ndarray  # (T,) positives with p >= threshold
+    fp: np.ndarray  # (T,) negatives with p >= threshold
+    n_pos: int
+    n_neg: int
+
+    @classmethod
+    def from_scores(cls, p: np.ndarray, y: np.ndarray) -> RocTable:
+        """p: probabilities; y: 1 / 0 / nan (nan = unknown, left out)."""
+        p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+        known = ~np.isnan(y)
+        p, y = p[known], y[known]
+        u = np.unique(p)
+        if len(u):
+            # Rounded as the card stores them, so a reloaded table gives the same thresholds.
+            cands = np.unique(np.round(np.r_[u[0] / 2, (u[:-1] + u[1:]) / 2, (u[-1] + 1) / 2], 6))
+        else:
+            cands = np.array([FALLBACK_THRESHOLD])
+        pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+        tp = len(pos) - np.searchsorted(pos, cands, side="left")
+        fp = len(neg) - np.searchsorted(neg, cands, side="left")
+        return cls(cands, tp.astype(np.int64), fp.astype(np.int64), int(len(pos)), int(len(neg)))
+
+    @property
+    def usable(self) -> bool:
+        return self.n_pos + self.n_neg >= MIN_KNOWN and self.n_pos > 0 and self.n_neg > 0
+
+    def choose(self, criterion: str | Criterion) -> float:
+        """The threshold the criterion picks; FALLBACK_THRESHOLD when the table is not usable."""
+        c = Criterion.parse(criterion)
+        if c.kind == "threshold":
+            return float(c.value)
+        if not self.usable:
+            return FALLBACK_THRESHOLD
+        t = self.thresholds
+        tpr = self.tp / self.n_pos
+        tnr = 1 - self.fp / self.n_neg
+        if c.kind == "sensitivity":
+            ok = np.flatnonzero(tpr >= c.value - 1e-12)
+            chosen = float(t[ok[-1]])  # tpr falls as t rises; t[0] has tpr 1
+            if c.min_specificity is not None:  # not so low that most normal images are flagged
+                chosen = max(chosen, float(t[np.flatnonzero(tnr >= c.min_specificity - 1e-12)[0]]))
+            return chosen
+        if c.kind == "specificity":
+            ok = np.flatnonzero(tnr >= c.value - 1e-12)
+            return float(t[ok[0]])  # tnr rises with t; the last candidate has tnr 1
+        if c.kind == "accuracy":
+            score = self.tp + (self.n_neg - self.fp)
+        elif c.kind == "f1":
+            fn = self.n_pos - self.tp
+            score = np.where(self.tp > 0, 2 * self.tp / np.maximum(2 * self.tp + self.fp + fn, 1), 0.0)
+        else:  # youden
+            score = tpr + tnr - 1
+        best = np.flatnonzero(np.isclose(score, score.max(), rtol=0, atol=1e-12))
+        return float(t[best[np.argmin(np.abs(t[best] - 0.5))]])
+
+    def to_json(self) -> dict:
+        return {"thresholds": [float(v) for v in self.thresholds], "tp": self.tp.tolist(),
+                "fp": self.fp.tolist(), "n_pos": self.n_pos, "n_neg": self.n_neg}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> RocTable:
+        return cls(np.asarray(d["thresholds"], np.float64), np.asarray(d["tp"], np.int64),
+                   np.asarray(d["fp"], np.int64), int(d["n_pos"]), int(d["n_neg"]))
+
+
+def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None) -> dict:
+    """The card's "operating_points" entry and the thresholds it implies, from validation scores.
+
+    p, y: (B, L) calibrated validation probabilities and labels (nan = unknown). Returns
+    {"thresholds": {label: t}, "operating_points": {...}}.
+    """
+    criteria = {**default_criteria(), **(criteria or {})}
+    tables = {k: RocTable.from_scores(p[:, i], y[:, i]) for i, k in enumerate(LABELS)}
+    thresholds = {k: tables[k].choose(criteria[k]) for k in LABELS}
+    fallback = {k: (f"{tables[k].n_pos + tables[k].n_neg} known validation images, {tables[k].n_pos} positive: "
+                    f"threshold {FALLBACK_THRESHOLD}") for k in LABELS
+                if not tables[k].usable and Criterion.parse(criteria[k]).kind != "threshold"}
+    return {
+        "thresholds": thresholds,
+        "operating_points": {
+            "fitted_on": "validation split, calibrated probabilities",
+            "default_criterion": DEFAULT_CRITERION,
+            "urgent_labels": list(URGENT_LABELS),
+            "urgent_criterion": URGENT_CRITERION,
+            "criteria": {k: str(Criterion.parse(criteria[k])) for k in LABELS},
+            "descriptions": {k: describe(criteria[k]) for k in LABELS},
+            "fallback": fallback,
+            "validation_roc": {k: tables[k].to_json() for k in LABELS},
+        },
+    }
+
+
+def apply(card: Mapping, overrides: Mapping[str, str] | None) -> tuple[dict[str, float], dict[str, str]]:
+    """Thresholds and criterion per label: the card's, with a site's overrides applied.
+
+    overrides: label (or ALL_OTHERS) -> spec. Raises ValueError for an unknown label or spec, or
+    for a fitted criterion on a card that carries no validation ROC points (a bundle from before
+    operating points; only "threshold:X" applies to it).
+    """
+    ops = card.get("operating_points") or {}
+    criteria = {k: ops.get("criteria", {}).get(k, "bundle threshold") for k in LABELS}
+    thresholds = {k: float(card["thresholds"][k]) for k in LABELS}
+    if not overrides:
+        return thresholds, criteria
+    unknown = [k for k in overrides if k not in LABELS and k != ALL_OTHERS]
+    if unknown:
+        raise ValueError(f"operating points for unknown labels {unknown}; labels are {list(LABELS)}")
+    wanted = {k: overrides.get(k, overrides.get(ALL_OTHERS)) for k in LABELS}
+    for k, spec in wanted.items():
+        if spec is None:
+            continue
+        c = Criterion.parse(spec)
+        roc = ops.get("validation_roc", {}).get(k)
+        if roc is None and c.kind != "threshold":
+            raise ValueError(f"{k}: operating point {spec!r} needs the bundle's validation ROC points, which "
+                             "this bundle's card does not carry; rebuild the bundle or give threshold:X")
+        thresholds[k] = c.value if c.kind == "threshold" else RocTable.from_json(roc).choose(c)
+        criteria[k] = str(c)
+    return thresholds, criteria
+
+
+def confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """Counts and rates of one label's calls at a threshold over known images (test figures)."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    known = ~np.isnan(y)
+    y, call = y[known] == 1, p[known] >= threshold
+    tp, fp = int((call & y).sum()), int((call & ~y).sum())
+    fn, tn = int((~call & y).sum()), int((~call & ~y).sum())
+
+    def rate(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": rate(tp, tp + fn),
+            "specificity": rate(tn, tn + fp), "ppv": rate(tp, tp + fp)}
