@@ -84,8 +84,8 @@ class Model(Section):
     encoder_checkpoint: str = ""  # a MedSAM2 checkpoint for building the default bundle, if available
     default_images: int = 400  # phantoms the default bundle is trained on
     device: str = ""  # empty: cuda when available, else cpu
-    # Per-label operating point, instead of the bundle's own (best accuracy; sensitivity >= 0.90 for
-    # the urgent findings): label (or "*" for every other label) -> "accuracy", "f1", "youden",
+    # Per-label operating point, instead of the bundle's own (calibrated p >= 0.5; sensitivity >= 0.90 for
+    # the urgent findings): label (or "*" for every other label) -> "expected_accuracy", "accuracy", "f1", "youden",
     # "sensitivity:X", "specificity:X" or "threshold:X". Applied from the bundle's validation ROC
     # points without refitting; every result names the operating point it used.
     operating_points: dict[str, str] = {}

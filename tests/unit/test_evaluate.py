@@ -61,7 +61,7 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
         assert ("bl_tta" in v) == VARIANTS[name].box
         # accuracy and per-label sensitivity / specificity at the bundle's own thresholds, criterion named
         assert 0 <= v["elementwise_accuracy"]["mean"] <= 1
-        assert v["criteria"].startswith("accuracy") and "Pneumothorax" in v["criteria"]
+        assert v["criteria"].startswith("expected_accuracy") and "Pneumothorax" in v["criteria"]
         ops = v["operating_points"]
         assert set(ops) == set(LABELS) and ops["Pneumothorax"]["criterion"].startswith("sensitivity:0.9")
         assert set(ops["Cardiomegaly"]) >= {"criterion", "threshold", "sensitivity", "specificity", "ppv",

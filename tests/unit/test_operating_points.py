@@ -48,6 +48,7 @@ def test_accuracy_picks_one_half_on_calibrated_scores_where_youden_picks_the_pre
     p, y = _calibrated(40000, 1.0, 4.0)
     roc = op.RocTable.from_scores(p, y)
     assert abs(roc.choose("accuracy") - 0.5) < 0.04
+    assert roc.choose("expected_accuracy") == 0.5  # the default rests on that: Bayes for a calibrated p
     assert abs(roc.choose("youden") - 0.2) < 0.04
     assert abs(fit_thresholds(p[:4000, None], y[:4000, None])[0] - 0.2) < 0.06  # the old rule agrees
 
@@ -106,7 +107,7 @@ def test_one_class_or_too_few_images_fall_back_to_one_half_and_the_card_says_so(
     assert fitted["thresholds"]["Pneumothorax"] == op.FALLBACK_THRESHOLD  # one class
     assert set(fitted["operating_points"]["fallback"]) == set(LABELS[1:])
     assert fitted["operating_points"]["criteria"]["Pneumothorax"] == op.URGENT_CRITERION
-    assert fitted["operating_points"]["criteria"]["Cardiomegaly"] == "accuracy"
+    assert fitted["operating_points"]["criteria"]["Cardiomegaly"] == "expected_accuracy"
 
 
 @pytest.mark.parametrize("spec", ["sensitivity", "sensitivity:1.5", "accuracy:0.3", "magic", "threshold:abc",
@@ -136,7 +137,7 @@ def test_the_default_bundle_card_states_each_labels_operating_point_with_test_co
     assert ops["urgent_labels"] == list(op.URGENT_LABELS)
     test = card["metrics"]["test"]["operating_points"]
     for k in LABELS:
-        assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if k in op.URGENT_LABELS else "accuracy")
+        assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if k in op.URGENT_LABELS else "expected_accuracy")
         assert set(ops["validation_roc"][k]) == {"thresholds", "tp", "fp", "n_pos", "n_neg"}
         t = test[k]
         assert t["criterion"] == ops["criteria"][k] and t["threshold"] == card["thresholds"][k]
@@ -160,7 +161,7 @@ def test_a_site_operating_point_changes_present_and_the_results_name_it(tiny_bun
     assert by["Pleural Effusion"].present and by["Pleural Effusion"].operating_point == "threshold:0.001"
     assert own_by["Pleural Effusion"].operating_point == op.URGENT_CRITERION
     assert by["Fracture"].operating_point == "specificity:0.99"
-    assert by["Cardiomegaly"].operating_point == "accuracy" and by["Cardiomegaly"] == own_by["Cardiomegaly"]
+    assert by["Cardiomegaly"].operating_point == "expected_accuracy" and by["Cardiomegaly"] == own_by["Cardiomegaly"]
     everything = Predictor(load_bundle(tiny_bundle, {"*": "threshold:1e-9"}), device="cpu").predict([image], 0)[0]
     assert all(f.present for f in everything.findings) and not all(f.present for f in own.findings)
     model = site_bundle.identity()
@@ -202,7 +203,7 @@ def test_infer_json_and_sr_name_the_configured_operating_point(tmp_path, tiny_bu
     by = {f["label"]: f for f in summary["findings"]}
     assert by["Pleural Effusion"]["operating_point"] == "sensitivity:0.95"
     assert by["Pneumothorax"]["operating_point"] == "threshold:1e-09" and by["Pneumothorax"]["present"]
-    assert by["Edema"]["operating_point"] == "accuracy"
+    assert by["Edema"]["operating_point"] == "expected_accuracy"
     sr = pydicom.dcmread(tmp_path / "out" / summary["sr"])
     assert any(t.startswith("operating point sensitivity:0.95") for t in _texts(sr))
 
