@@ -191,38 +191,29 @@ class JobStore:
 
     def advance(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
         """Move a claimed job on; False if it was not in from_state (another worker won)."""
-        now = self._clock()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), lease_until=0, updated_at=? "
-                "WHERE id=? AND state=?",
-                (to_state, reason, now, job_id, from_state),
-            )
-            return cur.rowcount == 1
+        return self._move(job_id, from_state, to_state, reason, "attempts")
 
     def reopen(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
         """Like :meth:`advance`, and the job's attempts start again from 0 (a resend after a fix:
         the reconciler's give-up counts the attempts since)."""
-        now = self._clock()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts=0, lease_until=0, updated_at=? "
-                "WHERE id=? AND state=?",
-                (to_state, reason, now, job_id, from_state),
-            )
-            return cur.rowcount == 1
+        return self._move(job_id, from_state, to_state, reason, "0")
 
     def release(self, job_id: str, claimed_state: JobState, back_to: JobState, reason: str | None = None) -> bool:
         """Give a claimed job back (for a retry later) without counting it as done, nor as an
         attempt: attempts count the claims whose worker never came back (the reconciler gives up
         after max_attempts), and a worker that releases came back (a full spool, a paused
         destination, a broker away)."""
+        return self._move(job_id, claimed_state, back_to, reason, "MAX(attempts - 1, 0)")
+
+    def _move(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None,
+              attempts: str) -> bool:
+        """One compare-and-set state change; `attempts` is the SQL expression of the new count."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts=MAX(attempts-1, 0), lease_until=0, "
+                f"UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts={attempts}, lease_until=0, "
                 "updated_at=? WHERE id=? AND state=?",
-                (back_to, reason, now, job_id, claimed_state),
+                (to_state, reason, now, job_id, from_state),
             )
             return cur.rowcount == 1
 
