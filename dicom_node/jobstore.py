@@ -232,3 +232,9 @@ class JobStore:
             rows = db.execute("SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT ?",
                               (JobState.QUEUED, max(0, int(limit)))).fetchall()
         return [r[0] for r in rows]
+
+    def oldest_created_at(self, state: JobState | str) -> float | None:
+        """When the oldest job now in ``state`` was received (None: no job is in it)."""
+        with self._tx() as db:
+            row = db.execute("SELECT MIN(created_at) FROM jobs WHERE state=?", (str(state),)).fetchone()
+        return row[0] if row else None

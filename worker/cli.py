@@ -30,6 +30,26 @@ def _settings(config: Path | None) -> Settings:
     return load_settings(config)
 
 
+def _metrics_env(settings: Settings, clean: bool = False) -> None:
+    """prometheus-client's multiprocess folder (<spool>/metrics) for this process and its children;
+    set before prometheus-client is first imported. `up` starts it empty (clean)."""
+    folder = settings.metrics_dir
+    if clean:
+        for f in folder.glob("*.db"):
+            f.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(folder):
+        log.warning("metrics.single_process", why="prometheus_client was imported before its folder was set")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+def _console(settings: Settings):
+    """The node's HTTP app (/metrics, /healthz, /readyz, the web console) in a thread; .stop() ends it."""
+    from console.app import serve_in_thread
+
+    return serve_in_thread(settings)
+
+
 def ensure_bundle(settings: Settings) -> Path:
     """The configured bundle, or the default one, built on first start (minutes, once)."""
     from models.bundle import read_card
@@ -149,30 +169,48 @@ def _serve(settings: Settings, children: list[subprocess.Popen]) -> None:
 
 @app.command()
 def up(config: ConfigOpt = None) -> None:
-    """Listener, workers (gpu and io queues), sender and reconciler on this host."""
+    """Listener, workers (gpu and io queues), sender and reconciler on this host, and the HTTP app
+    (\\[console] host:port: /metrics, /healthz, /readyz)."""
     settings = _settings(config)
-    ensure_bundle(settings)
-    env = {**os.environ}
-    args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
-    children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
-                subprocess.Popen(args + ["--queues", "io"], env=env)]
-    _serve(settings, children)
+    _metrics_env(settings, clean=True)
+    console = _console(settings)
+    try:
+        ensure_bundle(settings)
+        env = {**os.environ}
+        args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
+        children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
+                    subprocess.Popen(args + ["--queues", "io"], env=env)]
+        _serve(settings, children)
+    finally:
+        console.stop()
 
 
 @app.command()
 def listen(config: ConfigOpt = None) -> None:
-    """The C-STORE listener and the reconciler only (workers run apart: `medsam2-cxr worker`)."""
-    _serve(_settings(config), [])
+    """The C-STORE listener, the reconciler and the HTTP app (workers run apart: `medsam2-cxr worker`)."""
+    settings = _settings(config)
+    _metrics_env(settings)
+    console = _console(settings)
+    try:
+        _serve(settings, [])
+    finally:
+        console.stop()
 
 
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
-           concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0) -> None:
+           concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0,
+           console: Annotated[bool, typer.Option(help="serve the HTTP app on \\[console] host:port too: for a "
+                                                      "worker host without a listener")] = False) -> None:
     """A Celery worker. gpu: one process, the model loaded lazily; io: processes that encode and
     send (encoding is CPU-bound Python: threads would share one core); gpu,io: one process with
-    threads, for a small single-host node."""
+    threads, for a small single-host node. Its metrics go to <spool>/metrics, which the
+    listener's /metrics on the same host reports."""
     settings = _settings(config)
+    _metrics_env(settings)
+    if console:
+        _console(settings)  # a daemon thread: it ends with the worker
     if "gpu" in queues.split(","):
         ensure_bundle(settings)
     from worker.app import make_app
@@ -183,6 +221,18 @@ def worker(config: ConfigOpt = None,
         queues, ["--pool=threads", f"--concurrency={n}"])
     celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
                             "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+
+
+@app.command("console")
+def console_cmd(config: ConfigOpt = None) -> None:
+    """The HTTP app alone on \\[console] host:port: /metrics, /healthz, /readyz (and the web console)."""
+    from console.app import ConsoleServer, create_app
+
+    settings = _settings(config)
+    _metrics_env(settings)
+    server = ConsoleServer(create_app(settings), settings)
+    typer.echo(f"medsam2-cxr console: {server.scheme}://{server.address}", err=True)
+    server.server.run()  # in the main thread: uvicorn stops on SIGTERM and SIGINT
 
 
 @app.command()

@@ -113,6 +113,14 @@ class Report(Section):
         return value
 
 
+class Console(Section):
+    # One HTTP server per node: /metrics, /healthz, /readyz (console/app.py), and the web console.
+    # HTTPS with [node.tls] cert and key when they are set.
+    host: str = "127.0.0.1"
+    port: int = 8910
+    destination_timeout_s: float = 2.0  # /readyz: how long a destination has to answer C-ECHO
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -125,6 +133,7 @@ class Settings(BaseSettings):
     worker: Worker = Field(default_factory=Worker)
     index: Index = Field(default_factory=Index)
     report: Report = Field(default_factory=Report)
+    console: Console = Field(default_factory=Console)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -140,6 +149,11 @@ class Settings(BaseSettings):
     @property
     def bundle_path(self) -> Path:
         return Path(self.model.bundle).resolve() if self.model.bundle else self.spool / "models" / "default"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client's multiprocess folder: every process of this node writes its metrics here."""
+        return self.spool / "metrics"
 
     @property
     def index_path(self) -> Path | None:
