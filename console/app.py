@@ -253,7 +253,13 @@ class ConsoleServer:
         config = uvicorn.Config(app, host=settings.console.host, port=settings.console.port, log_config=None,
                                 access_log=False, lifespan="off", log_level="warning", **ssl)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="console", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind: start() reports it
+            pass
 
     def start(self, timeout: float = 15.0) -> "ConsoleServer":
         self.thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -43,11 +44,25 @@ def _metrics_env(settings: Settings, clean: bool = False) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
+@contextlib.contextmanager
 def _console(settings: Settings):
-    """The node's HTTP app (/metrics, /healthz, /readyz, the web console) in a thread; .stop() ends it."""
+    """The node's HTTP app (/metrics, /healthz, /readyz, the web console) in a thread, for the
+    duration of the block. [console] port 0: none. A port that cannot be had is reported and the
+    node runs on without it: receiving images matters more (Prometheus alerts on a missing target)."""
     from console.app import serve_in_thread
 
-    return serve_in_thread(settings)
+    server = None
+    if settings.console.port:
+        try:
+            server = serve_in_thread(settings)
+        except RuntimeError as exc:
+            log.error("console.not_started", error=str(exc))
+            typer.echo(f"{exc}: running without /metrics, /healthz and /readyz", err=True)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def ensure_bundle(settings: Settings) -> Path:
@@ -173,16 +188,13 @@ def up(config: ConfigOpt = None) -> None:
     (\\[console] host:port: /metrics, /healthz, /readyz)."""
     settings = _settings(config)
     _metrics_env(settings, clean=True)
-    console = _console(settings)
-    try:
+    with _console(settings):
         ensure_bundle(settings)
         env = {**os.environ}
         args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
         children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
                     subprocess.Popen(args + ["--queues", "io"], env=env)]
         _serve(settings, children)
-    finally:
-        console.stop()
 
 
 @app.command()
@@ -190,11 +202,8 @@ def listen(config: ConfigOpt = None) -> None:
     """The C-STORE listener, the reconciler and the HTTP app (workers run apart: `medsam2-cxr worker`)."""
     settings = _settings(config)
     _metrics_env(settings)
-    console = _console(settings)
-    try:
+    with _console(settings):
         _serve(settings, [])
-    finally:
-        console.stop()
 
 
 @app.command()
@@ -209,8 +218,6 @@ def worker(config: ConfigOpt = None,
     listener's /metrics on the same host reports."""
     settings = _settings(config)
     _metrics_env(settings)
-    if console:
-        _console(settings)  # a daemon thread: it ends with the worker
     if "gpu" in queues.split(","):
         ensure_bundle(settings)
     from worker.app import make_app
@@ -219,8 +226,9 @@ def worker(config: ConfigOpt = None,
     n = concurrency or os.cpu_count() or 1
     pool = {"gpu": ["--pool=solo"], "io": ["--pool=prefork", f"--concurrency={n}"]}.get(
         queues, ["--pool=threads", f"--concurrency={n}"])
-    celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
-                            "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+    with _console(settings) if console else contextlib.nullcontext():
+        celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
+                                "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
 
 
 @app.command("console")

@@ -117,7 +117,7 @@ class Console(Section):
     # One HTTP server per node: /metrics, /healthz, /readyz (console/app.py), and the web console.
     # HTTPS with [node.tls] cert and key when they are set.
     host: str = "127.0.0.1"
-    port: int = 8910
+    port: int = 8910  # 0: no HTTP server
     destination_timeout_s: float = 2.0  # /readyz: how long a destination has to answer C-ECHO
 
 
