@@ -7,7 +7,8 @@ GPU is sampled by the GPU worker (worker.runtime), which sets the gauges defined
 
 Processes: under `up` (and `listen` + `worker` on one host) prometheus-client runs in its
 multiprocess mode. ``PROMETHEUS_MULTIPROC_DIR`` (``<spool>/metrics``) is set by the command
-before prometheus-client is first imported, so every process (the listener, the Celery workers
+before prometheus-client is first imported (dicom_node.metrics_dir, which also allocates each
+process's files so that a full spool cannot kill it), so every process (the listener, the Celery workers
 and their prefork children) writes its own memory-mapped files there and the HTTP app
 (console.app) adds them up at scrape time. Gauges that belong to a live process (GPU memory,
 model loaded) are ``live*`` gauges: :func:`sweep_dead` removes the files of processes that are
@@ -34,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+from dicom_node.metrics_dir import ENV
 UNKNOWN_AE = "unknown"  # a connection refused or violating before any association request was read
 OTHER_AE = "other"  # calling AE titles past the cap (see AeLabels)
 NOT_ALLOWED_AE = "not_allowed"  # refused because it is not on [node] allowed_calling_aets

@@ -32,16 +32,11 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _metrics_env(settings: Settings, clean: bool = False) -> None:
-    """prometheus-client's multiprocess folder (<spool>/metrics) for this process and its children;
-    set before prometheus-client is first imported. `up` starts it empty (clean)."""
-    folder = settings.metrics_dir
-    if clean:
-        for f in folder.glob("*.db"):
-            f.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(folder):
-        log.warning("metrics.single_process", why="prometheus_client was imported before its folder was set")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    """prometheus-client's multiprocess folder (<spool>/metrics) for this process and its
+    children, before prometheus-client is imported (dicom_node.metrics_dir). `up` empties it."""
+    from dicom_node.metrics_dir import prepare
+
+    prepare(settings.metrics_dir, clean=clean)
 
 
 @contextlib.contextmanager

@@ -196,3 +196,81 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path):
                for f in text_string_to_metric_families(out) for s in f.samples}
     assert samples[("medsam2_instances_received_total", (("calling_aet", "A"),))] == 2
     assert ("medsam2_model_loaded", (("device", "cpu"), ("model", "m"))) not in samples  # both processes ended
+
+
+def test_gpu_gauges_from_torch_allocator(monkeypatch):
+    """The GPU worker's sampler (worker.runtime.sample_gpu) with torch.cuda's answers faked:
+    no CUDA device here."""
+    import torch
+
+    from worker.runtime import sample_gpu
+
+    class Props:
+        total_memory = 1000
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 100)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 200)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 150)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    sample_gpu(torch.device("cuda", 0))
+    got = {n: value(f"medsam2_gpu_memory_{n}_bytes", device="cuda:0") for n in ("allocated", "reserved", "peak", "total")}
+    assert got == {"allocated": 100, "reserved": 200, "peak": 150, "total": 1000}
+
+
+TOUCH_EVERY_METRIC = """
+import os, sys
+from pathlib import Path
+from dicom_node.metrics_dir import prepare
+folder = Path(sys.argv[1])
+assert prepare(folder)
+from prometheus_client.metrics import MetricWrapperBase
+from dicom_node import metrics
+for m in vars(metrics).values():
+    if not isinstance(m, MetricWrapperBase):
+        continue
+    child = m.labels(*["x"] * len(m._labelnames)) if m._labelnames else m
+    {"counter": lambda: child.inc(), "histogram": lambda: child.observe(1), "gauge": lambda: child.set(1)}[m._type]()
+if len(sys.argv) > 2:  # then fill the filesystem and make many new series
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"0" * 4096)
+    except OSError:
+        pass
+    assert os.statvfs(folder).f_bavail == 0
+    for i in range(int(sys.argv[2])):
+        metrics.INSTANCES_QUARANTINED.labels(calling_aet=f"AE{i:05d}").inc()
+        metrics.SEND.labels(destination=f"PACS{i:05d}@h:1").observe(1)
+print(os.getpid())
+"""
+
+
+def test_every_metric_file_a_process_writes_is_reserved(tmp_path):
+    """dicom_node.metrics_dir allocates exactly the files prometheus-client then writes, so no
+    new series needs a page of the (possibly full) spool."""
+    from dicom_node.metrics_dir import FILES, RESERVED_BYTES
+
+    out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert out.returncode == 0, out.stderr
+    pid = out.stdout.split()[-1]
+    written = {p.name: p.stat() for p in tmp_path.iterdir()}
+    assert sorted(written) == sorted(f"{prefix}_{pid}.db" for prefix in FILES)
+    for st in written.values():
+        assert st.st_size == RESERVED_BYTES and st.st_blocks * 512 >= RESERVED_BYTES  # allocated, not sparse
+
+
+def test_a_full_spool_does_not_kill_a_process_that_counts(tmp_path):
+    """On a full filesystem, memory-mapped metric files that were sparse would kill the process
+    (SIGBUS) at its first new series; reserved ones do not. Needs a tmpfs (root)."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(where), "300"], capture_output=True,
+                             text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -1,0 +1,85 @@
+"""prometheus-client's multiprocess folder, prepared before prometheus-client is first imported.
+
+prometheus-client picks its multiprocess mode when it is imported, from ``PROMETHEUS_MULTIPROC_DIR``,
+so this module imports nothing of it: a command calls :func:`prepare` first (`up`, `listen`,
+`worker`, `console`), and a Celery prefork child calls :func:`reserve` when it starts.
+
+The folder is ``<spool>/metrics`` and the spool is meant to fill up (the listener then answers
+out of resources). prometheus-client writes each process's values into memory-mapped files it
+creates sparse: a new series on a full filesystem touches a page that cannot be allocated, and
+the process dies of SIGBUS. So each process's files are allocated for real when the process
+starts (:func:`reserve`, 1 MiB each: thousands of series), before prometheus-client opens them; it
+takes their size as its capacity. A process whose files cannot be allocated (the spool is full
+as it starts) keeps its metrics to itself rather than risk that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The files prometheus-client writes per process: <type>[_<gauge mode>]_<pid>.db, for the types
+# and gauge modes dicom_node.metrics uses (tests/unit/test_node_metrics.py checks the list).
+FILES = ("counter", "histogram", "gauge_livesum", "gauge_livemax")
+RESERVED_BYTES = 1 << 20
+
+
+def reserve(folder: Path, pid: int | None = None) -> None:
+    """Allocate this process's metric files in ``folder`` (a no-op for files that exist).
+
+    Raises
+    ------
+    OSError
+        The filesystem has no room for them (ENOSPC) or the folder is not writable.
+    """
+    pid = os.getpid() if pid is None else pid
+    for prefix in FILES:
+        path = Path(folder) / f"{prefix}_{pid}.db"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            if os.fstat(fd).st_size < RESERVED_BYTES:
+                os.posix_fallocate(fd, 0, RESERVED_BYTES)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+
+def prepare(folder: Path, clean: bool = False) -> bool:
+    """Make ``folder`` this process's (and its children's) multiprocess folder; ``clean`` empties
+    it first (`up`, whose processes are all new). False, with an error logged, when this process
+    runs with its metrics to itself (prometheus-client was imported already, or no room)."""
+    folder = Path(folder)
+    if clean:
+        for f in folder.glob("*.db"):
+            f.unlink()
+    if "prometheus_client" in sys.modules and os.environ.get(ENV) != str(folder):
+        log.error("metrics.single_process", why="prometheus_client was imported before its folder was set")
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        reserve(folder)
+    except OSError as exc:
+        log.error("metrics.single_process", why=f"cannot allocate the metric files in {folder}: {exc}")
+        os.environ.pop(ENV, None)
+        return False
+    os.environ[ENV] = str(folder)
+    return True
+
+
+def reserve_in_child() -> None:
+    """For a forked child (Celery's worker_process_init): its own files, before its first metric."""
+    folder = os.environ.get(ENV)
+    if not folder:
+        return
+    try:
+        reserve(Path(folder))
+    except OSError as exc:
+        log.error("metrics.reserve_failed", folder=folder, error=str(exc))
