@@ -8,7 +8,7 @@ The folder is ``<spool>/metrics`` and the spool is meant to fill up (the listene
 out of resources). prometheus-client writes each process's values into memory-mapped files it
 creates sparse: a new series on a full filesystem touches a page that cannot be allocated, and
 the process dies of SIGBUS. So each process's files are allocated for real when the process
-starts (:func:`reserve`, 1 MiB each: thousands of series), before prometheus-client opens them; it
+starts (:func:`reserve`, half a MiB per process), before prometheus-client opens them; it
 takes their size as its capacity. A process whose files cannot be allocated (the spool is full
 as it starts) keeps its metrics to itself rather than risk that.
 """
@@ -24,10 +24,11 @@ import structlog
 log = structlog.get_logger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-# The files prometheus-client writes per process: <type>[_<gauge mode>]_<pid>.db, for the types
-# and gauge modes dicom_node.metrics uses (tests/unit/test_node_metrics.py checks the list).
-FILES = ("counter", "histogram", "gauge_livesum", "gauge_livemax")
-RESERVED_BYTES = 1 << 20
+# The files prometheus-client writes per process, <type>[_<gauge mode>]_<pid>.db, for the types
+# and gauge modes dicom_node.metrics uses (tests/unit/test_node_metrics.py checks the list), and
+# the bytes each gets: the listener's counters with 64 calling AE titles take about 95 KB, its
+# histograms with 5 destinations 20 KB. Past that, prometheus-client grows the file sparse.
+FILES = {"counter": 256 << 10, "histogram": 128 << 10, "gauge_livesum": 64 << 10, "gauge_livemax": 64 << 10}
 
 
 def reserve(folder: Path, pid: int | None = None) -> None:
@@ -39,12 +40,12 @@ def reserve(folder: Path, pid: int | None = None) -> None:
         The filesystem has no room for them (ENOSPC) or the folder is not writable.
     """
     pid = os.getpid() if pid is None else pid
-    for prefix in FILES:
+    for prefix, size in FILES.items():
         path = Path(folder) / f"{prefix}_{pid}.db"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            if os.fstat(fd).st_size < RESERVED_BYTES:
-                os.posix_fallocate(fd, 0, RESERVED_BYTES)
+            if os.fstat(fd).st_size < size:
+                os.posix_fallocate(fd, 0, size)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)

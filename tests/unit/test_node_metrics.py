@@ -230,7 +230,7 @@ for m in vars(metrics).values():
         continue
     child = m.labels(*["x"] * len(m._labelnames)) if m._labelnames else m
     {"counter": lambda: child.inc(), "histogram": lambda: child.observe(1), "gauge": lambda: child.set(1)}[m._type]()
-if len(sys.argv) > 2:  # then fill the filesystem and make many new series
+if len(sys.argv) > 2:  # then fill the filesystem and make new series, as many as the node makes at most
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
     try:
         while True:
@@ -238,9 +238,15 @@ if len(sys.argv) > 2:  # then fill the filesystem and make many new series
     except OSError:
         pass
     assert os.statvfs(folder).f_bavail == 0
-    for i in range(int(sys.argv[2])):
-        metrics.INSTANCES_QUARANTINED.labels(calling_aet=f"AE{i:05d}").inc()
-        metrics.SEND.labels(destination=f"PACS{i:05d}@h:1").observe(1)
+    for i in range(64):  # as many calling AE titles as metrics.AeLabels lets through, and 5 destinations
+        for counter in (metrics.INSTANCES_RECEIVED, metrics.INSTANCES_SKIPPED, metrics.INSTANCES_QUARANTINED,
+                        metrics.ASSOCIATIONS_REFUSED):
+            counter.labels(calling_aet=f"AE_TITLE_{i:06d}").inc()
+        for reason in ("out_of_resources", "processing_failure"):
+            metrics.INSTANCES_REFUSED.labels(calling_aet=f"AE_TITLE_{i:06d}", reason=reason).inc()
+    for i in range(5):
+        metrics.SEND.labels(destination=f"PACSNAME{i}@10.0.0.{i}:104").observe(1)
+        metrics.DEAD_LETTERS.labels(destination=f"PACSNAME{i}@10.0.0.{i}:104").inc()
 print(os.getpid())
 """
 
@@ -248,7 +254,7 @@ print(os.getpid())
 def test_every_metric_file_a_process_writes_is_reserved(tmp_path):
     """dicom_node.metrics_dir allocates exactly the files prometheus-client then writes, so no
     new series needs a page of the (possibly full) spool."""
-    from dicom_node.metrics_dir import FILES, RESERVED_BYTES
+    from dicom_node.metrics_dir import FILES
 
     out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(tmp_path)], capture_output=True, text=True,
                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
@@ -256,8 +262,9 @@ def test_every_metric_file_a_process_writes_is_reserved(tmp_path):
     pid = out.stdout.split()[-1]
     written = {p.name: p.stat() for p in tmp_path.iterdir()}
     assert sorted(written) == sorted(f"{prefix}_{pid}.db" for prefix in FILES)
-    for st in written.values():
-        assert st.st_size == RESERVED_BYTES and st.st_blocks * 512 >= RESERVED_BYTES  # allocated, not sparse
+    for prefix, size in FILES.items():
+        st = written[f"{prefix}_{pid}.db"]
+        assert st.st_size == size and st.st_blocks * 512 >= size  # allocated, not sparse, and not grown
 
 
 def test_a_full_spool_does_not_kill_a_process_that_counts(tmp_path):
@@ -268,7 +275,7 @@ def test_a_full_spool_does_not_kill_a_process_that_counts(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
-        out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(where), "300"], capture_output=True,
+        out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(where), "full"], capture_output=True,
                              text=True, timeout=120,
                              env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
         assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
