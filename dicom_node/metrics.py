@@ -96,13 +96,19 @@ def model_label(digest: str) -> str:
     return digest[:12]
 
 
-def record_prediction(digest: str, out_of_distribution: bool, present: Iterable[str]) -> None:
+def record_prediction(digest: str, prediction) -> None:
+    """Count one prediction (a models.prediction.Prediction): its OOD flag and each finding
+    present. Every label's series exists from the first prediction on (at 0), so a rate is 0,
+    not missing."""
     m = model_label(digest)
     PREDICTIONS.labels(model=m).inc()
-    if out_of_distribution:
-        PREDICTIONS_OOD.labels(model=m).inc()
-    for label in present:
-        POSITIVES.labels(model=m, label=label).inc()
+    ood = PREDICTIONS_OOD.labels(model=m)
+    if prediction.out_of_distribution:
+        ood.inc()
+    for finding in prediction.findings:
+        positive = POSITIVES.labels(model=m, label=finding.label)
+        if finding.present:
+            positive.inc()
 
 
 class AeLabels:

@@ -268,7 +268,7 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
                              present=[f.label for f in pred.findings if f.present])
-            metrics.record_prediction(model.digest, pred.out_of_distribution, (f.label for f in pred.findings if f.present))
+            metrics.record_prediction(model.digest, pred)
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
     if transient:
