@@ -71,9 +71,12 @@ class Readiness:
     clock: Callable[[], float] = time.monotonic
     _echoes: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _jobs: JobStore | None = None
 
     def jobs(self) -> Check:
-        counts = JobStore(self.settings.spool / "jobs.sqlite").counts()
+        if self._jobs is None:  # opened on the first check: one that cannot be opened fails the check
+            self._jobs = JobStore(self.settings.spool / "jobs.sqlite")
+        counts = self._jobs.counts()
         return Check(True, f"{sum(counts.values())} jobs")
 
     def broker(self) -> Check:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from dicom_node import metrics_dir
 from dicom_node.metrics_dir import ENV
 UNKNOWN_AE = "unknown"  # a connection refused or violating before any association request was read
 OTHER_AE = "other"  # calling AE titles past the cap (see AeLabels)
@@ -145,31 +145,17 @@ def multiprocess_dir() -> Path | None:
     return Path(value) if value else None
 
 
-_PID = re.compile(r"_(\d+)\.db$")
-
-
-def sweep_dead(folder: Path, alive: Callable[[int], bool] | None = None) -> list[int]:
+def sweep_dead(folder: Path, alive: Callable[[int], bool] = metrics_dir.alive) -> list[int]:
     """Mark processes that are gone as dead (their ``live*`` gauges stop counting); returns their pids.
 
     Their counters and histograms stay: what they counted happened. Run at scrape time, so a
     worker killed by a signal (no exit hook runs) is marked too.
     """
-    alive = alive or _alive
-    dead = sorted({int(m.group(1)) for f in glob.glob(str(folder / "gauge_live*_*.db"))
-                   if (m := _PID.search(f)) and not alive(int(m.group(1)))})
+    dead = sorted(pid for pid in metrics_dir.pids(folder) if not alive(pid)
+                  and glob.glob(str(folder / f"gauge_live*_{pid}.db")))
     for pid in dead:
         multiprocess.mark_process_dead(pid, str(folder))
     return dead
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Default(Collector):

@@ -16,6 +16,7 @@ as it starts) keeps its metrics to itself rather than risk that.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,12 +54,33 @@ def reserve(folder: Path, pid: int | None = None) -> None:
         os.close(fd)
 
 
+_PID = re.compile(r"_(\d+)\.db$")
+
+
+def pids(folder: Path) -> set[int]:
+    """The processes that have metric files in ``folder``."""
+    return {int(m.group(1)) for f in Path(folder).glob("*.db") if (m := _PID.search(f.name))}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def prepare(folder: Path, clean: bool = False) -> bool:
-    """Make ``folder`` this process's (and its children's) multiprocess folder; ``clean`` empties
-    it first (`up`, whose processes are all new). False, with an error logged, when this process
-    runs with its metrics to itself (prometheus-client was imported already, or no room)."""
+    """Make ``folder`` this process's (and its children's) multiprocess folder. It is emptied
+    first with ``clean`` (`up`, whose processes are all new), or when every process that wrote
+    there is gone (`listen` and `worker` started apart: the files of processes that ended would
+    pile up, one set per restart; all counters then start again from 0 together, as after a
+    restart of `up`). False, with an error logged, when this process runs with its metrics to
+    itself (prometheus-client was imported already, or no room)."""
     folder = Path(folder)
-    if clean:
+    if clean or not any(alive(pid) for pid in pids(folder)):
         for f in folder.glob("*.db"):
             f.unlink()
     if "prometheus_client" in sys.modules and os.environ.get(ENV) != str(folder):

@@ -229,13 +229,13 @@ def worker(config: ConfigOpt = None,
 @app.command("console")
 def console_cmd(config: ConfigOpt = None) -> None:
     """The HTTP app alone on \\[console] host:port: /metrics, /healthz, /readyz (and the web console)."""
-    from console.app import ConsoleServer, create_app
-
     settings = _settings(config)
     _metrics_env(settings)
+    from console.app import ConsoleServer, create_app  # after _metrics_env: it imports prometheus-client
+
     server = ConsoleServer(create_app(settings), settings)
     typer.echo(f"medsam2-cxr console: {server.scheme}://{server.address}", err=True)
-    server.server.run()  # in the main thread: uvicorn stops on SIGTERM and SIGINT
+    server.server.run()  # in the main thread: uvicorn shuts down on SIGTERM or SIGINT, then re-raises it
 
 
 @app.command()

@@ -146,6 +146,7 @@ def test_prometheus_scrapes_a_running_node(tmp_path, tiny_bundle, phantom_dir):
         pacs.terminate()
         pacs.wait(timeout=10)
     assert not _port_open(http_port), "the HTTP app outlived up"
+    assert "metrics.single_process" not in log.read_text()  # every process wrote to the multiprocess folder
 
 
 def test_the_http_app_serves_https_with_the_node_certificate(tmp_path):
@@ -175,4 +176,23 @@ def test_the_http_app_serves_https_with_the_node_certificate(tmp_path):
             ConsoleServer(create_app(settings), settings).start()
     finally:
         server.stop()
+    assert not _port_open(port)
+
+
+def test_the_console_command_serves_the_app_until_sigterm(tmp_path):
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[paths]\nspool = "{tmp_path / "var"}"\n[console]\nport = {port}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "console", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _get(f"http://127.0.0.1:{port}/healthz"), 60, "the console to answer")
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=20)
+        assert r.status_code == 503 and "model" in r.json()["failed"]  # no bundle built in this spool
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)  # uvicorn shuts down, then dies of the signal it was sent
+    errors = proc.stderr.read()
+    assert code in (0, -signal.SIGTERM), errors
+    assert "metrics.single_process" not in errors  # its metrics folder was set before prometheus-client came
     assert not _port_open(port)

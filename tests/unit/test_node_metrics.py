@@ -281,3 +281,17 @@ def test_a_full_spool_does_not_kill_a_process_that_counts(tmp_path):
         assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_the_folder_is_emptied_only_when_every_process_that_wrote_there_is_gone(tmp_path):
+    from dicom_node import metrics_dir
+
+    gone = subprocess.run([os.sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f"counter_{gone}.db").write_bytes(b"")
+    (tmp_path / f"counter_{os.getpid()}.db").write_bytes(b"")
+    metrics_dir.prepare(tmp_path)  # this test's process is alive: nothing goes
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+    (tmp_path / f"counter_{os.getpid()}.db").unlink()
+    metrics_dir.prepare(tmp_path)  # only a process that ended wrote there: emptied
+    assert not (tmp_path / f"counter_{gone}.db").exists()
