@@ -15,6 +15,7 @@ as it starts) keeps its metrics to itself rather than risk that.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sys
@@ -80,15 +81,19 @@ def prepare(folder: Path, clean: bool = False) -> bool:
     restart of `up`). False, with an error logged, when this process runs with its metrics to
     itself (prometheus-client was imported already, or no room)."""
     folder = Path(folder)
-    if clean or not any(alive(pid) for pid in pids(folder)):
-        for f in folder.glob("*.db"):
-            f.unlink()
-    if "prometheus_client" in sys.modules and os.environ.get(ENV) != str(folder):
-        log.error("metrics.single_process", why="prometheus_client was imported before its folder was set")
-        return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        reserve(folder)
+        # One process at a time from the check to its own files: two starting together (systemd)
+        # must not both find the folder idle, and the second empty it of the first one's files.
+        with open(folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if clean or not any(alive(pid) for pid in pids(folder)):
+                for f in folder.glob("*.db"):
+                    f.unlink()
+            if "prometheus_client" in sys.modules and os.environ.get(ENV) != str(folder):
+                log.error("metrics.single_process", why="prometheus_client was imported before its folder was set")
+                return False
+            reserve(folder)
     except OSError as exc:
         log.error("metrics.single_process", why=f"cannot allocate the metric files in {folder}: {exc}")
         os.environ.pop(ENV, None)

@@ -260,7 +260,7 @@ def test_every_metric_file_a_process_writes_is_reserved(tmp_path):
                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
     assert out.returncode == 0, out.stderr
     pid = out.stdout.split()[-1]
-    written = {p.name: p.stat() for p in tmp_path.iterdir()}
+    written = {p.name: p.stat() for p in tmp_path.glob("*.db")}
     assert sorted(written) == sorted(f"{prefix}_{pid}.db" for prefix in FILES)
     for prefix, size in FILES.items():
         st = written[f"{prefix}_{pid}.db"]
