@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -123,17 +124,19 @@ class AeLabels:
         self.allowed = frozenset(allowed)
         self.cap = cap
         self._seen: set[str] = set()
+        self._lock = threading.Lock()  # one listener thread per association
 
     def __call__(self, calling_aet: str | None) -> str:
         if not calling_aet:
             return UNKNOWN_AE
         if self.allowed:
             return calling_aet if calling_aet in self.allowed else NOT_ALLOWED_AE
-        if calling_aet in self._seen:
-            return calling_aet
-        if len(self._seen) < self.cap:
-            self._seen.add(calling_aet)
-            return calling_aet
+        with self._lock:
+            if calling_aet in self._seen:
+                return calling_aet
+            if len(self._seen) < self.cap:
+                self._seen.add(calling_aet)
+                return calling_aet
         return OTHER_AE
 
 
