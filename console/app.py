@@ -269,7 +269,8 @@ class ConsoleServer:
         end = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > end:
-                raise RuntimeError(f"console: cannot serve on {self.address} (port in use, or TLS certificate unreadable?)")
+                raise RuntimeError(f"console: cannot serve on {self.address} "
+                                   "(port in use, or TLS certificate unreadable?)")
             time.sleep(0.05)
         log.info("console.started", url=f"{self.scheme}://{self.address}")
         return self
