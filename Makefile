@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The real DICOM peers the tests talk to: DCMTK, dicom3tools, Orthanc (Debian packages), and
-# Chromium for the console's browser test (Playwright drives Debian's; its own download is not used).
+# The real peers the tests talk to: DCMTK, dicom3tools, Orthanc, Chromium for the console's browser
+# test (Playwright drives Debian's; its own download is not used), Prometheus (Debian packages).
 peers:
 	@command -v /usr/bin/storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null && \
 	  test -x /usr/bin/chromium || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc chromium >/dev/null)
+	@# Prometheus and promtool (deploy/prometheus tests); no daemon left from the package: tests start their own
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  ((apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) && \
+	   (systemctl stop prometheus 2>/dev/null || service prometheus stop >/dev/null 2>&1 || true))
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
 

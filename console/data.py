@@ -179,7 +179,7 @@ class EchoCache:
 
     def __init__(self, settings, echo: Callable | None = None, ttl_s: float = 15.0) -> None:
         self.settings, self.ttl_s = settings, ttl_s
-        self._echo = echo or (lambda d: c_echo(d, settings.console.echo_timeout_s, settings.node.ae_title))
+        self._echo = echo or (lambda d: c_echo(d, settings.console.destination_timeout_s, settings.node.ae_title))
         self._at, self._value = 0.0, []
         self._lock = threading.Lock()
 

@@ -298,3 +298,9 @@ class JobStore:
             return [tuple(r) for r in db.execute(
                 "SELECT state, created_at, updated_at FROM jobs WHERE created_at>=? ORDER BY created_at",
                 (float(since),)).fetchall()]
+
+    def oldest_created_at(self, state: JobState | str) -> float | None:
+        """When the oldest job now in ``state`` was received (None: no job is in it)."""
+        with self._tx() as db:
+            row = db.execute("SELECT MIN(created_at) FROM jobs WHERE state=?", (str(state),)).fetchone()
+        return row[0] if row else None

@@ -63,6 +63,7 @@ from pydicom.uid import (
     UID,
 )
 
+from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.filters import classify
 from dicom_node.jobstore import JobState, JobStore
@@ -199,6 +200,7 @@ class _Deps:
     enqueue: Callable[[str], None]
     new_id: Callable[[], str]
     lookup_key: bytes = field(default=b"", repr=False)
+    ae_label: metrics.AeLabels = field(default_factory=metrics.AeLabels)  # calling AE -> metric label (a bounded set)
 
 
 class _ReadWarnings(logging.Handler):
@@ -262,6 +264,7 @@ def handle_rejected(event: evt.Event, deps: _Deps) -> None:
     else:
         reason = "association rejected (called AE title or no acceptable context)"
     log.warning("association refused", calling_aet=calling, peer=_peer(event), reason=reason)
+    metrics.ASSOCIATIONS_REFUSED.labels(calling_aet=deps.ae_label(calling)).inc()
     _audit_quietly(deps, "refused", calling_aet=calling, peer=_peer(event), reason=reason)
 
 
@@ -486,6 +489,7 @@ def _answer(status: int, comment: str) -> Dataset:
 def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
     """Persist first, then parse, classify, record, enqueue. Returns a C-STORE status."""
     calling = _calling_aet(event)
+    ae = deps.ae_label(calling)
     job_id = deps.new_id()
     path = deps.spool.incoming_path(job_id)
     try:
@@ -493,10 +497,12 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
     except OutOfSpace as exc:
         log.error("spool full, refusing instance", job_id=job_id, calling_aet=calling, error=str(exc))
         _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool full")
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="out_of_resources").inc()
         return OUT_OF_RESOURCES
     except OSError as exc:
         log.error("spool write failed", job_id=job_id, calling_aet=calling, error=str(exc))
         _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool write failed")
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="processing_failure").inc()
         return PROCESSING_FAILURE
 
     # From here the bytes are safe on disk.
@@ -507,6 +513,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
         path.unlink(missing_ok=True)
         log.error("inspection failed; instance refused", job_id=job_id, calling_aet=calling, error=str(exc))
         _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool write failed while inflating")
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="out_of_resources").inc()
         return _answer(OUT_OF_RESOURCES, "no spool space to inflate the data set")
     if reason is None:
         try:
@@ -522,6 +529,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
             log.exception("quarantine failed; bytes dropped", job_id=job_id)
         _audit_quietly(deps, "quarantined", job_id=job_id, calling_aet=calling, peer=_peer(event), reason=reason)
         log.warning("instance quarantined", job_id=job_id, calling_aet=calling, reason=reason)
+        metrics.INSTANCES_QUARANTINED.labels(calling_aet=ae).inc()
         return _answer(CANNOT_UNDERSTAND, reason)
 
     sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
@@ -546,8 +554,8 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
                   disk_full=full)
         if full:
             _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="spool full")
-            return OUT_OF_RESOURCES
-        return PROCESSING_FAILURE
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="out_of_resources" if full else "processing_failure").inc()
+        return OUT_OF_RESOURCES if full else PROCESSING_FAILURE
 
     fields = dict(
         job_id=job.id,
@@ -560,6 +568,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
     queued = job.state == JobState.QUEUED
     _audit_quietly(deps, "received" if queued else "skipped", **fields)
     log.info("instance received" if queued else "instance skipped", state=str(job.state), **fields)
+    (metrics.INSTANCES_RECEIVED if queued else metrics.INSTANCES_SKIPPED).labels(calling_aet=ae).inc()
 
     if queued:
         try:
@@ -572,6 +581,7 @@ def handle_store(event: evt.Event, deps: _Deps) -> int | Dataset:
 def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
     def refused(peer: str, reason: str) -> None:
         log.warning("connection refused", peer=peer, reason=reason)
+        metrics.ASSOCIATIONS_REFUSED.labels(calling_aet=metrics.UNKNOWN_AE).inc()
         _audit_quietly(deps, "refused", peer=peer, reason=reason)
 
     def violation(peer: str, reason: str, data: bytes) -> None:
@@ -581,6 +591,7 @@ def _guard(cfg: ListenerConfig, deps: _Deps) -> Guard:
         except Exception:  # noqa: BLE001 - a full spool must not keep the abort from going out
             log.exception("PDU quarantine failed", quarantine_id=qid)
         log.warning("PDU refused", peer=peer, reason=reason, quarantine_id=qid)
+        metrics.INSTANCES_QUARANTINED.labels(calling_aet=metrics.UNKNOWN_AE).inc()
         _audit_quietly(deps, "quarantined", peer=peer, reason=reason, quarantine_id=qid)
 
     return Guard(max_pdu_length=cfg.max_pdu_length, allowed_networks=parse_networks(cfg.allowed_addresses),
@@ -622,7 +633,8 @@ def start_listener(
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
 
-    deps = _Deps(cfg, spool, jobs, audit, enqueue, new_id, cfg.lookup_key or spool_secret(spool.root, "lookup"))
+    deps = _Deps(cfg, spool, jobs, audit, enqueue, new_id, cfg.lookup_key or spool_secret(spool.root, "lookup"),
+                 metrics.AeLabels(cfg.allowed_calling_aets))
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),

@@ -18,6 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicom_node import metrics
+
 log = structlog.get_logger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
@@ -129,6 +131,33 @@ def send(
             assoc.release()
 
 
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def echo(dest: Destination, calling_ae: str = "MEDSAM2CXR", timeout: float = 2.0) -> str | None:
+    """C-ECHO ``dest``: None when it answered success, else what went wrong (for /readyz)."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    tls_args = (dest.tls, dest.host) if dest.tls is not None else None
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    except Exception as exc:  # noqa: BLE001 - e.g. a TLS handshake failure
+        return f"association failed: {type(exc).__name__}: {exc}"
+    if not assoc.is_established:
+        return "association " + ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
+                                 else "failed (no answer)")
+    try:
+        rsp = assoc.send_c_echo()
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            return "no C-ECHO response"
+        return None if code_to_category(status) == STATUS_SUCCESS else f"C-ECHO status 0x{status:04X}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def retry_window_s(attempts: int, backoff_s: float, max_backoff_s: float, timeout: float,
                    files: int = 3, margin_s: float = 30.0) -> float:
     """The longest :func:`send_with_retry` can take: every attempt timing out on the association
@@ -164,6 +193,7 @@ def send_with_retry(
             send(files, dest, **kw)
             return
         except DeliveryFailed as exc:
+            metrics.SEND_ATTEMPTS_FAILED.labels(destination=metrics.destination_label(dest)).inc()
             if attempt == attempts:
                 log.error("delivery failed, giving up", destination=str(dest), attempt=attempt,
                           error=str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -28,6 +29,35 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML 
 def _settings(config: Path | None) -> Settings:
     logs.configure()
     return load_settings(config)
+
+
+def _metrics_env(settings: Settings, clean: bool = False) -> None:
+    """prometheus-client's multiprocess folder (<spool>/metrics) for this process and its
+    children, before prometheus-client is imported (dicom_node.metrics_dir). `up` empties it."""
+    from dicom_node.metrics_dir import prepare
+
+    prepare(settings.metrics_dir, clean=clean)
+
+
+@contextlib.contextmanager
+def _console(settings: Settings):
+    """The node's HTTP app (/metrics, /healthz, /readyz, the web console) in a thread, for the
+    duration of the block. [console] port 0: none. A port that cannot be had is reported and the
+    node runs on without it: receiving images matters more (Prometheus alerts on a missing target)."""
+    from console.app import serve_in_thread
+
+    server = None
+    if settings.console.port:
+        try:
+            server = serve_in_thread(settings)
+        except RuntimeError as exc:
+            log.error("console.not_started", error=str(exc))
+            typer.echo(f"{exc}: running without /metrics, /healthz and /readyz", err=True)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def ensure_bundle(settings: Settings) -> Path:
@@ -151,30 +181,40 @@ def _serve(settings: Settings, children: list[subprocess.Popen]) -> None:
 
 @app.command()
 def up(config: ConfigOpt = None) -> None:
-    """Listener, workers (gpu and io queues), sender and reconciler on this host."""
+    """Listener, workers (gpu and io queues), sender and reconciler on this host, and the HTTP app
+    (\\[console] host:port: /metrics, /healthz, /readyz)."""
     settings = _settings(config)
-    ensure_bundle(settings)
-    env = {**os.environ}
-    args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
-    children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
-                subprocess.Popen(args + ["--queues", "io"], env=env)]
-    _serve(settings, children)
+    _metrics_env(settings, clean=True)
+    with _console(settings):
+        ensure_bundle(settings)
+        env = {**os.environ}
+        args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
+        children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
+                    subprocess.Popen(args + ["--queues", "io"], env=env)]
+        _serve(settings, children)
 
 
 @app.command()
 def listen(config: ConfigOpt = None) -> None:
-    """The C-STORE listener and the reconciler only (workers run apart: `medsam2-cxr worker`)."""
-    _serve(_settings(config), [])
+    """The C-STORE listener, the reconciler and the HTTP app (workers run apart: `medsam2-cxr worker`)."""
+    settings = _settings(config)
+    _metrics_env(settings)
+    with _console(settings):
+        _serve(settings, [])
 
 
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
-           concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0) -> None:
+           concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0,
+           console: Annotated[bool, typer.Option(help="serve the HTTP app on \\[console] host:port too: for a "
+                                                      "worker host without a listener")] = False) -> None:
     """A Celery worker. gpu: one process, the model loaded lazily; io: processes that encode and
     send (encoding is CPU-bound Python: threads would share one core); gpu,io: one process with
-    threads, for a small single-host node."""
+    threads, for a small single-host node. Its metrics go to <spool>/metrics, which the
+    listener's /metrics on the same host reports."""
     settings = _settings(config)
+    _metrics_env(settings)
     if "gpu" in queues.split(","):
         ensure_bundle(settings)
     from worker.app import make_app
@@ -183,8 +223,21 @@ def worker(config: ConfigOpt = None,
     n = concurrency or os.cpu_count() or 1
     pool = {"gpu": ["--pool=solo"], "io": ["--pool=prefork", f"--concurrency={n}"]}.get(
         queues, ["--pool=threads", f"--concurrency={n}"])
-    celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
-                            "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+    with _console(settings) if console else contextlib.nullcontext():
+        celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
+                                "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+
+
+@app.command("console")
+def console_cmd(config: ConfigOpt = None) -> None:
+    """The HTTP app alone on \\[console] host:port: /metrics, /healthz, /readyz (and the web console)."""
+    settings = _settings(config)
+    _metrics_env(settings)
+    from console.app import ConsoleServer, create_app  # after _metrics_env: it imports prometheus-client
+
+    server = ConsoleServer(create_app(settings), settings)
+    typer.echo(f"medsam2-cxr console: {server.scheme}://{server.address}", err=True)
+    server.server.run()  # in the main thread: uvicorn shuts down on SIGTERM or SIGINT, then re-raises it
 
 
 @app.command()

@@ -31,6 +31,7 @@ import pydicom
 import structlog
 from pydicom import Dataset
 
+from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.encoders.header import clean_header
 from dicom_node.encoders.sc import encode_sc
@@ -152,6 +153,7 @@ def fail_job(ctx: Context, job: Job, claimed: JobState, stage: str, what: str, e
         return False
     ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
                      error=type(exc).__name__, reason=reason, **extra)
+    metrics.JOBS_FAILED.labels(stage=stage).inc()
     log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
               error=type(exc).__name__, reason=reason, at=_where(exc))
     return True
@@ -238,7 +240,10 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
         with forward_lock or contextlib.nullcontext():
             t0 = time.perf_counter()
             predictions = _predict_each(predictor, images)
-            seconds = (time.perf_counter() - t0) / len(claimed)
+            step = time.perf_counter() - t0
+            seconds = step / len(claimed)
+        metrics.MODEL_STEP.observe(step)
+        metrics.BATCH_SIZE.observe(len(claimed))
         model = predictor.bundle.identity()
     done = []
     for i, (job, pred) in enumerate(zip(claimed, predictions)):
@@ -264,6 +269,7 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
                              present=[f.label for f in pred.findings if f.present])
+            metrics.record_prediction(model.digest, pred)
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
     if transient:
@@ -359,6 +365,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
     except DeliveryFailed as exc:
         where = ctx.spool.dead_letter(job_id, files, str(exc))
         ctx.jobs.advance(job_id, JobState.SENDING, JobState.DEAD, reason=str(exc))
+        metrics.DEAD_LETTERS.labels(destination=metrics.destination_label(dest)).inc()
         ctx.audit.record("dead_letter", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                          reason=str(exc), folder=str(where))
         log.error("deliver.dead_letter", job=job_id, destination=dest.ae_title)
@@ -370,10 +377,14 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
             raise
         what = "cannot encode results" if stage == "encode" else "cannot send results"
         return JobState.FAILED if fail_job(ctx, job, JobState.SENDING, stage, what, exc) else None
+    sent_s = time.perf_counter() - t0
     ctx.jobs.advance(job_id, JobState.SENDING, JobState.DONE)
+    since_received = time.time() - job.created_at
+    metrics.SEND.labels(destination=metrics.destination_label(dest)).observe(sent_s)
+    metrics.TIME_TO_STORED.observe(since_received)
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
-                     seconds=round(time.perf_counter() - t0, 3), since_received=round(time.time() - job.created_at, 3))
+                     seconds=round(sent_s, 3), since_received=round(since_received, 3))
     return JobState.DONE
 
 
@@ -446,6 +457,7 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
                 stage = "infer" if job.state == JobState.INFERRING else "encode or send"
                 ctx.audit.record("job_failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
                                  error="worker lost", reason=reason)
+                metrics.JOBS_FAILED.labels(stage="worker_lost").inc()
                 log.error("job.failed", job=job.id, sop_instance_uid=job.sop_instance_uid, stage=stage,
                           error="worker lost", reason=reason, attempts=job.attempts)
             continue

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobStore
 from dicom_node.sender import Destination, retry_window_s, send_with_retry
@@ -55,6 +57,11 @@ class Runtime:
 
                 self._predictor = Predictor(load_bundle(self.settings.bundle_path, self.settings.model.operating_points),
                                             device=self.settings.model.device or None)
+                device = self._predictor.device
+                metrics.MODEL_LOADED.labels(model=metrics.model_label(self._predictor.bundle.digest),
+                                            device=str(device)).set(1)
+                if device.type == "cuda":
+                    start_gpu_sampler(device)
             return self._predictor
 
     def decoder(self, processes: int) -> Executor:
@@ -80,6 +87,44 @@ class Runtime:
         s = self.settings.sender
         send_with_retry(files, dest, attempts=s.attempts, backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
                         calling_ae=self.settings.node.ae_title, timeout=s.timeout_s)
+
+
+def sample_gpu(device) -> None:
+    """Set the GPU gauges (dicom_node.metrics) from torch's allocator, and utilisation from NVML
+    when nvidia-ml-py is installed. Only in the process that owns the device (the GPU worker)."""
+    import torch
+
+    label = str(device)
+    metrics.GPU_MEMORY_ALLOCATED.labels(device=label).set(torch.cuda.memory_allocated(device))
+    metrics.GPU_MEMORY_RESERVED.labels(device=label).set(torch.cuda.memory_reserved(device))
+    metrics.GPU_MEMORY_PEAK.labels(device=label).set(torch.cuda.max_memory_allocated(device))
+    metrics.GPU_MEMORY_TOTAL.labels(device=label).set(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        import pynvml  # nvidia-ml-py, optional
+    except ImportError:
+        return
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        metrics.GPU_UTILIZATION.labels(device=label).set(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+    except pynvml.NVMLError as exc:
+        log.warning("gpu.nvml_unavailable", error=str(exc))
+
+
+def start_gpu_sampler(device, every_s: float = 5.0) -> threading.Thread:
+    """Sample the GPU every ``every_s`` seconds in a daemon thread of the GPU worker."""
+    def loop() -> None:
+        while True:
+            try:
+                sample_gpu(device)
+            except Exception:  # noqa: BLE001 - metrics must never stop the worker
+                log.exception("gpu.sample_failed")
+                return
+            time.sleep(every_s)
+
+    t = threading.Thread(target=loop, name="gpu-metrics", daemon=True)
+    t.start()
+    return t
 
 
 class LazyReporter:

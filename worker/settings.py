@@ -147,16 +147,17 @@ class ConsoleUser(Section):
 
 
 class Console(Section):
-    # The web console (console/): pages and a JSON API behind a login.
+    # One HTTP server per node: /metrics, /healthz, /readyz (console/app.py), and the web console
+    # (console/web.py): pages and a JSON API behind a login. HTTPS with [node.tls] cert and key.
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = 8910  # 0: no HTTP server
+    destination_timeout_s: float = 2.0  # C-ECHO of each destination (/readyz, the today page)
     users: list[ConsoleUser] = []  # [[console.users]] name, role, password_hash; none: nobody can log in
     session_secret: str = ""  # signs session cookies; empty: a random key made once in <spool>/secrets/
     session_hours: float = 8.0  # a session ends this long after its login
     lockout_failures: int = 5  # failed logins of one user, or from one address, within the window lock it
     lockout_window_s: float = 900.0
     lockout_s: float = 900.0  # how long a locked user or address is refused
-    echo_timeout_s: float = 3.0  # C-ECHO of each destination on the today page
 
 
 class Settings(BaseSettings):
@@ -187,6 +188,11 @@ class Settings(BaseSettings):
     @property
     def bundle_path(self) -> Path:
         return Path(self.model.bundle).resolve() if self.model.bundle else self.spool / "models" / "default"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client's multiprocess folder: every process of this node writes its metrics here."""
+        return self.spool / "metrics"
 
     @property
     def index_path(self) -> Path | None:

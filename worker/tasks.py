@@ -13,10 +13,17 @@ import json
 import os
 
 from celery import current_app, shared_task
+from celery.signals import worker_process_init
 
+from dicom_node.metrics_dir import reserve_in_child
 from worker import pipeline
 from worker.app import INFER, SEND, enqueuers
 from worker.runtime import Runtime, runtime_for
+
+
+@worker_process_init.connect
+def _metric_files(**_) -> None:
+    reserve_in_child()  # a prefork child's own metric files, allocated before its first metric
 
 
 def _runtime() -> Runtime:

@@ -61,7 +61,7 @@ def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
                       '[sender]\nattempts = 2\nbackoff_s = 0.5\nmax_backoff_s = 1\ntimeout_s = 5\n'
-                      '[worker]\nreconcile_every_s = 2\n[console]\necho_timeout_s = 1\n' + users_toml())
+                      '[worker]\nreconcile_every_s = 2\n[console]\ndestination_timeout_s = 1\n' + users_toml())
     pacs = _storescp(pacs_port, received)
     log = tmp_path / "up.log"
     up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--config", str(config)],

@@ -1,0 +1,308 @@
+"""The node's Prometheus metrics (dicom_node/metrics.py) where the events happen, and the HTTP app
+(console/app.py): /metrics, /healthz, /readyz. In one process (no multiprocess folder), so the
+counters are read from prometheus-client's default registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from console.app import Readiness, create_app
+from dicom_node import metrics
+from dicom_node.audit import AuditLog
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.listener import ListenerConfig, start_listener
+from dicom_node.sender import DeliveryFailed, Destination
+from dicom_node.spool import Spool
+from models.bundle import load_bundle
+from models.labels import LABELS
+from models.predictor import Predictor
+from tests.conftest import free_port
+from worker import pipeline
+from worker.settings import Settings
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def settings_for(tmp_path: Path, bundle: Path | None = None, dest_port: int = 4242, **console) -> Settings:
+    return Settings(paths={"spool": tmp_path / "var"}, model={"bundle": str(bundle or tmp_path / "no-bundle")},
+                    destination={"port": dest_port}, node={"min_free_mb": 1}, console=console)
+
+
+def scrape(client: TestClient) -> dict[str, list]:
+    text = client.get("/metrics").text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_the_pipeline_counts_predictions_positives_steps_and_dead_letters(tmp_path, tiny_bundle, phantom_dir):
+    spool = Spool(tmp_path / "spool")
+    ctx = pipeline.Context(spool=spool, jobs=JobStore(spool.root / "jobs.sqlite"), audit=AuditLog(spool.root / "a.jsonl"),
+                           now=lambda: dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc))
+    predictor = Predictor(load_bundle(tiny_bundle), device="cpu")
+    model = metrics.model_label(predictor.bundle.digest)
+    srcs = sorted((phantom_dir / "images").glob("*.dcm"))[:2]
+    for i, src in enumerate(srcs):
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        spool.write_atomic(spool.incoming_path(f"j{i}"), src.read_bytes())
+        ctx.jobs.add(job_id=f"j{i}", sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                     study_instance_uid=ds.StudyInstanceUID, calling_aet="MOD", state=JobState.QUEUED,
+                     path=spool.relative(spool.incoming_path(f"j{i}")))
+    before = {k: value(k, model=model) for k in ("medsam2_predictions_total", "medsam2_predictions_ood_total")}
+    positives = {label: value("medsam2_findings_positive_total", model=model, label=label) for label in LABELS}
+    steps, batches = value("medsam2_model_step_seconds_count"), value("medsam2_batch_size_sum")
+    assert pipeline.infer_jobs(["j0", "j1"], ctx, predictor, lambda j: None) == ["j0", "j1"]
+    assert value("medsam2_predictions_total", model=model) == before["medsam2_predictions_total"] + 2
+    present = [f.label for j in ("j0", "j1") for f in pipeline.load_prediction(spool.result_dir(j))[0].findings
+               if f.present]
+    ood = sum(pipeline.load_prediction(spool.result_dir(j))[0].out_of_distribution for j in ("j0", "j1"))
+    assert value("medsam2_predictions_ood_total", model=model) == before["medsam2_predictions_ood_total"] + ood
+    for label in LABELS:
+        assert value("medsam2_findings_positive_total", model=model, label=label) == positives[label] + present.count(label)
+    assert value("medsam2_model_step_seconds_count") == steps + 1  # one batch of two
+    assert value("medsam2_batch_size_sum") == batches + 2
+
+    dest = Destination("PACS", "127.0.0.1", 4242)
+    label = {"destination": "PACS@127.0.0.1:4242"}
+    sent, stored = value("medsam2_send_seconds_count", **label), value("medsam2_receipt_to_stored_seconds_count")
+    dead = value("medsam2_dead_letters_total", **label)
+    assert pipeline.deliver_job("j0", ctx, lambda aet: dest, lambda f, d: None) == JobState.DONE
+
+    def refuse(files, d):
+        raise DeliveryFailed("refused")
+
+    assert pipeline.deliver_job("j1", ctx, lambda aet: dest, refuse) == JobState.DEAD
+    assert value("medsam2_send_seconds_count", **label) == sent + 1
+    assert value("medsam2_receipt_to_stored_seconds_count") == stored + 1
+    assert value("medsam2_dead_letters_total", **label) == dead + 1
+
+
+def test_calling_ae_labels_are_bounded():
+    anyone = metrics.AeLabels(cap=2)
+    assert [anyone(a) for a in ("A", "B", "C", "A", "")] == ["A", "B", "other", "A", "unknown"]
+    listed = metrics.AeLabels(allowed=["MOD1"])
+    assert [listed(a) for a in ("MOD1", "EVIL")] == ["MOD1", "not_allowed"]
+
+
+def test_dead_processes_live_gauges_are_swept(tmp_path):
+    for name in ("gauge_livesum_111.db", "gauge_livesum_222.db", "counter_111.db"):
+        (tmp_path / name).write_bytes(b"")
+    assert metrics.sweep_dead(tmp_path, alive=lambda pid: pid == 222) == [111]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_111.db", "gauge_livesum_222.db"]
+
+
+def test_listener_counts_received_skipped_and_refused_by_calling_ae(tmp_path, phantom_dir):
+    port = free_port()
+    spool = Spool(tmp_path / "var")
+    server = start_listener(ListenerConfig(port=port, host="127.0.0.1"), spool, JobStore(spool.root / "jobs.sqlite"),
+                            AuditLog(spool.root / "audit.jsonl"), lambda job: None)
+    src = sorted((phantom_dir / "images").glob("*.dcm"))[0]
+    lateral = pydicom.dcmread(src)
+    lateral.ViewPosition, lateral.SOPInstanceUID = "LL", lateral.SOPInstanceUID + ".7"
+    lateral.save_as(tmp_path / "lateral.dcm")
+    received = value("medsam2_instances_received_total", calling_aet="METRICSCU")
+    skipped = value("medsam2_instances_skipped_total", calling_aet="METRICSCU")
+    try:
+        out = subprocess.run(["/usr/bin/storescu", "-aet", "METRICSCU", "-aec", "MEDSAM2CXR", "127.0.0.1", str(port),
+                              str(src), str(tmp_path / "lateral.dcm")], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    finally:
+        server.shutdown()
+    assert value("medsam2_instances_received_total", calling_aet="METRICSCU") == received + 1
+    assert value("medsam2_instances_skipped_total", calling_aet="METRICSCU") == skipped + 1
+
+    # The same job store, read by the HTTP app at scrape time: one queued, one skipped.
+    settings = settings_for(tmp_path)
+    client = TestClient(create_app(settings, Readiness(settings, echo=lambda d: None)))
+    got = scrape(client)
+    per_state = {s.labels["state"]: s.value for s in got["medsam2_jobs"]}
+    assert per_state == {**{s.value: 0 for s in JobState}, "queued": 1, "skipped": 1}
+    assert got["medsam2_oldest_queued_job_age_seconds"][0].value > 0
+    assert got["medsam2_spool_free_bytes"][0].value > 0 and got["medsam2_spool_min_free_bytes"][0].value == 2**20
+    assert {s.labels["calling_aet"] for s in got["medsam2_instances_received"] if s.name.endswith("_total")} >= {"METRICSCU"}
+
+
+def test_readyz_says_which_check_failed(tmp_path, tiny_bundle):
+    down = free_port()  # nothing listens there
+    settings = settings_for(tmp_path, dest_port=down, destination_timeout_s=1.0)
+    client = TestClient(create_app(settings))
+    assert client.get("/healthz").json() == {"status": "alive"}
+    t0 = time.monotonic()
+    r = client.get("/readyz")
+    assert time.monotonic() - t0 < 5
+    body = r.json()
+    assert r.status_code == 503 and body["ready"] is False and body["failed"] == ["model", "destination"]
+    assert "not built yet" in body["checks"]["model"]["detail"]
+    assert f"PACS@127.0.0.1:{down}" in body["checks"]["destination"]["detail"]
+    assert body["checks"]["jobs"]["ok"] and body["checks"]["broker"]["ok"]
+    got = scrape(client)
+    assert {s.labels["check"]: s.value for s in got["medsam2_ready"]} == {"jobs": 1, "broker": 1, "model": 0,
+                                                                       "destination": 0}
+    assert [(s.labels, s.value) for s in got["medsam2_destination_up"]] == [
+        ({"destination": f"PACS@127.0.0.1:{down}"}, 0.0)]
+
+    # A built bundle and a destination answering C-ECHO (DCMTK storescp): ready.
+    pacs_port = free_port()
+    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(tmp_path), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        settings = settings_for(tmp_path, bundle=tiny_bundle, dest_port=pacs_port)
+        client = TestClient(create_app(settings))
+        r = client.get("/readyz")
+        assert r.status_code == 200, r.json()
+        assert r.json()["failed"] == []
+        got = scrape(client)
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    model = metrics.model_label(load_bundle(tiny_bundle).digest)
+    assert [(s.labels, s.value) for s in got["medsam2_model_card_ood_rate"]] == [({"model": model}, pytest.approx(0.01))]
+    assert got["medsam2_destination_up"][0].value == 1.0
+
+
+def test_readyz_fails_on_an_unreachable_broker(tmp_path):
+    settings = Settings(paths={"spool": tmp_path / "var"}, broker={"url": f"redis://127.0.0.1:{free_port()}/0"},
+                        console={"destination_timeout_s": 1.0})
+    body = Readiness(settings, echo=lambda d: None).run()
+    assert "broker" in body["failed"] and "Connection refused" in body["checks"]["broker"]["detail"]
+
+
+def test_multiprocess_mode_adds_up_every_process(tmp_path):
+    """Two processes count into one folder; the app's registry reports the sum, and a dead
+    process's live gauge is dropped."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    code = ("from dicom_node import metrics; metrics.INSTANCES_RECEIVED.labels(calling_aet='A').inc(); "
+            "metrics.MODEL_LOADED.labels(model='m', device='cpu').set(1)")
+    for _ in range(2):
+        subprocess.run([os.sys.executable, "-c", code], env=env, check=True, timeout=60)
+    code = ("from dicom_node import metrics; from prometheus_client import generate_latest; "
+            "print(generate_latest(metrics.registry()).decode())")
+    out = subprocess.run([os.sys.executable, "-c", code], env=env, check=True, timeout=60, capture_output=True,
+                         text=True).stdout
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(out) for s in f.samples}
+    assert samples[("medsam2_instances_received_total", (("calling_aet", "A"),))] == 2
+    assert ("medsam2_model_loaded", (("device", "cpu"), ("model", "m"))) not in samples  # both processes ended
+
+
+def test_gpu_gauges_from_torch_allocator(monkeypatch):
+    """The GPU worker's sampler (worker.runtime.sample_gpu) with torch.cuda's answers faked:
+    no CUDA device here."""
+    import torch
+
+    from worker.runtime import sample_gpu
+
+    class Props:
+        total_memory = 1000
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 100)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 200)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 150)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    sample_gpu(torch.device("cuda", 0))
+    got = {n: value(f"medsam2_gpu_memory_{n}_bytes", device="cuda:0") for n in ("allocated", "reserved", "peak", "total")}
+    assert got == {"allocated": 100, "reserved": 200, "peak": 150, "total": 1000}
+
+
+TOUCH_EVERY_METRIC = """
+import os, sys
+from pathlib import Path
+from dicom_node.metrics_dir import prepare
+folder = Path(sys.argv[1])
+assert prepare(folder)
+from prometheus_client.metrics import MetricWrapperBase
+from dicom_node import metrics
+for m in vars(metrics).values():
+    if not isinstance(m, MetricWrapperBase):
+        continue
+    child = m.labels(*["x"] * len(m._labelnames)) if m._labelnames else m
+    {"counter": lambda: child.inc(), "histogram": lambda: child.observe(1), "gauge": lambda: child.set(1)}[m._type]()
+if len(sys.argv) > 2:  # then fill the filesystem and make new series, as many as the node makes at most
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"0" * 4096)
+    except OSError:
+        pass
+    assert os.statvfs(folder).f_bavail == 0
+    for i in range(64):  # as many calling AE titles as metrics.AeLabels lets through, and 5 destinations
+        for counter in (metrics.INSTANCES_RECEIVED, metrics.INSTANCES_SKIPPED, metrics.INSTANCES_QUARANTINED,
+                        metrics.ASSOCIATIONS_REFUSED):
+            counter.labels(calling_aet=f"AE_TITLE_{i:06d}").inc()
+        for reason in ("out_of_resources", "processing_failure"):
+            metrics.INSTANCES_REFUSED.labels(calling_aet=f"AE_TITLE_{i:06d}", reason=reason).inc()
+    for i in range(5):
+        metrics.SEND.labels(destination=f"PACSNAME{i}@10.0.0.{i}:104").observe(1)
+        metrics.DEAD_LETTERS.labels(destination=f"PACSNAME{i}@10.0.0.{i}:104").inc()
+print(os.getpid())
+"""
+
+
+def test_every_metric_file_a_process_writes_is_reserved(tmp_path):
+    """dicom_node.metrics_dir allocates exactly the files prometheus-client then writes, so no
+    new series needs a page of the (possibly full) spool."""
+    from dicom_node.metrics_dir import FILES
+
+    out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert out.returncode == 0, out.stderr
+    pid = out.stdout.split()[-1]
+    written = {p.name: p.stat() for p in tmp_path.glob("*.db")}
+    assert sorted(written) == sorted(f"{prefix}_{pid}.db" for prefix in FILES)
+    for prefix, size in FILES.items():
+        st = written[f"{prefix}_{pid}.db"]
+        assert st.st_size == size and st.st_blocks * 512 >= size  # allocated, not sparse, and not grown
+
+
+def test_a_full_spool_does_not_kill_a_process_that_counts(tmp_path):
+    """On a full filesystem, memory-mapped metric files that were sparse would kill the process
+    (SIGBUS) at its first new series; reserved ones do not. Needs a tmpfs (root)."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = subprocess.run([os.sys.executable, "-c", TOUCH_EVERY_METRIC, str(where), "full"], capture_output=True,
+                             text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_the_folder_is_emptied_only_when_every_process_that_wrote_there_is_gone(tmp_path):
+    from dicom_node import metrics_dir
+
+    gone = subprocess.run([os.sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f"counter_{gone}.db").write_bytes(b"")
+    (tmp_path / f"counter_{os.getpid()}.db").write_bytes(b"")
+    metrics_dir.prepare(tmp_path)  # this test's process is alive: nothing goes
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+    (tmp_path / f"counter_{os.getpid()}.db").unlink()
+    metrics_dir.prepare(tmp_path)  # only a process that ended wrote there: emptied
+    assert not (tmp_path / f"counter_{gone}.db").exists()
+
+
+def test_one_port_serves_metrics_health_and_the_console(tmp_path):
+    """create_app is the node's app: the console's login page and API sit beside /metrics."""
+    settings = settings_for(tmp_path)
+    client = TestClient(create_app(settings, Readiness(settings, echo=lambda d: None)))
+    assert client.get("/healthz").status_code == 200 and "medsam2_jobs" in client.get("/metrics").text
+    login = client.get("/login")
+    assert login.status_code == 200 and "<form" in login.text
+    assert client.get("/api/jobs", follow_redirects=False).status_code in (401, 303, 307)  # behind the login
+    assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
