@@ -106,3 +106,16 @@ def test_release_and_by_state(store):
     assert store.release("a", JobState.INFERRING, JobState.QUEUED, reason="gpu busy")
     assert [j.id for j in store.by_state(JobState.QUEUED)] == ["a"]
     assert store.get("a").reason == "gpu busy" and store.get("a").lease_until == 0
+
+
+def test_release_claims_gives_every_claim_back_uncounted(store):
+    for job_id, sop in (("a", "1.1"), ("b", "1.2"), ("c", "1.3")):
+        _add(store, job_id, sop=sop)
+    assert store.claim("a", JobState.QUEUED, JobState.INFERRING, 600)
+    assert store.claim("b", JobState.QUEUED, JobState.INFERRING, 600)
+    assert store.advance("b", JobState.INFERRING, JobState.INFERRED)
+    assert store.claim("b", JobState.INFERRED, JobState.SENDING, 600)
+    assert sorted(store.release_claims()) == ["a", "b"]
+    assert [(store.get(j).state, store.get(j).attempts) for j in "abc"] == [
+        (JobState.QUEUED, 0), (JobState.INFERRED, 1), (JobState.QUEUED, 0)]
+    assert store.release_claims() == []
