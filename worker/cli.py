@@ -153,6 +153,9 @@ def _serve(settings: Settings, launch=None, start_gpu=None) -> None:
     from worker import model_build
     from worker.app import enqueuers, make_app
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before any child starts: none is left behind
+        signal.signal(sig, lambda *_: stop.set())
     enqueue_infer, enqueue_send = enqueuers(make_app(settings))
     audit = AuditLog(settings.spool / "audit.jsonl")
     server = _start_listener(settings, enqueue_infer)
@@ -164,7 +167,6 @@ def _serve(settings: Settings, launch=None, start_gpu=None) -> None:
     typer.echo(f"medsam2-cxr listening: AE title {settings.node.ae_title}, port {settings.node.port}; "
                f"results go to {d.ae_title}@{d.host}:{d.port}; spool {settings.spool}", err=True)
     workers, builder = launch() if launch is not None else ([], None)
-    stop = threading.Event()
     model_ready = threading.Event()
     if builder is None:
         model_ready.set()
@@ -172,8 +174,6 @@ def _serve(settings: Settings, launch=None, start_gpu=None) -> None:
     if builder is not None:
         typer.echo("medsam2-cxr: building the default model (first start only, minutes); images are received "
                    "now and wait for it; progress: medsam2-cxr status", err=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             if builder is not None and builder.poll() is not None:
