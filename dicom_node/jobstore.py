@@ -217,6 +217,19 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    def release_claims(self) -> list[str]:
+        """Give every claimed job back, uncounted (INFERRING -> QUEUED, SENDING -> INFERRED): for
+        `up` once the workers it started are gone, since a claim of theirs would otherwise wait
+        for its lease. Returns the ids given back."""
+        now = self._clock()
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state IN (?, ?)",
+                                            (JobState.INFERRING, JobState.SENDING)).fetchall()]
+            for claimed, back in ((JobState.INFERRING, JobState.QUEUED), (JobState.SENDING, JobState.INFERRED)):
+                db.execute("UPDATE jobs SET state=?, lease_until=0, updated_at=?, attempts=MAX(attempts-1, 0) "
+                           "WHERE state=?", (back, now, claimed))
+        return ids
+
     def stale(self, older_than_s: float) -> list[Job]:
         """Jobs whose broker message may be lost: waiting longer than older_than_s, or claimed by
         a worker whose lease ran out."""

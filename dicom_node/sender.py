@@ -131,31 +131,33 @@ def send(
             assoc.release()
 
 
-VERIFICATION = "1.2.840.10008.1.1"
-
-
 def echo(dest: Destination, calling_ae: str = "MEDSAM2CXR", timeout: float = 2.0) -> str | None:
-    """C-ECHO ``dest``: None when it answered success, else what went wrong (for /readyz)."""
+    """C-ECHO ``dest`` with a short timeout: None when it answered success, else why not (for
+    `medsam2-cxr status`: a destination nobody listens on is the first thing a new node meets)."""
+    from pynetdicom.sop_class import Verification
+
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    ae.add_requested_context(VERIFICATION)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
     tls_args = (dest.tls, dest.host) if dest.tls is not None else None
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
-    except Exception as exc:  # noqa: BLE001 - e.g. a TLS handshake failure
-        return f"association failed: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a TLS context that cannot connect
+        return f"cannot connect: {type(exc).__name__}: {exc}"
     if not assoc.is_established:
-        return "association " + ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
-                                 else "failed (no answer)")
+        how = ("association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted
+               else f"no DICOM peer answered within {timeout:g} s (connection refused or timed out)")
+        return how
     try:
         rsp = assoc.send_c_echo()
-        status = getattr(rsp, "Status", None)
-        if status is None:
-            return "no C-ECHO response"
-        return None if code_to_category(status) == STATUS_SUCCESS else f"C-ECHO status 0x{status:04X}"
     finally:
         if assoc.is_established:
             assoc.release()
+    status = getattr(rsp, "Status", None)
+    if status is None:
+        return f"no C-ECHO response within {timeout:g} s"
+    return None if status == 0 else f"C-ECHO status 0x{status:04X}"
 
 
 def retry_window_s(attempts: int, backoff_s: float, max_backoff_s: float, timeout: float,

@@ -134,10 +134,12 @@ def manifest_items(data: Path, source: str | None = None, split: str | None = No
 
 
 def compute_boxes(bundle: Bundle, items: Sequence[Item], cache_dir: Path | None, desc: str = "boxes",
-                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(centers, radii), each (n, d): encoder features (cached) -> the bundle's box head."""
+                  batch_size: int = 16, device: str | None = None,
+                  on_progress: Callable[[str, int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(centers, radii), each (n, d): encoder features (cached, on `device`) -> the bundle's box head."""
     digest = bundle.card["encoder"]["checkpoint_digest"]
-    extract = FeatureExtractor(bundle.encoder, bundle.image_size, digest, cache_dir, batch_size=batch_size)
+    extract = FeatureExtractor(bundle.encoder, bundle.image_size, digest, cache_dir, batch_size=batch_size,
+                               device=device, on_progress=on_progress)
     x = extract(((it.key, it.load) for it in items), len(items), desc)
     if not len(items):
         return np.zeros((0, bundle.head.latent_dim), np.float32), np.zeros((0, bundle.head.latent_dim), np.float32)
@@ -165,14 +167,18 @@ def make_cases(items: Sequence[Item], centers: np.ndarray, radii: np.ndarray,
 
 
 def add_items(index: CaseIndex, bundle: Bundle, items: Sequence[Item], cache_dir: Path | None,
-              labeler: Callable[[str], dict] | None, batch: int = 256, progress: bool = True) -> tuple[int, int]:
-    """Boxes, cases, append; in blocks so a large build shows progress and keeps memory flat."""
+              labeler: Callable[[str], dict] | None, batch: int = 256, progress: bool = True,
+              device: str | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> tuple[int, int]:
+    """Boxes, cases, append; in blocks so a large build shows progress and keeps memory flat.
+    on_progress: ("index cases", done, total) as the encoder goes through the items."""
     index.check(bundle.digest)
     added = skipped = 0
     bar = tqdm(total=len(items), desc="index cases", unit="case", disable=not progress, mininterval=2.0)
     for s in range(0, len(items), batch):
         block = items[s:s + batch]
-        c, r = compute_boxes(bundle, block, cache_dir, desc="encoder")
+        report = None if on_progress is None else (
+            lambda _desc, done, _total, s=s: on_progress("index cases", s + done, len(items)))
+        c, r = compute_boxes(bundle, block, cache_dir, desc="encoder", device=device, on_progress=report)
         cases, sk = make_cases(block, c, r, labeler)
         added += index.add(cases)
         skipped += sk
@@ -183,10 +189,12 @@ def add_items(index: CaseIndex, bundle: Bundle, items: Sequence[Item], cache_dir
 
 def build_index(out: Path, bundle: Bundle, items: Sequence[Item], cache_dir: Path | None = None,
                 labeler: Callable[[str], dict] | None = None, config: VectorConfig = VectorConfig(),
-                progress: bool = True) -> BuildResult:
+                progress: bool = True, device: str | None = None,
+                on_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """A new index folder from items. Raises StoreError when `out` already holds an index."""
     index = CaseIndex.create(out, bundle.digest, bundle.head.latent_dim, config)
-    added, skipped = add_items(index, bundle, items, cache_dir, labeler, progress=progress)
+    added, skipped = add_items(index, bundle, items, cache_dir, labeler, progress=progress, device=device,
+                               on_progress=on_progress)
     return BuildResult(Path(out), added, skipped, len(index), index.vectors.kind)
 
 

@@ -21,8 +21,10 @@ from models.train import train_bundle
 
 def build_default_bundle(out: Path, n: int = 400, seed: int = 0, spec: str = "t512", checkpoint: Path | None = None,
                          cache_dir: Path | None = None, render_size: int = 512, now: dt.datetime | None = None,
-                         image_size: int | None = None, device: str | None = None) -> dict:
-    """Generate n phantoms (+ n/10 of each OOD kind), train B5 on frozen features, measure, write."""
+                         image_size: int | None = None, device: str | None = None, on_progress=None) -> dict:
+    """Generate n phantoms (+ n/10 of each OOD kind), train B5 on frozen features, measure, write.
+
+    on_progress: (stage, done, total) as encoder features are computed (worker.model_build)."""
     data = phantom_dataset(n, seed, render_size, n_ood=max(4, n // 10))
     card = {
         "name": "MedSAM2-CXR box-latent (phantom-trained default)",
@@ -30,5 +32,6 @@ def build_default_bundle(out: Path, n: int = 400, seed: int = 0, spec: str = "t5
                          "use: trained on synthetic phantoms, not validated on patients."),
     }
     written = train_bundle(data, "B5", seed, out, spec=spec, image_size=image_size, checkpoint=checkpoint,
-                           cache_dir=cache_dir, split_seed=seed, device=device, now=now, card=card)
+                           cache_dir=cache_dir, split_seed=seed, device=device, now=now, card=card,
+                           on_progress=on_progress)
     return written

@@ -78,8 +78,10 @@ class FeatureExtractor:
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int, encoder_digest: str, cache_dir: Path | None,
-                 batch_size: int = 8, device: str | None = None, precision: str = "auto") -> None:
+                 batch_size: int = 8, device: str | None = None, precision: str = "auto",
+                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
         self.size, self.batch = image_size, batch_size
+        self.on_progress = on_progress  # (desc, done, total) after each image, for a progress file
         self.device = torch.device(device or "cpu")
         self.encoder = encoder.to(self.device)
         if precision not in ("auto", "bf16", "fp32"):
@@ -123,8 +125,12 @@ class FeatureExtractor:
             pending.append((i, key, load()))
             if len(pending) == self.batch:
                 flush()
+            if self.on_progress is not None:
+                self.on_progress(desc, i + 1 - len(pending), total)
         if pending:
             flush()
+        if self.on_progress is not None:
+            self.on_progress(desc, len(out), total)
         if not out:
             return np.zeros((0, 0), np.float32)
         return np.stack(out).astype(np.float32)  # type: ignore[arg-type]
@@ -468,7 +474,7 @@ def public(d: dict) -> dict:
 def train_bundle(dataset, variant_name: str, seed: int, out: Path, spec: str = "t512", image_size: int | None = None,
                  checkpoint: Path | None = None, cache_dir: Path | None = None, split_seed: int = 0,
                  device: str | None = None, epochs: int = 60, now=None, card: dict | None = None,
-                 precision: str = "auto") -> dict:
+                 precision: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Split by patient, extract (cached) features, train one variant, calibrate, measure, write a bundle.
 
     dataset: a models.data.Dataset. The card states how the variant was built and its measured
@@ -486,7 +492,8 @@ def train_bundle(dataset, variant_name: str, seed: int, out: Path, spec: str = "
     variant = VARIANTS[variant_name]
     size = int(image_size or SPECS[spec].image_size)
     encoder, digest, weights = load_encoder(spec, checkpoint)
-    extract = FeatureExtractor(encoder, size, digest, cache_dir, device=device, precision=precision)
+    extract = FeatureExtractor(encoder, size, digest, cache_dir, device=device, precision=precision,
+                               on_progress=on_progress)
     items = dataset.items
     y, patients = dataset.labels(), dataset.patients()
     tr, va, te = dataset.split_masks(split_seed)

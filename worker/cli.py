@@ -61,47 +61,42 @@ def _console(settings: Settings):
 
 
 def ensure_bundle(settings: Settings) -> Path:
-    """The configured bundle, or the default one, built on first start (minutes, once)."""
+    """The configured bundle, or the default one, built here when it is not yet (minutes, once;
+    worker.model_build: a progress file in the spool, one build at a time)."""
     from models.bundle import read_card
+    from worker import model_build
 
     path = settings.bundle_path
     if settings.model.bundle:
         read_card(path)  # a configured bundle must exist and be intact
         return path
-    try:
-        read_card(path)
-        return path
-    except Exception:
-        pass
-    from models.default_bundle import build_default_bundle
-
-    ckpt = Path(settings.model.encoder_checkpoint) if settings.model.encoder_checkpoint else None
-    typer.echo(f"Building the default model bundle in {path} (first start only: phantoms, features, training)...", err=True)
-    t0 = time.time()
-    card = build_default_bundle(path, n=settings.model.default_images, checkpoint=ckpt,
-                                cache_dir=settings.spool / "cache" / "features")
-    typer.echo(f"Default bundle {card['digest'][:12]} built in {time.time() - t0:.0f} s "
-               f"(test macro-AUROC on phantoms {card['metrics']['test']['macro_auroc']:.3f}).", err=True)
-    if not settings.index.path and settings.index_path is None:
-        ensure_default_index(settings, path)
+    if model_build.needed(settings):
+        typer.echo(f"Building the default model bundle and similar-cases index in {settings.spool} (first start "
+                   f"only; progress: medsam2-cxr status)...", err=True)
+        model_build.build(settings)
     return path
 
 
 def ensure_default_index(settings: Settings, bundle_path: Path, n: int = 200) -> Path:
-    """A similar-cases index of phantom cases (other patients than the bundle's training set), so
-    a node on its defaults already drafts reports with similar cases; a site replaces it with its
-    own de-identified cases (`medsam2-cxr index build` / `index add`)."""
-    from index.build import build_index, phantom_items
-    from models import phantoms
-    from models.bundle import load_bundle
+    """The default similar-cases index of n phantom cases in <spool>/index (worker.model_build)."""
+    from worker import model_build
 
-    out = settings.spool / "index"
-    typer.echo(f"Building the default similar-cases index in {out} ({n} phantom cases)...", err=True)
-    cases = phantoms.sample_cases(n, seed=1000)
-    result = build_index(out, load_bundle(bundle_path), list(phantom_items(cases, seed=1000, size=512, source="phantoms")),
-                         cache_dir=settings.spool / "cache" / "features")
-    typer.echo(f"Default index: {result.added} cases.", err=True)
-    return out
+    settings = settings.model_copy(update={"model": settings.model.model_copy(
+        update={"bundle": str(bundle_path), "default_index_cases": n})})
+    model_build.build_index(settings)
+    return settings.spool / "index"
+
+
+def require_spool(settings: Settings, config: Path | None) -> Path:
+    """The spool `status`, `audit` and `resend` read; exits 2, creating nothing, when there is none."""
+    root = settings.spool
+    if (root / "jobs.sqlite").is_file():
+        return root
+    where = f"the configuration {config}" if config else "no --config, so the default ./var of this folder"
+    typer.echo(f"medsam2-cxr: no spool at {root} (looked for {root / 'jobs.sqlite'}; {where}). Run this where "
+               f"`medsam2-cxr up` runs, or give the node's configuration with --config FILE ([paths] spool), or "
+               f"set MEDSAM2_CXR_PATHS__SPOOL=/path/to/spool.", err=True)
+    raise typer.Exit(2)
 
 
 def _start_listener(settings: Settings, enqueue_infer):
@@ -128,70 +123,189 @@ def _start_listener(settings: Settings, enqueue_infer):
                           AuditLog(root / "audit.jsonl"), enqueue_infer)
 
 
-def _reconciler(settings: Settings, stop: threading.Event, enqueue_infer, enqueue_send) -> threading.Thread:
+def _reconciler(settings: Settings, stop: threading.Event, enqueue_infer, enqueue_send,
+                model_ready: threading.Event) -> threading.Thread:
+    """Re-enqueues what the broker forgot: at once on start (what waited while the node was
+    down), then every reconcile_every_s. While the model is built, jobs waiting for it are left
+    in the queue: waiting is not an attempt."""
     from worker.pipeline import reconcile
     from worker.runtime import Runtime
 
     ctx = Runtime.from_settings(settings).ctx
 
     def loop() -> None:
-        while not stop.wait(settings.worker.reconcile_every_s):
+        stale_after_s = 0.0
+        while True:
             try:
-                reconcile(ctx, settings.worker.stale_after_s, enqueue_infer, enqueue_send)
+                reconcile(ctx, stale_after_s, enqueue_infer, enqueue_send, infer=model_ready.is_set())
             except Exception:
                 log.exception("reconcile.error")
+            stale_after_s = settings.worker.stale_after_s
+            if stop.wait(settings.worker.reconcile_every_s):
+                return
 
     t = threading.Thread(target=loop, name="reconciler", daemon=True)
     t.start()
     return t
 
 
-def _serve(settings: Settings, children: list[subprocess.Popen]) -> None:
+STOP_GRACE_S = 10.0  # SIGTERM to every child, then SIGKILL to what is left: `up` is gone within 15 s
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    # A process group each: a stop reaches what a child started too (Celery's pool processes,
+    # the decode processes), and a terminal's Ctrl-C reaches `up` only, which stops them in order.
+    return subprocess.Popen(args, env={**os.environ}, process_group=0)
+
+
+def _stop_children(children: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM (Celery: warm shutdown, the task under way finishes or gives its jobs back), then
+    after grace_s SIGKILL to each child's whole process group."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    t0 = time.monotonic()
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, t0 + grace_s - time.monotonic()))
+            log.info("up.child_stopped", pid=child.pid, args=child.args[3:5], seconds=round(time.monotonic() - t0, 1))
+        except subprocess.TimeoutExpired:
+            log.warning("up.child_killed", pid=child.pid, args=child.args[3:5], after_s=grace_s)
+    for child in children:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the leader if still there, and any process it left
+        except (ProcessLookupError, PermissionError):
+            pass
+        child.wait()
+
+
+def _serve(settings: Settings, launch=None, start_gpu=None) -> None:
+    """Listener and reconciler here. Once the listener answers, `launch()` gives (workers,
+    builder): the workers are supervised (one exiting stops the node); while the builder builds
+    the model, images are received and wait; when it is done, `start_gpu()` adds the GPU worker.
+    With start_gpu (`up`: the workers are ours), claims left when they are gone are given back."""
     from dicom_node.audit import AuditLog
+    from dicom_node.jobstore import JobStore
+    from worker import model_build
     from worker.app import enqueuers, make_app
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before any child starts: none is left behind
+        signal.signal(sig, lambda *_: stop.set())
     enqueue_infer, enqueue_send = enqueuers(make_app(settings))
     audit = AuditLog(settings.spool / "audit.jsonl")
     server = _start_listener(settings, enqueue_infer)
-    stop = threading.Event()
-    _reconciler(settings, stop, enqueue_infer, enqueue_send)
+    jobs = JobStore(settings.spool / "jobs.sqlite")
+    if start_gpu is not None:
+        _release_claims(jobs, "start")  # left by an `up` that was killed: its workers are gone
     audit.record("application_start", ae_title=settings.node.ae_title, port=settings.node.port, pid=os.getpid())
     d = settings.destination
     typer.echo(f"medsam2-cxr listening: AE title {settings.node.ae_title}, port {settings.node.port}; "
                f"results go to {d.ae_title}@{d.host}:{d.port}; spool {settings.spool}", err=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    workers, builder = launch() if launch is not None else ([], None)
+    model_ready = threading.Event()
+    if builder is None:
+        model_ready.set()
+    _reconciler(settings, stop, enqueue_infer, enqueue_send, model_ready)
+    if builder is not None:
+        typer.echo("medsam2-cxr: building the default model (first start only, minutes); images are received "
+                   "now and wait for it; progress: medsam2-cxr status", err=True)
     try:
-        while not stop.wait(1.0):
-            for child in children:
+        while not stop.wait(0.5):
+            if builder is not None and builder.poll() is not None:
+                code, builder = builder.returncode, None
+                if code == 0 and start_gpu is not None:
+                    workers.append(start_gpu())
+                    model_ready.set()
+                    log.info("up.model_ready", bundle=str(settings.bundle_path))
+                    typer.echo("medsam2-cxr: model ready; the images that waited are inferred now", err=True)
+                else:
+                    _build_failed(settings, code)
+            for child in workers:
                 if child.poll() is not None:
                     log.error("up.worker_exited", pid=child.pid, code=child.returncode)
                     stop.set()
     finally:
+        t0 = time.monotonic()
+        log.info("up.stopping")
         server.shutdown()
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_children(([builder] if builder is not None else []) + workers)
+        if builder is not None and (model_build.read_progress(settings.spool) or {}).get("state") == "building":
+            model_build.mark(settings.spool, "interrupted",
+                             "stopped with the node; the next start goes on from the feature cache")
+        if start_gpu is not None:
+            _release_claims(jobs, "stop")
         audit.record("application_stop", ae_title=settings.node.ae_title, pid=os.getpid())
+        log.info("up.stopped", seconds=round(time.monotonic() - t0, 1))
+
+
+def _release_claims(jobs, when: str) -> None:
+    ids = jobs.release_claims()
+    if ids:
+        log.warning("up.claims_released", when=when, jobs=ids)
+
+
+def _build_failed(settings: Settings, code: int | None) -> None:
+    """A failed build is said at once, in the log and in `status`; the node keeps receiving."""
+    from worker import model_build
+
+    progress = model_build.read_progress(settings.spool) or {}
+    reason = progress.get("error") if progress.get("state") == "failed" else None
+    if not reason:
+        reason = f"the build process exited with code {code}"
+        model_build.mark(settings.spool, "failed", reason)
+    log.error("up.model_build_failed", reason=reason, stage=progress.get("stage"),
+              progress=str(settings.spool / model_build.PROGRESS))
+    typer.echo(f"medsam2-cxr: the model build FAILED ({reason}). Images are still received and wait in the "
+               f"spool; fix the cause and start the node again.", err=True)
 
 
 @app.command()
 def up(config: ConfigOpt = None) -> None:
     """Listener, workers (gpu and io queues), sender and reconciler on this host, and the HTTP app
-    (\\[console] host:port: /metrics, /healthz, /readyz)."""
+    (\\[console] host:port: /metrics, /healthz, /readyz, the web console)."""
+    from worker import model_build
+
     settings = _settings(config)
+    if settings.model.bundle:
+        from models.bundle import read_card
+
+        read_card(settings.bundle_path)  # a configured bundle must exist and be intact: fail now
     _metrics_env(settings, clean=True)
+    cfg = ["--config", str(config)] if config else []
+    cli = [sys.executable, "-m", "worker.cli"]
+
+    def launch() -> tuple[list[subprocess.Popen], subprocess.Popen | None]:
+        # What looks built is checked by the GPU worker; the rest by the builder (it exits at once
+        # when another build finished it): `up` itself never imports torch for the default bundle.
+        builder = None
+        if not model_build.looks_ready(settings):
+            model_build.announce(settings.spool)
+            builder = _spawn(cli + ["build-default", *cfg])
+        workers = [_spawn(cli + ["worker", "--queues", "io", *cfg])]
+        if builder is None:
+            workers.append(_spawn(cli + ["worker", "--queues", "gpu", *cfg]))
+        return workers, builder
+
     with _console(settings):
-        ensure_bundle(settings)
-        env = {**os.environ}
-        args = [sys.executable, "-m", "worker.cli", "worker"] + (["--config", str(config)] if config else [])
-        children = [subprocess.Popen(args + ["--queues", "gpu"], env=env),
-                    subprocess.Popen(args + ["--queues", "io"], env=env)]
-        _serve(settings, children)
+        _serve(settings, launch, start_gpu=lambda: _spawn(cli + ["worker", "--queues", "gpu", *cfg]))
+    # Everything is stopped, written and audited: skip the interpreter's teardown, which took 5-8 s
+    # on a loaded 2-core host (C-level finalisation of the libraries `up` imports, torch among them).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@app.command("build-default", hidden=True)
+def build_default(config: ConfigOpt = None) -> None:
+    """The default bundle and index, if missing (what `up` runs in the background on first start)."""
+    from worker import model_build
+
+    settings = _settings(config)
+    try:
+        model_build.build(settings)
+    except Exception:  # noqa: BLE001 - said in the progress file and the log already
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -200,7 +314,7 @@ def listen(config: ConfigOpt = None) -> None:
     settings = _settings(config)
     _metrics_env(settings)
     with _console(settings):
-        _serve(settings, [])
+        _serve(settings)
 
 
 @app.command()
@@ -330,6 +444,7 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
     from worker.runtime import Runtime
 
     settings = _settings(config)
+    require_spool(settings, config)
     rt = Runtime.from_settings(settings)
     enqueue_infer, enqueue_send = enqueuers(make_app(settings))
     ids = list(job or rt.ctx.spool.dead_letters())
@@ -347,26 +462,76 @@ def resend(job: Annotated[Optional[list[str]], typer.Argument(help="dead-lettere
 
 @app.command()
 def status(config: ConfigOpt = None,
-           failures: Annotated[int, typer.Option(help="how many recent failed or dead-lettered jobs to list")] = 20) -> None:
-    """Job counts by state, and the most recent failed and dead-lettered jobs with their reasons
-    (one JSON object)."""
-    from dicom_node.jobstore import FINAL_FAILURES
-    from worker.runtime import Runtime
+           failures: Annotated[int, typer.Option(help="how many recent failed or dead-lettered jobs to list")] = 20,
+           echo_timeout: Annotated[float, typer.Option(help="seconds to wait for each destination's C-ECHO")] = 2.0) -> None:
+    """One JSON object: job counts by state, the most recent failed and dead-lettered jobs with
+    their reasons, the model (ready, or the default build's progress or failure) and whether each
+    destination answers a C-ECHO. Exits 2 when there is no spool here (it creates none)."""
+    from dicom_node.jobstore import FINAL_FAILURES, JobStore
 
-    jobs = Runtime.from_settings(_settings(config)).ctx.jobs
+    settings = _settings(config)
+    root = require_spool(settings, config)
+    jobs = JobStore(root / "jobs.sqlite")
     recent = [{"job": j.id, "state": j.state.value, "reason": j.reason, "sop_instance_uid": j.sop_instance_uid,
                "since": dt.datetime.fromtimestamp(j.updated_at, dt.timezone.utc).isoformat(timespec="seconds")}
               for j in jobs.recent(FINAL_FAILURES, failures)]
-    typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent}, sort_keys=True))
+    typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent, "spool": str(root),
+                           "model": _model_status(settings), "destinations": _destinations(settings, echo_timeout)},
+                          sort_keys=True))
+
+
+def _model_status(settings: Settings) -> dict:
+    from worker import model_build
+
+    card = settings.bundle_path / model_build.CARD_FILE
+    if settings.model.bundle:
+        if card.is_file():
+            return {"state": "ready", "bundle": str(settings.bundle_path)}
+        return {"state": "missing", "bundle": str(settings.bundle_path), "error": f"{card}: no model card"}
+    progress = model_build.read_progress(settings.spool) or {}
+    if model_build.looks_ready(settings):
+        return {**progress, "state": "ready", "error": None, "bundle": str(settings.bundle_path)}
+    if not progress:
+        return {"state": "not built", "bundle": str(settings.bundle_path), "error": None,
+                "hint": "`medsam2-cxr up` builds it in the background on start"}
+    return {**progress, "bundle": str(settings.bundle_path)}
+
+
+def _destinations(settings: Settings, timeout: float) -> list[dict]:
+    """Each destination (the default, then each route) and whether it answers a C-ECHO now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicom_node.sender import Destination, echo
+    from dicom_node.tls import client_context
+
+    d = settings.destination
+    entries = [("", d), *sorted(d.routes.items())]
+
+    def check(entry) -> dict:
+        caller, dest = entry
+        tls = (client_context(dest.tls.ca, dest.tls.cert or None, dest.tls.key or None, dest.tls.check_hostname)
+               if dest.tls.ca else None)
+        why = echo(Destination(dest.ae_title, dest.host, dest.port, tls), settings.node.ae_title, timeout)
+        out = {"ae_title": dest.ae_title, "host": dest.host, "port": dest.port, "reachable": why is None}
+        if caller:
+            out["for_calling_ae"] = caller
+        if why is not None:
+            out["error"] = why
+        return out
+
+    with ThreadPoolExecutor(min(8, len(entries))) as pool:
+        return list(pool.map(check, entries))
 
 
 @app.command()
 def audit(config: ConfigOpt = None, event: Annotated[Optional[str], typer.Option()] = None) -> None:
-    """Print the audit trail (JSON lines), optionally one event type."""
+    """Print the audit trail (JSON lines), optionally one event type. Exits 2 when there is no
+    spool here (it creates none)."""
     from dicom_node.audit import AuditLog
 
     settings = _settings(config)
-    for rec in AuditLog(settings.spool / "audit.jsonl").read():
+    root = require_spool(settings, config)
+    for rec in AuditLog(root / "audit.jsonl").read():
         if event is None or rec["event"] == event:
             typer.echo(json.dumps(rec, sort_keys=True))
 

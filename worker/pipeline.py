@@ -188,7 +188,8 @@ def _submit(decode: Executor, path: str, size: int) -> Future:
 
 
 def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
-               forward_lock: threading.Lock | None = None, decode: Executor | None = None) -> list[str]:
+               forward_lock: threading.Lock | None = None, decode: Executor | None = None,
+               stopping: Callable[[], bool] | None = None) -> list[str]:
     """Claim, load, predict as one batch, persist; returns the jobs that were inferred.
 
     An image that cannot be decoded fails (FAILED, reason, audited, its file quarantined); when
@@ -197,7 +198,8 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
     once the others are done.
     `forward_lock`, when batches run in threads, lets one forward run at a time (infer_waiting);
     `decode` runs model_input for the batch's images in parallel (decoding a radiograph costs more
-    than its forward on a GPU).
+    than its forward on a GPU). When `stopping()` (the worker is shutting down) is true by the
+    time the forward could start, the batch's jobs are given back uncounted and nothing runs.
     """
     jobs = []
     for job_id in job_ids:
@@ -238,12 +240,18 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
     predictions: list = []
     if claimed:
         with forward_lock or contextlib.nullcontext():
-            t0 = time.perf_counter()
-            predictions = _predict_each(predictor, images)
-            step = time.perf_counter() - t0
-            seconds = step / len(claimed)
-        metrics.MODEL_STEP.observe(step)
-        metrics.BATCH_SIZE.observe(len(claimed))
+            if stopping is not None and stopping():
+                for job in claimed:
+                    ctx.jobs.release(job.id, JobState.INFERRING, JobState.QUEUED)
+                log.info("infer.released_for_shutdown", jobs=len(claimed))
+                claimed = []
+            else:
+                t0 = time.perf_counter()
+                predictions = _predict_each(predictor, images)
+                step = time.perf_counter() - t0
+                seconds = step / len(claimed)
+                metrics.MODEL_STEP.observe(step)
+                metrics.BATCH_SIZE.observe(len(claimed))
         model = predictor.bundle.identity()
     done = []
     for i, (job, pred) in enumerate(zip(claimed, predictions)):
@@ -279,8 +287,10 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
 def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[str], None], batch_size: int = 16,
                   gather_s: float = 0.005, sleep: Callable[[float], None] = time.sleep,
-                  decode: Executor | None = None) -> list[str]:
-    """Infer `job_id` together with the jobs waiting behind it, in batches, until none wait.
+                  decode: Executor | None = None, stopping: Callable[[], bool] = lambda: False) -> list[str]:
+    """Infer `job_id` together with the jobs waiting behind it, in batches, until none wait or
+    `stopping()` says the worker is shutting down (then a batch not yet in its forward is given
+    back, see infer_jobs, and the rest stay queued: SIGTERM stops a worker within one forward).
 
     The job store says what waits (oldest first); infer_jobs claims each job as before, so the
     broker messages of jobs taken here find nothing to claim later and do nothing. Two batches
@@ -319,9 +329,9 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
 
     with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool, \
             (contextlib.nullcontext(decode) if decode else ThreadPoolExecutor(2, thread_name_prefix="decode")) as decode:
-        while batch and not errors:  # after an error no new batch: the one in flight finishes and is sent
+        while batch and not errors and not stopping():  # after an error no new batch: the one in flight finishes
             taken.update(batch)
-            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode))
+            inflight.append(pool.submit(infer_jobs, batch, ctx, predictor, owed.put, forward, decode, stopping))
             if len(inflight) == 2:
                 finish(inflight.popleft())
             batch = gather([])
@@ -436,8 +446,11 @@ def resend_jobs(job_ids: Sequence[str], ctx: Context, enqueue_send: Callable[[st
 # ---------------------------------------------------------------- reconciling with the broker
 
 def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str], None],
-              enqueue_send: Callable[[str], None], max_attempts: int = 5) -> int:
+              enqueue_send: Callable[[str], None], max_attempts: int = 5, infer: bool = True) -> int:
     """Re-enqueue what the broker may have forgotten; the job store is the source of truth.
+
+    infer False (the model is still being built, no GPU worker yet): jobs waiting for inference
+    are left alone, neither re-enqueued again and again nor counted; they have their message.
 
     A job whose worker died max_attempts times (a poison image, a crash in a library) is given
     up: failed with the reason and audited as a serious failure, instead of killing workers forever. Partial
@@ -448,6 +461,8 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
         log.warning("reconcile.partial_writes_removed", files=swept)
     n = 0
     for job in ctx.jobs.stale(stale_after_s):
+        if not infer and job.state in (JobState.QUEUED, JobState.INFERRING):
+            continue
         claimed = job.state in (JobState.INFERRING, JobState.SENDING)
         if claimed and job.attempts >= max_attempts:
             # An error would have failed the job at once (fail_job): here its worker never came back.

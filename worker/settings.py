@@ -83,6 +83,8 @@ class Model(Section):
     bundle: str = ""  # empty: the default bundle, built on first start under <spool>/models/default
     encoder_checkpoint: str = ""  # a MedSAM2 checkpoint for building the default bundle, if available
     default_images: int = 400  # phantoms the default bundle is trained on
+    default_encoder: str = "t512"  # graph of the default bundle: t512 (MedSAM2) or tiny (tests, demos)
+    default_index_cases: int = 200  # phantom cases of the default similar-cases index
     device: str = ""  # empty: cuda when available, else cpu
     # Per-label operating point, instead of the bundle's own (calibrated p >= 0.5; sensitivity >= 0.90 for
     # the urgent findings): label (or "*" for every other label) -> "expected_accuracy", "accuracy", "f1", "youden",

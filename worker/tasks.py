@@ -26,6 +26,14 @@ def _metric_files(**_) -> None:
     reserve_in_child()  # a prefork child's own metric files, allocated before its first metric
 
 
+def _stopping() -> bool:
+    """True once this worker was told to shut down (SIGTERM: Celery's warm shutdown)."""
+    from celery.worker import state
+
+    # Celery sets these to the exit code (0 for a clean stop) or True; None or False: running.
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
+
+
 def _runtime() -> Runtime:
     return runtime_for(json.dumps(current_app.conf.medsam2_settings, sort_keys=True))
 
@@ -45,7 +53,7 @@ def infer(job_id: str) -> list[str]:
     predictor = rt.predictor()
     batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
     return pipeline.infer_waiting(job_id, rt.ctx, predictor, enqueue_send, batch_size=batch, gather_s=GATHER_S,
-                                  decode=rt.decoder(DECODE_PROCESSES))
+                                  decode=rt.decoder(DECODE_PROCESSES), stopping=_stopping)
 
 
 @shared_task(name=SEND)

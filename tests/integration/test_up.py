@@ -60,14 +60,18 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         assert classes == ["Basic Text SR Storage", "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO)
-        assert json.loads(status.stdout.strip().splitlines()[-1]) == {"counts": {"done": 1, "skipped": 1}, "failures": []}
+        status = json.loads(status.stdout.strip().splitlines()[-1])
+        assert (status["counts"], status["failures"]) == ({"done": 1, "skipped": 1}, [])
+        assert status["model"] == {"state": "ready", "bundle": str(tiny_bundle)}
+        assert status["destinations"] == [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port,
+                                           "reachable": True}]
     finally:
         up.send_signal(signal.SIGTERM)
         try:
-            up.wait(timeout=30)
+            up.wait(timeout=15)
         except subprocess.TimeoutExpired:
             up.kill()
-            raise AssertionError("up did not stop within 30 s of SIGTERM")
+            raise AssertionError("up did not stop within 15 s of SIGTERM")
         pacs.terminate()
         pacs.wait(timeout=10)
     assert list(workdir.iterdir()) == []  # everything the node writes lives in the spool

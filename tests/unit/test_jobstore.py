@@ -150,3 +150,16 @@ def test_keyed_hash_and_spool_secret(tmp_path):
     assert keyed_hash(key, " ACC1 ") == keyed_hash(key, "ACC1") != keyed_hash(b"other", "ACC1")
     assert keyed_hash(key, "") is None and keyed_hash(key, None) is None
     assert "ACC1" not in keyed_hash(key, "ACC1")
+
+
+def test_release_claims_gives_every_claim_back_uncounted(store):
+    for job_id, sop in (("a", "1.1"), ("b", "1.2"), ("c", "1.3")):
+        _add(store, job_id, sop=sop)
+    assert store.claim("a", JobState.QUEUED, JobState.INFERRING, 600)
+    assert store.claim("b", JobState.QUEUED, JobState.INFERRING, 600)
+    assert store.advance("b", JobState.INFERRING, JobState.INFERRED)
+    assert store.claim("b", JobState.INFERRED, JobState.SENDING, 600)
+    assert sorted(store.release_claims()) == ["a", "b"]
+    assert [(store.get(j).state, store.get(j).attempts) for j in "abc"] == [
+        (JobState.QUEUED, 0), (JobState.INFERRED, 1), (JobState.QUEUED, 0)]
+    assert store.release_claims() == []

@@ -165,3 +165,24 @@ def test_a_job_that_kills_its_worker_is_given_up_and_can_be_resent(ctx, predicto
     assert record["event"] == "job_failed" and record["event_outcome"] == 8  # serious failure
     pipeline.resend("job5", ctx, lambda j: None, infers.append)  # never inferred: infer again
     assert ctx.jobs.get("job5").state == JobState.QUEUED and infers == ["job5"]
+
+
+def test_while_the_model_is_built_waiting_jobs_are_left_alone_and_a_stop_gives_claims_back(ctx, predictor,
+                                                                                            phantom_dir):
+    srcs = sorted((phantom_dir / "images").glob("*.dcm"))[:2]
+    for i, src in enumerate(srcs):
+        _receive(ctx, src, f"wait{i}")
+    infers: list[str] = []
+    ctx.clock.t += 3600  # an hour of building the model
+    assert pipeline.reconcile(ctx, 30, infers.append, infers.append, infer=False) == 0 and infers == []
+    assert [ctx.jobs.get(f"wait{i}").attempts for i in range(2)] == [0, 0]
+    # The worker is told to stop once it has claimed and decoded a batch: given back, not counted.
+    sends: list[str] = []
+    assert pipeline.infer_jobs(["wait0", "wait1"], ctx, predictor, sends.append, stopping=lambda: True) == []
+    assert sends == [] and all(ctx.jobs.get(f"wait{i}").state == JobState.QUEUED for i in range(2))
+    assert [ctx.jobs.get(f"wait{i}").attempts for i in range(2)] == [0, 0]
+    # infer_waiting takes no batch at all once stopping.
+    assert pipeline.infer_waiting("wait0", ctx, predictor, sends.append, stopping=lambda: True) == []
+    # `up` on its next start enqueues them at once (stale_after_s 0).
+    ctx.clock.t += 1
+    assert pipeline.reconcile(ctx, 0, infers.append, infers.append) == 2 and sorted(infers) == ["wait0", "wait1"]
