@@ -48,7 +48,10 @@ def test_append_only_across_writers_and_threads(tmp_path):
 def test_reader_command_filters_by_event(tmp_path):
     from worker.cli import app
 
+    from dicom_node.jobstore import JobStore
+
     spool = tmp_path / "spool"
+    JobStore(spool / "jobs.sqlite")  # what makes a folder a spool (the commands never create one)
     log = AuditLog(spool / "audit.jsonl")
     log.record("received", job="a")
     log.record("refused", calling_aet="INTRUDER", reason="calling AE title not allowed")

@@ -198,9 +198,9 @@ def test_decode_processes_give_the_same_results_and_quarantine_the_same(ctx, tin
     with decoding.start(2) as decode:
         done = pipeline.infer_waiting(ids[0], ctx, predictor, lambda j: None, batch_size=3, gather_s=0, decode=decode)
     assert done == ids[:2]
-    skipped = ctx.jobs.get(ids[2])
-    assert skipped.state == JobState.SKIPPED and skipped.reason.startswith("cannot read image: ")
-    assert "Pixel Data could not be decoded" in skipped.reason, skipped.reason
+    failed = ctx.jobs.get(ids[2])  # final at once, with its reason (worker.failures)
+    assert failed.state == JobState.FAILED and failed.reason.startswith("cannot read image: ")
+    assert "Pixel Data could not be decoded" in failed.reason, failed.reason
     got = pipeline.load_prediction(ctx.spool.result_dir(ids[0]))[0]
     want = predictor.predict([pipeline.read_image(pydicom.dcmread(src))])[0]
     for f, g in zip(got.findings, want.findings, strict=True):  # Pillow's resize vs torch's: float rounding
