@@ -170,11 +170,13 @@ def test_spool_disk_full(small_fs, rig, batch, sources, digest):
     with out-of-resources and leaves nothing behind; workers that cannot write their results give
     their jobs back. Once there is room, the modality sends the refused ones again."""
     if small_fs is not None:
-        node = rig(spool=small_fs / "spool", node={"min_free_mb": 1})
+        # A 4 MB watermark: below it the node refuses; what stays free above 0 holds the job
+        # store's WAL index and the metric files of processes that start later (io pool children).
+        node = rig(spool=small_fs / "spool", node={"min_free_mb": 4})
         filler = small_fs / "filler"
         free = shutil.disk_usage(small_fs).free
-        # Room for about 20 instances above the 1 MB watermark, then the disk is full.
-        filler.write_bytes(b"\0" * (free - 2**20 - 20 * 140_000))
+        # Room for about 20 instances above the watermark, then the spool is full.
+        filler.write_bytes(b"\0" * (free - 4 * 2**20 - 20 * 140_000))
         how = f"a {SPOOL_FS_MB} MB tmpfs with {shutil.disk_usage(small_fs).free // 1024} KiB left"
     else:  # the free-space watermark stands in for the small filesystem
         node = rig(node={"min_free_mb": 10**9})
