@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def storescp(folder: Path, port: int, *flags: str) -> subprocess.Popen:
+    """DCMTK's storescp as the PACS (AE title PACS), writing what it receives into ``folder``."""
+    return subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", *flags, "-od", str(folder), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_up(up: subprocess.Popen, within_s: float) -> None:
+    """SIGTERM to `medsam2-cxr up`; it must be gone within ``within_s`` (else killed, and the test fails)."""
+    up.send_signal(signal.SIGTERM)
+    try:
+        up.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        raise AssertionError(f"up did not stop within {within_s:g} s of SIGTERM") from None
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str], step: float = 0.5):

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for, storescp
 from tests.console_helpers import PASSWORDS, Served, console_app, users_toml
 
 pytestmark = pytest.mark.integration
@@ -27,8 +27,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def _storescp(port: int, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return storescp(out, port)
 
 
 def _push(src: Path, dest: Path, port: int, accession: str) -> str:

@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from models.labels import LABELS
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for, storescp, stop_up
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +61,7 @@ def test_prometheus_scrapes_a_running_node(tmp_path, tiny_bundle, phantom_dir):
     node_port, pacs_port, http_port, prom_port = free_port(), free_port(), free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(received, pacs_port)
     spool = tmp_path / "var"
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
@@ -137,12 +135,7 @@ def test_prometheus_scrapes_a_running_node(tmp_path, tiny_bundle, phantom_dir):
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(timeout=20)
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise AssertionError("up did not stop within 30 s of SIGTERM")
+        stop_up(up, 30)
         pacs.terminate()
         pacs.wait(timeout=10)
     assert not _port_open(http_port), "the HTTP app outlived up"

@@ -6,7 +6,6 @@ object (Basic Text SR)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import free_port, wait_for as _wait
+from tests.conftest import free_port, wait_for as _wait, storescp, stop_up
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +24,7 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
     node_port, pacs_port = free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(received, pacs_port)
     spool = tmp_path / "var"
     from index.build import build_index, manifest_items
     from models.bundle import load_bundle
@@ -66,12 +64,7 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         assert status["destinations"] == [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port,
                                            "reachable": True}]
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise AssertionError("up did not stop within 15 s of SIGTERM")
+        stop_up(up, 15)
         pacs.terminate()
         pacs.wait(timeout=10)
     assert list(workdir.iterdir()) == []  # everything the node writes lives in the spool

@@ -23,7 +23,7 @@ import pydicom
 import pytest
 
 from dicom_node.jobstore import Job, JobState, JobStore
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for, storescp, stop_up
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +63,7 @@ def test_poison_jobs_fail_at_once_and_say_why(tmp_path, tiny_bundle, phantom_dir
     node_port, pacs_port = free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(received, pacs_port)
     spool = tmp_path / "var"
     config = tmp_path / "node.toml"
     # The default 120 s lease and the sender's long send lease; a reconciler that looks every
@@ -162,11 +161,6 @@ def test_poison_jobs_fail_at_once_and_say_why(tmp_path, tiny_bundle, phantom_dir
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise AssertionError("up did not stop within 30 s of SIGTERM")
+        stop_up(up, 30)
         pacs.terminate()
         pacs.wait(timeout=10)

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from dicom_node.jobstore import JobState, JobStore
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for, storescp
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -86,8 +86,7 @@ def test_first_start_listens_at_once_and_builds_the_model_meanwhile(tmp_path, ph
     node_port, pacs_port = free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(received, pacs_port)
     spool = tmp_path / "var"
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
@@ -166,8 +165,7 @@ def test_sigterm_mid_work_stops_everything_and_loses_nothing(tmp_path, tiny_bund
     received = tmp_path / "pacs"
     received.mkdir()
     # -uf: every object received goes to a file of its own, so one sent twice is counted twice
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-uf", "-od", str(received), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(received, pacs_port, "-uf")
     spool = tmp_path / "var"
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'

@@ -26,7 +26,7 @@ from dicom_node.spool import Spool
 from models.bundle import load_bundle
 from models.labels import LABELS
 from models.predictor import Predictor
-from tests.conftest import free_port
+from tests.conftest import free_port, storescp
 from worker import pipeline
 from worker.settings import Settings
 
@@ -153,8 +153,7 @@ def test_readyz_says_which_check_failed(tmp_path, tiny_bundle):
 
     # A built bundle and a destination answering C-ECHO (DCMTK storescp): ready.
     pacs_port = free_port()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(tmp_path), str(pacs_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(tmp_path, pacs_port)
     try:
         time.sleep(0.5)
         settings = settings_for(tmp_path, bundle=tiny_bundle, dest_port=pacs_port)
