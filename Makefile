@@ -1,4 +1,4 @@
-# Two set-up commands: `make up` (install, then start the node) and `make test` (install, then all tests).
+# Two set-up commands: `make up` (install, then start the node) and `make test` (install, then ruff, mypy and all tests).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The real peers the tests talk to: DCMTK, dicom3tools, Orthanc, Chromium for the console's browser
+# The real peers the tests talk to: DCMTK, dicom3tools, Orthanc (with its DICOMweb plugin for STOW-RS), Chromium for the console's browser
 # test (Playwright drives Debian's; its own download is not used), Prometheus (Debian packages).
 peers:
 	@command -v /usr/bin/storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null && \
-	  test -x /usr/bin/chromium || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc chromium >/dev/null)
+	  test -x /usr/bin/chromium && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc orthanc-dicomweb chromium >/dev/null)
 	@# Prometheus and promtool (deploy/prometheus tests); no daemon left from the package: tests start their own
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  ((apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) && \
@@ -38,8 +38,12 @@ peers:
 up: install
 	$(VENV)/bin/medsam2-cxr up $(if $(CONFIG),--config $(CONFIG),)
 
+# Lint and type check first (settings in pyproject.toml), then every test folder: unit, integration,
+# e2e, faults, bench (plain `pytest` runs tests/unit only).
 test: install peers
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/python -m pytest -q -ra tests/unit tests/integration tests/e2e tests/faults tests/bench
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -66,7 +67,7 @@ def worker_decode(path: Path, workers: int, size: int = 512) -> dict:
 
     n = 4 * workers
     jobs = [str(path)] * n
-    out = {"workers": workers}
+    out: dict[str, float] = {"workers": workers}
     t0 = time.perf_counter()
     for j in jobs[:workers]:
         decoding.model_input(j, size)
@@ -86,21 +87,21 @@ def worker_decode(path: Path, workers: int, size: int = 512) -> dict:
 def run(rows: int = 2500, cols: int = 2048, repeats: int = 5, threads: int = 2, work: Path | None = None) -> dict:
     """The decoder benchmark; returns its JSON-able result with the fastest correct plugin per syntax."""
     tmp = tempfile.TemporaryDirectory(prefix="bench-decode-") if work is None else None
-    root = Path(tmp.name if tmp else work)
+    root = Path(tmp.name) if tmp is not None else Path(work or ".")
     try:
         out: dict = {"benchmark": "decode", "repeats": repeats, "cases": [], "fastest": {}}
         for name, path, ref in make_files(root, rows, cols):
             tsuid = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
             plugins = get_decoder(tsuid).available_plugins
-            case = {"case": name, "transfer_syntax": str(tsuid), "mb": round(path.stat().st_size / 2**20, 2),
+            case: dict[str, Any] = {"case": name, "transfer_syntax": str(tsuid), "mb": round(path.stat().st_size / 2**20, 2),
                     "plugins": {}}
-            for r in range(repeats):  # interleaved, so drift falls on every plugin alike
+            for _ in range(repeats):  # interleaved, so drift falls on every plugin alike
                 for plugin in plugins:
                     entry = case["plugins"].setdefault(plugin, {"seconds": [], "cpu_seconds": [], "correct": None})
                     t0, c0 = time.perf_counter(), time.process_time()
                     try:
                         arr = _decode(path, plugin)
-                    except Exception as exc:  # a plugin that cannot do this syntax or bit depth
+                    except Exception as exc:  # noqa: BLE001  a third-party plugin that cannot do this syntax or bit depth: recorded, whatever it raises
                         entry["error"] = f"{type(exc).__name__}: {exc}"[:200]
                         continue
                     entry["seconds"].append(time.perf_counter() - t0)
@@ -116,14 +117,14 @@ def run(rows: int = 2500, cols: int = 2048, repeats: int = 5, threads: int = 2, 
                     # Do decodes in threads overlap? (does the plugin release the GIL)
                     with ThreadPoolExecutor(threads) as pool:
                         t0 = time.perf_counter()
-                        list(pool.map(lambda _: _decode(path, plugin), range(2 * threads)))
+                        list(pool.map(lambda _, path=path, plugin=plugin: _decode(path, plugin), range(2 * threads)))
                         entry["threaded_speedup"] = round(2 * threads * entry["ms"] / 1000 / (time.perf_counter() - t0), 2)
             if threads > 0:
                 case["worker_decode"] = worker_decode(path, threads)
             # CPU time decides: decoding is single-threaded, and CPU time is what other processes on a
             # shared machine disturb least.
             good = {p: e["cpu_ms"] for p, e in case["plugins"].items() if e.get("correct") and "cpu_ms" in e}
-            case["fastest_correct"] = min(good, key=good.get) if good else None
+            case["fastest_correct"] = min(good, key=good.__getitem__) if good else None
             out["cases"].append(case)
             if case["fastest_correct"]:
                 out["fastest"].setdefault(str(tsuid), []).append(case["fastest_correct"])

@@ -23,8 +23,11 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
+from bench import PeerMissing
 from bench.ingest import STORESCU, _wait_port, free_port
+from dicom_node.layout import SpoolLayout
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.10  # pipeline overhead at the burst under this fraction of the model's own rate
@@ -80,7 +83,9 @@ class Node:
     """Orthanc, the listener and both workers as separate processes; stop() ends them all."""
 
     def __init__(self, work: Path, bundle: Path, redis_url: str, device: str) -> None:
-        self.work, self.procs, self.names = work, [], []
+        self.work = work
+        self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         dicom_port, http_port, self.port = free_port(), free_port(), free_port()
@@ -112,10 +117,10 @@ class Node:
         self.names.append(name)
 
     def instances(self) -> int:
-        return int(_get(self.base + "/statistics")["CountInstances"])
+        return int(cast(dict, _get(self.base + "/statistics"))["CountInstances"])
 
     def audit(self) -> list[dict]:
-        path = self.spool / "audit.jsonl"
+        path = SpoolLayout(self.spool).audit
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     def cpu_seconds(self) -> dict[str, float]:
@@ -216,12 +221,12 @@ def run(spec: str = "t512", bundle: Path | None = None, runs: int = 20, burst: i
 
     for tool in (STORESCU, "Orthanc"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: run `make peers` (Debian packages dcmtk, orthanc)")
+            raise PeerMissing(f"{tool} is missing: run `make peers` (Debian packages dcmtk, orthanc)")
     r = redis.Redis.from_url(redis_url)
     try:
         r.ping()
     except redis.ConnectionError as exc:
-        raise SystemExit(f"Redis at {redis_url} does not answer ({exc}): run `make peers`") from exc
+        raise PeerMissing(f"Redis at {redis_url} does not answer ({exc}): run `make peers`") from exc
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-")) if work is None else Path(work)
     r.flushdb()

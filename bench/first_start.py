@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pydicom
 from pydicom.data import get_testdata_file
@@ -81,7 +82,7 @@ def main() -> None:
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\ndevice = "cpu"\ndefault_images = {args.images}\n'
                       + args.extra.replace("\\n", "\n") + "\n")
-    src = Path(get_testdata_file("RG1_UNCI.dcm"))
+    src = Path(cast(str, get_testdata_file("RG1_UNCI.dcm")))
     copies = []
     for i in range(8):
         ds = pydicom.dcmread(src)

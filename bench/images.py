@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models import phantoms
+import phantoms
 
 DETECTOR = (2500, 2048)  # rows x columns of a 35 x 43 cm portrait detector at ~0.17 mm
 
 
 def _resample(stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    img = Image.fromarray(stored.astype(np.float32), mode="F").resize((cols, rows), Image.BILINEAR)
+    img = Image.fromarray(stored.astype(np.float32), mode="F").resize((cols, rows), Image.Resampling.BILINEAR)
     return np.round(np.asarray(img)).clip(0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 

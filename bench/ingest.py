@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import PeerMissing
+from dicom_node.layout import SpoolLayout
+
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 NODE_AET = "MEDSAM2CXR"
@@ -68,7 +71,7 @@ class RssSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
@@ -97,21 +100,23 @@ def _listener_main(root: str, port: int, log_path: str, conn) -> None:
     """Child process: the production listener on a fresh spool, until told to stop."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(fd, 2)  # the node logs JSON lines to stderr, as in production; keep them out of ours
-    from dicom_node.audit import AuditLog
-    from dicom_node.jobstore import JobStore
-    from dicom_node.listener import ListenerConfig, start_listener
-    from dicom_node.spool import Spool
+    from dicom_node.config import configure
+    from dicom_node.listener import start_listener
     from worker import logs
+    from worker.node import Node
+    from worker.settings import Settings
 
     logs.configure()
-    spool = Path(root)
+    # no free-space watermark: the benchmark measures receiving, not refusing
+    node = Node(Settings.model_validate({"paths": {"spool": root}, "node": {"min_free_mb": 0}}))
+    configure()  # a spawned process starts bare: chunked receive, quiet pynetdicom
     enqueued: list[str] = []
-    server = start_listener(ListenerConfig(ae_title=NODE_AET, host="127.0.0.1", port=port), Spool(spool),
-                            JobStore(spool / "jobs.sqlite"), AuditLog(spool / "audit.jsonl"), enqueued.append)
+    server = start_listener(node.listener_config(ae_title=NODE_AET, host="127.0.0.1", port=port), node.spool,
+                            node.jobs, node.audit, enqueued.append)
     conn.send(os.getpid())
     conn.recv()
     server.shutdown()
-    conn.send({"enqueued": len(enqueued), "jobs": JobStore(spool / "jobs.sqlite").counts()})
+    conn.send({"enqueued": len(enqueued), "jobs": node.jobs.counts()})
 
 
 class NodeReceiver:
@@ -148,7 +153,7 @@ class NodeReceiver:
         return {**info, "peak_kb": peak}
 
     def received(self) -> int:
-        return sum(1 for _ in (self.root / "incoming").glob("*.dcm"))
+        return sum(1 for _ in SpoolLayout(self.root).incoming.glob("*.dcm"))
 
 
 class StorescpReceiver:
@@ -221,7 +226,8 @@ def one_pass(make: Callable[[Path], NodeReceiver | StorescpReceiver], files: Seq
 def _compare(files: Sequence[Path], senders: int, repeats: int, work: Path) -> dict:
     runs: dict[str, list[dict]] = {"node": [], "storescp": []}
     for r in range(repeats):
-        order = [("node", NodeReceiver), ("storescp", StorescpReceiver)]
+        order: list[tuple[str, Callable[[Path], NodeReceiver | StorescpReceiver]]] = [
+            ("node", NodeReceiver), ("storescp", StorescpReceiver)]
         for name, make in (order if r % 2 == 0 else order[::-1]):
             runs[name].append(one_pass(make, files, senders, work / name))
     node_s = statistics.median(x["seconds"] for x in runs["node"])
@@ -255,7 +261,7 @@ def run(n: int = 40, rows: int = 2500, cols: int = 2048, senders: int = 8, repea
 
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
-            raise SystemExit(f"{tool} is missing: install DCMTK (`make peers`, Debian package dcmtk)")
+            raise PeerMissing(f"{tool} is missing: install DCMTK (`make peers`, Debian package dcmtk)")
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-")) if work is None else Path(work)
     try:

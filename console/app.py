@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
@@ -34,8 +35,8 @@ from prometheus_client.registry import Collector
 
 from dicom_node import metrics
 from dicom_node.jobstore import JobState, JobStore
-from dicom_node.sender import Destination, echo
-from dicom_node.spool import Spool
+from dicom_node.sender import ResultDestination
+from worker.node import Node
 from worker.settings import Settings
 
 log = structlog.get_logger()
@@ -50,14 +51,10 @@ class Check:
     detail: str
 
 
-def _destinations(settings: Settings) -> list[Destination]:
+def _destinations(settings: Settings) -> list[ResultDestination]:
     """The default destination and every route, once each."""
-    from dicom_node.tls import client_context
-
-    out: dict[str, Destination] = {}
-    for d in (settings.destination, *settings.destination.routes.values()):
-        tls = client_context(d.tls.ca, d.tls.cert or None, d.tls.key or None, d.tls.check_hostname) if d.tls.ca else None
-        dest = Destination(ae_title=d.ae_title, host=d.host, port=d.port, tls=tls)
+    out: dict[str, ResultDestination] = {}
+    for _, dest in Node(settings).destinations():
         out.setdefault(metrics.destination_label(dest), dest)
     return list(out.values())
 
@@ -67,7 +64,7 @@ class Readiness:
     """The readiness checks of one node; each returns a :class:`Check` and never raises."""
 
     settings: Settings
-    echo: Callable[[Destination], str | None] | None = None  # None: C-ECHO with the configured timeout
+    echo: Callable[[ResultDestination], str | None] | None = None  # None: C-ECHO with the configured timeout
     clock: Callable[[], float] = time.monotonic
     _echoes: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,7 +72,7 @@ class Readiness:
 
     def jobs(self) -> Check:
         if self._jobs is None:  # opened on the first check: one that cannot be opened fails the check
-            self._jobs = JobStore(self.settings.spool / "jobs.sqlite")
+            self._jobs = Node(self.settings).jobs
         counts = self._jobs.counts()
         return Check(True, f"{sum(counts.values())} jobs")
 
@@ -126,8 +123,8 @@ class Readiness:
             return Check(False, "; ".join(f"{k}: {v}" for k, v in bad.items()))
         return Check(True, ", ".join(results) + " answered C-ECHO")
 
-    def _echo(self, dest: Destination) -> str | None:
-        return echo(dest, calling_ae=self.settings.node.ae_title, timeout=self.settings.console.destination_timeout_s)
+    def _echo(self, dest: ResultDestination) -> str | None:
+        return dest.probe(self.settings.node.ae_title, self.settings.console.destination_timeout_s)
 
     def run(self) -> dict:
         checks: dict[str, Check] = {}
@@ -214,9 +211,9 @@ def card_ood_rate(card: dict) -> float | None:
 def create_app(settings: Settings, readiness: Readiness | None = None) -> FastAPI:
     """The node's HTTP app. ``readiness`` is a seam for tests (e.g. a fake C-ECHO)."""
     readiness = readiness or Readiness(settings)
-    spool = Spool(settings.spool, min_free_bytes=settings.node.min_free_mb * 2**20)
+    node = Node(settings)
     registry = metrics.registry(
-        metrics.NodeCollector(JobStore(settings.spool / "jobs.sqlite"), spool, [s.value for s in JobState]),
+        metrics.NodeCollector(node.jobs, node.spool, [s.value for s in JobState]),
         ReadinessCollector(readiness),
         ModelCardCollector(settings.bundle_path),
     )
@@ -238,6 +235,9 @@ def create_app(settings: Settings, readiness: Readiness | None = None) -> FastAP
     from console.web import build_router  # the pages, login and JSON API
 
     app.include_router(build_router(settings))
+    from dicom_node.stow import build_router as stow_router  # STOW-RS in: POST /dicomweb/studies
+
+    app.include_router(stow_router(settings, *node.intake_parts(), enqueue=node.enqueue_infer))
     return app
 
 
@@ -248,7 +248,7 @@ class ConsoleServer:
         import uvicorn
 
         tls = settings.node.tls
-        ssl = {}
+        ssl: dict[str, Any] = {}
         if tls.cert:
             from dicom_node.tls import BCP195_CIPHERS
 
@@ -266,7 +266,7 @@ class ConsoleServer:
         except SystemExit:  # uvicorn exits when it cannot bind: start() reports it
             pass
 
-    def start(self, timeout: float = 15.0) -> "ConsoleServer":
+    def start(self, timeout: float = 15.0) -> ConsoleServer:
         self.thread.start()
         end = time.monotonic() + timeout
         while not self.server.started:

@@ -168,7 +168,7 @@ class Auth:
 
     @classmethod
     def from_settings(cls, console, key: bytes, audit: Callable[..., None], clock: Callable[[], float] = time.time,
-                      monotonic: Callable[[], float] = time.monotonic) -> "Auth":
+                      monotonic: Callable[[], float] = time.monotonic) -> Auth:
         users = {u.name: (u.role, u.password_hash) for u in console.users}
         return cls(users, key, audit, session_s=console.session_hours * 3600,
                    lockout=Lockout(console.lockout_failures, console.lockout_window_s, console.lockout_s, monotonic),
@@ -199,6 +199,7 @@ class Auth:
                             lockout_s=self.lockout.lockout_s)
             raise LoginRefused("wrong user name or password")
         self.lockout.succeeded(user)
+        assert role is not None  # ok above: a known user
         session = Session(sid=secrets.token_urlsafe(16), user=user, role=role, csrf=secrets.token_urlsafe(24),
                           expires=self._clock() + self.session_s)
         self._audit("login", user=user, role=role, address=address)

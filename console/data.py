@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def job_json(job: Job) -> dict:
 
 
 def iso(t: float | None) -> str | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- today
@@ -130,7 +131,7 @@ def _svg(fig) -> str:
 
 # ---------------------------------------------------------------- destinations
 
-def destinations(settings) -> list[tuple[str, str, object]]:
+def destinations(settings) -> list[tuple[str, str, Any]]:
     """(target, name, settings Destination): the default ("default") and every route (its
     calling AE title)."""
     d = settings.destination
@@ -145,33 +146,17 @@ def destination(settings, target: str):
 
 
 def c_echo(dest, timeout: float, calling_ae: str) -> tuple[bool, str]:
-    """C-ECHO a destination (settings Destination): (up, what happened)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    """Probe a destination (settings Destination) as the sender would reach it: C-ECHO, or an HTTP
+    request for a DICOMweb one (dicom_node's own probe). (up, what happened)."""
+    from worker.node import destination
 
-    tls = None
-    if dest.tls.ca:
-        from dicom_node.tls import client_context
-
-        tls = (client_context(dest.tls.ca, dest.tls.cert or None, dest.tls.key or None, dest.tls.check_hostname),
-               dest.host)
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
     t0 = time.perf_counter()
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-    except Exception as exc:  # noqa: BLE001 - a bad TLS file or address: down, with why
+        why = destination(dest).probe(calling_ae=calling_ae, timeout=timeout)
+    except (OSError, ValueError) as exc:  # a TLS file that cannot be read, a bad address
         return False, f"{type(exc).__name__}: {exc}"
-    if not assoc.is_established:
-        return False, "association rejected or no answer" if not assoc.is_rejected else "association rejected"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    ok = bool(status) and status.Status == 0
-    return ok, f"C-ECHO {'success' if ok else 'failed'} in {1000 * (time.perf_counter() - t0):.0f} ms"
+    answered = "DICOMweb answered" if dest.type == "dicomweb" else "C-ECHO success"
+    return why is None, why or f"{answered} in {1000 * (time.perf_counter() - t0):.0f} ms"
 
 
 class EchoCache:
@@ -180,7 +165,8 @@ class EchoCache:
     def __init__(self, settings, echo: Callable | None = None, ttl_s: float = 15.0) -> None:
         self.settings, self.ttl_s = settings, ttl_s
         self._echo = echo or (lambda d: c_echo(d, settings.console.destination_timeout_s, settings.node.ae_title))
-        self._at, self._value = 0.0, []
+        self._at = 0.0
+        self._value: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     def __call__(self) -> list[dict]:

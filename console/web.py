@@ -16,21 +16,30 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, Depends, Form, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from console import data
-from console.auth import (CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE, Auth, LoginRefused, Session,
-                          csrf_ok, role_allows)
+from console.auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    Auth,
+    LoginRefused,
+    Session,
+    csrf_ok,
+    role_allows,
+)
 from dicom_node.jobstore import FINAL_FAILURES, JobState
-from dicom_node.lookup import keyed_hash, spool_secret
-from dicom_node.pause import Pauses
+from dicom_node.lookup import keyed_hash
 
 log = structlog.get_logger()
 HERE = Path(__file__).resolve().parent
@@ -56,7 +65,7 @@ def _time(value: str | None, name: str) -> float | None:
     try:
         t = dt.datetime.fromisoformat(value.strip())
         if t.tzinfo is None:
-            t = t.replace(tzinfo=dt.timezone.utc)
+            t = t.replace(tzinfo=dt.UTC)
         return t.timestamp()
     except (ValueError, OverflowError, OSError):
         raise HTTPException(422, f"{name}: not an ISO 8601 time: {value[:40]!r}") from None
@@ -79,29 +88,25 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                  monotonic: Callable[[], float] = time.monotonic) -> APIRouter:
     """The console's routes for the node these settings describe.
 
-    ctx: the pipeline Context (default: Runtime.from_settings(settings).ctx); enqueue:
+    ctx: the pipeline Context (default: the node's, worker.node.Node.context); enqueue:
     (enqueue_infer, enqueue_send) for resends (default: the node's broker, made on the first
     resend); echo: settings Destination -> (up, detail) (default: a real C-ECHO).
     """
-    if ctx is None:
-        from worker.runtime import Runtime
+    from worker.node import Node
 
-        ctx = Runtime.from_settings(settings).ctx
-    auth = Auth.from_settings(settings.console, spool_secret(settings.spool, "session", settings.console.session_secret),
+    node = Node(settings)
+    if ctx is None:
+        ctx = node.context()
+    auth = Auth.from_settings(settings.console, node.secret("session", settings.console.session_secret),
                               ctx.audit.record, clock, monotonic)
-    lookup_key = spool_secret(settings.spool, "lookup", settings.node.lookup_secret)
+    lookup_key = node.secret("lookup", settings.node.lookup_secret)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = lambda v, digits=3: ("–" if v is None else f"{v:.{digits}f}"
                                                          if isinstance(v, float) else v)
     echoes = data.EchoCache(settings, echo)
-    queues: list = list(enqueue) if enqueue else []
 
     def enqueuers() -> tuple[Callable[[str], None], Callable[[str], None]]:
-        if not queues:
-            from worker.app import enqueuers as make, make_app
-
-            queues.extend(make(make_app(settings)))
-        return queues[0], queues[1]
+        return enqueue or node.enqueuers
 
     def card() -> dict | None:
         from models.bundle import BundleError, read_card
@@ -121,7 +126,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                                         headers={"Location": "/login?next=" + quote(request.url.path)})
                 raise HTTPException(401, "log in first")
             if request.method == "POST":
-                token = request.headers.get(CSRF_HEADER)
+                token: object = request.headers.get(CSRF_HEADER)
                 if token is None and "form" in request.headers.get("content-type", ""):
                     token = (await request.form()).get(CSRF_FIELD)
                 if not csrf_ok(session, token if isinstance(token, str) else None):
@@ -153,7 +158,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         return job
 
     # -- what the pages and the API share ------------------------------------------------------
-    pauses = Pauses(settings.spool)
+    pauses = node.pauses
 
     def today_summary() -> dict:
         dests = [{**d, "paused": pauses.get(d["ae_title"], d["host"], d["port"])} for d in echoes()]
@@ -265,11 +270,11 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
             resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/login")
             return resp
-        resp = RedirectResponse(_safe_next(next), status_code=303)
-        resp.set_cookie(SESSION_COOKIE, cookie, max_age=int(auth.session_s), httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/")
-        resp.delete_cookie(LOGIN_COOKIE, path="/login")
-        return resp
+        redirect = RedirectResponse(_safe_next(next), status_code=303)
+        redirect.set_cookie(SESSION_COOKIE, cookie, max_age=int(auth.session_s), httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        redirect.delete_cookie(LOGIN_COOKIE, path="/login")
+        return redirect
 
     @router.post("/logout", tags=["session"])
     def logout(request: Request, session: Viewer):
@@ -422,6 +427,6 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
 
     @router.get("/api/config", tags=["api"])
     def api_config(session: Viewer) -> dict:
-        return data.redacted(settings.model_dump(mode="json"))
+        return cast(dict, data.redacted(settings.model_dump(mode="json")))
 
     return router

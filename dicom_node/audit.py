@@ -29,6 +29,7 @@ A5 = {
     "job_failed": ("DICOM Instances Accessed", "110103", "R", 8),
     "resent": ("DICOM Instances Transferred", "110104", "R", 0),
     "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
+    "report_sent": ("Export", "110106", "R", 0),  # a report to the RIS (HL7) or a FHIR server (ris/delivery.py)
     "refused": ("Security Alert", "110113", "E", 4),
     "quarantined": ("Security Alert", "110113", "E", 4),
     "application_start": ("Application Activity", "110100", "E", 0),

@@ -14,9 +14,9 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicom_node.sop import MANUFACTURER  # noqa: F401 - one of the own-result markers, kept under its old name here
 from models.labels import LABELS
 
-MANUFACTURER = "medsam2-cxr"
 ALGORITHM_NAME = "MedSAM2-CXR box-latent"
 
 PRIVATE_SCHEME = "99MSCXR"
@@ -103,3 +103,12 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 COMMENT = codes.DCM.Comment  # DCM 121106
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")  # IHE AIR
 DEVICE_OBSERVER = codes.DCM.Device  # observer type in TID 1002; same concept as Support Devices
+
+# --- draft report (TID 1500 qualitative evaluations, Basic Text SR sections) ------------------
+# DCM where one exists, the private scheme for similar cases and guideline references.
+DRAFT_FINDING = Code("121071", "DCM", "Finding")
+DRAFT_IMPRESSION = Code("121073", "DCM", "Impression")
+SIMILAR_CASES = Code("SIMCASES", PRIVATE_SCHEME, "Similar prior cases")
+SIMILAR_CASE = Code("SIMCASE", PRIVATE_SCHEME, "Similar prior case")
+GUIDELINE_REFERENCES = Code("GUIDEREFS", PRIVATE_SCHEME, "Guideline references")
+GUIDELINE_REFERENCE = Code("GUIDEREF", PRIVATE_SCHEME, "Guideline reference")

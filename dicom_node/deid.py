@@ -30,14 +30,16 @@ from dicognito.anonymizer import Anonymizer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
+from dicom_node.identifiers import PATIENT_IDENTIFIERS
+
 # DCM codes for PS3.15 E.1-1 profiles and options (CID 7050).
 BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 # Patient and study identifiers restored at the sending site (PS3.15 E.1-1 "D"/"Z" attributes the
-# hub's result will carry in pseudonymous form).
-PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDs",
-                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-                    "InstitutionName", "IssuerOfPatientID")
+# hub's result will carry in pseudonymous form): the patient identifiers but Other Patient Names,
+# which no result carries (encoders.header.COPIED), and the study attributes that date and place it.
+PATIENT_KEYWORDS = (*(k for k in PATIENT_IDENTIFIERS if k != "OtherPatientNames"), "PatientSex", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName", "InstitutionName")
 
 
 class DeidentificationError(ValueError):

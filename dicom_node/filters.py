@@ -4,8 +4,8 @@
 Rules, in order; the first that decides wins:
 
 1. Our own results routed back (Manufacturer is ours, an entry of ContributingEquipmentSequence
-   names us, or an SR/SC whose SeriesDescription starts with ``"AI "``) -> skip, "own result
-   (no loop)".
+   names us, or an SR/SC whose SeriesDescription starts with ``"AI "``: the markers the encoders
+   write, dicom_node.sop) -> skip, "own result (no loop)".
 2. SOP class must be CR, DX (for presentation or for processing) or Secondary Capture; SR,
    presentation states, KOS and everything else -> skip, naming the SOP class.
 3. Modality: CR/DX SOP classes need Modality CR or DX (or none); Secondary Capture may carry
@@ -38,14 +38,19 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-RADIOGRAPH_CLASSES = frozenset({CR_IMAGE, DX_PRESENTATION, DX_PROCESSING})
-PROCESSED_CLASSES = RADIOGRAPH_CLASSES | {SECONDARY_CAPTURE}
+# The SOP class tables and our results' markers are the encoders' own (dicom_node.sop), so a
+# result routed back is always recognised.
+from dicom_node.sop import (  # noqa: F401 - CR_IMAGE, DX_*: this module's vocabulary for its callers
+    CR_IMAGE,
+    DX_PRESENTATION,
+    DX_PROCESSING,
+    MANUFACTURER,
+    OWN_SERIES_PREFIX,
+    PROCESSED_CLASSES,
+    SECONDARY_CAPTURE,
+    may_be_own_result,
+)
 
-OWN_SERIES_PREFIX = "AI "
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT"})
 FRONTAL_VIEW_POSITIONS = frozenset({"PA", "AP"})
 # View Code Sequence codes meaning a lateral projection (SNOMED CT and the legacy SRT ids).
@@ -67,7 +72,6 @@ NON_CHEST_WORDS = frozenset({
 LATERAL_WORDS = frozenset({"lat", "lateral", "lateraal", "seitlich"})
 FRONTAL_WORDS = frozenset({"pa", "ap", "frontal", "frontale"})
 OTHER_SC_MODALITIES_OK = frozenset({"", "CR", "DX", "OT"})
-_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,7 @@ def _is_own(ds: Dataset, sop_class: str, own: str) -> bool:
     for item in ds.get("ContributingEquipmentSequence", None) or []:
         if isinstance(item, Dataset) and str(item.get("Manufacturer", "") or "").strip().lower() == own_n:
             return True
-    is_result_class = sop_class.startswith(_SR_PREFIX) or sop_class == SECONDARY_CAPTURE
-    return is_result_class and str(ds.get("SeriesDescription", "") or "").startswith(OWN_SERIES_PREFIX)
+    return may_be_own_result(sop_class) and str(ds.get("SeriesDescription", "") or "").startswith(OWN_SERIES_PREFIX)
 
 
 def _description_words(ds: Dataset) -> set[str]:
@@ -136,7 +139,7 @@ def _is_lateral(ds: Dataset, view: str) -> bool:
     return False
 
 
-def classify(ds: Dataset, own_manufacturer: str = "medsam2-cxr") -> Decision:
+def classify(ds: Dataset, own_manufacturer: str = MANUFACTURER) -> Decision:
     """Decide whether a header-only dataset is a frontal chest radiograph to process.
 
     Parameters

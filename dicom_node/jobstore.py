@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -31,9 +31,6 @@ class JobState(StrEnum):
 # States nothing more happens to until `medsam2-cxr resend`: their SOP instance may come again.
 FINAL_FAILURES = (JobState.DEAD, JobState.FAILED)
 
-
-# States a reconciler may need to re-enqueue, and the state a worker claims them into.
-PENDING = {JobState.QUEUED: JobState.INFERRING, JobState.INFERRED: JobState.SENDING}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,6 +82,27 @@ class Job:
     patient_hash: str | None = None
 
 
+@contextmanager
+def transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the SQLite file ``path`` (WAL, fsync on commit, taken at once).
+
+    One short-lived connection per transaction: simple across threads and forked processes. The
+    job store and the RIS delivery ledger (ris/ledger.py) both keep their rows this way."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
+
+
 class JobStore:
     """SQLite job table; safe to share between the listener thread and worker processes."""
 
@@ -108,22 +126,8 @@ class JobStore:
         finally:
             db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # One short-lived connection per transaction: simple across threads and forked processes.
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            db.close()
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     @staticmethod
     def _row(row: tuple | None) -> Job | None:
@@ -277,7 +281,8 @@ class JobStore:
                since: float | None = None, until: float | None = None, accession_hash: str | None = None,
                patient_hash: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
         """Jobs received in [since, until) matching every filter given, the newest first."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             args += list(states)

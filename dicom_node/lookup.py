@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-SECRETS = "secrets"  # <spool>/secrets/: keys the node makes itself when the configuration has none
+from dicom_node.layout import SpoolLayout
 
 
 def keyed_hash(key: bytes, value: object) -> str | None:
@@ -30,9 +30,9 @@ def spool_secret(spool: Path, name: str, configured: str = "") -> bytes:
     (mode 0600) and read back on every later start, by every process of the node."""
     if configured:
         return configured.encode("utf-8")
-    folder = Path(spool) / SECRETS
+    layout = SpoolLayout(Path(spool))
+    folder, path = layout.secrets, layout.secret(name)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{name}.key"
     if not path.exists():
         tmp = folder / f".{name}.{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -37,6 +37,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from dicom_node import metrics_dir
 from dicom_node.metrics_dir import ENV
+
 UNKNOWN_AE = "unknown"  # a connection refused or violating before any association request was read
 OTHER_AE = "other"  # calling AE titles past the cap (see AeLabels)
 NOT_ALLOWED_AE = "not_allowed"  # refused because it is not on [node] allowed_calling_aets
@@ -71,6 +72,8 @@ SEND_ATTEMPTS_FAILED = Counter("medsam2_send_attempts_failed", "Send attempts th
                                ["destination"])
 PREDICTIONS = Counter("medsam2_predictions", "Images the model predicted", ["model"])
 PREDICTIONS_OOD = Counter("medsam2_predictions_ood", "Predictions flagged out of distribution", ["model"])
+PREDICTIONS_URGENT = Counter("medsam2_predictions_urgent", "Predictions that made their study urgent "
+                             "([urgent] rules: a Key Object Selection, C-STORE priority HIGH)", ["model"])
 POSITIVES = Counter("medsam2_findings_positive", "Predictions with the finding present (above its threshold)",
                     ["model", "label"])
 MODEL_LOADED = Gauge("medsam2_model_loaded", "GPU worker processes with the model loaded", ["model", "device"],
@@ -97,15 +100,18 @@ def model_label(digest: str) -> str:
     return digest[:12]
 
 
-def record_prediction(digest: str, prediction) -> None:
-    """Count one prediction (a models.prediction.Prediction): its OOD flag and each finding
-    present. Every label's series exists from the first prediction on (at 0), so a rate is 0,
-    not missing."""
+def record_prediction(digest: str, prediction, urgent: bool = False) -> None:
+    """Count one prediction (a models.prediction.Prediction): its OOD flag, whether it made its
+    study urgent (models.urgency) and each finding present. Every label's series exists from the
+    first prediction on (at 0), so a rate is 0, not missing."""
     m = model_label(digest)
     PREDICTIONS.labels(model=m).inc()
     ood = PREDICTIONS_OOD.labels(model=m)
     if prediction.out_of_distribution:
         ood.inc()
+    flagged = PREDICTIONS_URGENT.labels(model=m)
+    if urgent:
+        flagged.inc()
     for finding in prediction.findings:
         positive = POSITIVES.labels(model=m, label=finding.label)
         if finding.present:

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from dicom_node.layout import SpoolLayout
+
 
 class DestinationPaused(ConnectionError):
     """The destination was paused by an operator; the job waits (transient, worker.failures)."""
@@ -25,7 +27,7 @@ def _name(ae_title: str, host: str, port: int) -> str:
 
 class Pauses:
     def __init__(self, spool_root: Path) -> None:
-        self.folder = Path(spool_root) / "paused"
+        self.folder = SpoolLayout(Path(spool_root)).paused
 
     def get(self, ae_title: str, host: str, port: int) -> dict | None:
         try:

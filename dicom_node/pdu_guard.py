@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pynetdicom.pdu import PDU_TYPES, A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, PDU_TYPES
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 log = structlog.get_logger(__name__)
@@ -294,7 +294,7 @@ class GuardedRequestHandler(RequestHandler):
     """Per-connection thread: address check, TLS handshake, the whole A-ASSOCIATE-RQ within a
     deadline, the per-address caps, then pynetdicom's association with the PDU guard."""
 
-    server: "GuardedServer"
+    server: GuardedServer
 
     def handle(self) -> None:
         guard = self.server.guard
@@ -405,7 +405,7 @@ class GuardedRequestHandler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        assoc.dul.socket = GuardedSocket(assoc.dul.socket, self.server.guard, peer,
+        assoc.dul.socket = GuardedSocket(assoc.dul.socket, self.server.guard, peer,  # type: ignore[assignment]  # wraps it
                                          prefix=getattr(self, "_request_bytes", b""))
         return assoc
 
@@ -438,7 +438,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._pending_lock = threading.Lock()
         self._pending: dict[str, list[GuardedRequestHandler]] = {}
         self._arrivals: dict[GuardedRequestHandler, str] = {}  # every pending one, oldest first
-        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)  # type: ignore[misc]  # args stop before it
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # The TLS handshake is done by the handler thread (see GuardedRequestHandler.handle).

@@ -2,6 +2,10 @@
 
 With ``Destination.tls`` (an ``ssl.SSLContext`` from :func:`dicom_node.tls.client_context`) the
 association runs over DICOM TLS and the PACS certificate is verified before anything is sent.
+
+Every kind of destination is a :class:`ResultDestination`: this module's :class:`Destination`
+(DIMSE C-STORE) and :class:`dicom_node.dicomweb.WebDestination` (STOW-RS). :func:`send_with_retry`
+retries either the same way; :func:`dicom_node.destinations.open_destination` makes one from settings.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
+from typing import Protocol
 
 import pydicom
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node import metrics
@@ -23,8 +29,16 @@ from dicom_node import metrics
 log = structlog.get_logger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
-# send_c_store(path) streams the file in PDU-sized reads instead of decoding it and encoding it again.
-_config.STORE_SEND_CHUNKED_DATASET = True
+# send_c_store(path) streams the file in PDU-sized reads instead of decoding it and encoding it again
+# once dicom_node.config.configure() has set pynetdicom's STORE_SEND_CHUNKED_DATASET.
+
+
+class Priority(IntEnum):
+    """C-STORE-RQ Priority (0000,0700), PS3.7 9.1.1.1."""
+
+    MEDIUM = 0
+    HIGH = 1
+    LOW = 2
 
 
 @dataclass(frozen=True)
@@ -33,9 +47,37 @@ class Destination:
     host: str
     port: int
     tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    # Of every C-STORE of one delivery: HIGH for an urgent study's results (worker.pipeline.deliver_job).
+    # How to send, not where: not part of the destination's identity.
+    priority: Priority = field(default=Priority.MEDIUM, compare=False)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
+
+    def store(self, files: list[Path], calling_ae: str = "MEDSAM2CXR", timeout: float = 30) -> None:
+        send(files, self, calling_ae=calling_ae, timeout=timeout)
+
+    def probe(self, calling_ae: str = "MEDSAM2CXR", timeout: float = 2.0) -> str | None:
+        return echo(self, calling_ae=calling_ae, timeout=timeout)
+
+
+class ResultDestination(Protocol):
+    """Where results go. ``ae_title``, ``host`` and ``port`` name it (metrics label, pauses, audit)."""
+
+    @property
+    def ae_title(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def store(self, files: list[Path], calling_ae: str = ..., timeout: float = ...) -> None:
+        """Store every file; raise :class:`DeliveryFailed` unless the destination confirmed each."""
+
+    def probe(self, calling_ae: str = ..., timeout: float = ...) -> str | None:
+        """None when the destination answers now (C-ECHO, an HTTP request), else why not."""
 
 
 class DeliveryFailed(Exception):
@@ -114,7 +156,7 @@ def send(
             try:
                 # Streamed from the file in its own syntax when the peer accepted it, else read and
                 # converted: a 10 MB SC re-encoded in Python cost more than its transfer.
-                rsp = assoc.send_c_store(f if headers[f] in exact else _uncompressed(f))
+                rsp = assoc.send_c_store(f if headers[f] in exact else _uncompressed(f), priority=int(dest.priority))
             except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this syntax
                 raise DeliveryFailed(f"{dest}: {f.name} not sent: {exc}") from exc
             status = getattr(rsp, "Status", None)
@@ -134,7 +176,7 @@ def send(
 def echo(dest: Destination, calling_ae: str = "MEDSAM2CXR", timeout: float = 2.0) -> str | None:
     """C-ECHO ``dest`` with a short timeout: None when it answered success, else why not (for
     `medsam2-cxr status`: a destination nobody listens on is the first thing a new node meets)."""
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import from a table
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -174,14 +216,15 @@ def retry_window_s(attempts: int, backoff_s: float, max_backoff_s: float, timeou
 
 def send_with_retry(
     files: list[Path],
-    dest: Destination,
+    dest: ResultDestination,
     attempts: int = 5,
     backoff_s: float = 2.0,
     max_backoff_s: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     **kw,
 ) -> None:
-    """:func:`send`, retried with exponential backoff (backoff_s, 2x, 4x, ... capped).
+    """``dest.store`` (:func:`send` for DIMSE), retried with exponential backoff (backoff_s, 2x,
+    4x, ... capped).
 
     Raises
     ------
@@ -192,7 +235,7 @@ def send_with_retry(
         raise ValueError("attempts must be at least 1")
     for attempt in range(1, attempts + 1):
         try:
-            send(files, dest, **kw)
+            dest.store(files, **kw)
             return
         except DeliveryFailed as exc:
             metrics.SEND_ATTEMPTS_FAILED.labels(destination=metrics.destination_label(dest)).inc()

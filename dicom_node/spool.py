@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from dicom_node.layout import SpoolLayout
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 REASON_FILE = "reason.json"
@@ -66,11 +68,12 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_bytes)
-        self.incoming = self.root / "incoming"
-        self.results = self.root / "results"
-        self.dead = self.root / "dead-letter"
-        self.quarantine_dir = self.root / "quarantine"
-        self.tmp = self.root / "tmp"
+        layout = SpoolLayout(self.root)
+        self.incoming = layout.incoming
+        self.results = layout.results
+        self.dead = layout.dead_letter
+        self.quarantine_dir = layout.quarantine
+        self.tmp = layout.tmp
         for d in (self.incoming, self.results, self.dead, self.quarantine_dir, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
-_KINDS = ("sr", "sc", "text")
+from models.prediction import ModelIdentity
+
+_KINDS = ("sr", "sc", "text", "pr", "ko")
 
 
 def derive_uid(*parts: str) -> str:
@@ -41,6 +43,14 @@ def derive_uid(*parts: str) -> str:
     return str(uid)
 
 
+def results_key(model: ModelIdentity) -> str:
+    """What result UIDs derive from: the bundle digest, and the site's operating points when set
+    (they change which findings are present, so a result made with them is a new object)."""
+    if not model.operating_points:
+        return model.digest
+    return hashlib.sha256(f"{model.digest}|{model.operating_points}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ResultUIDs:
     """Series and instance UIDs of every result object made for one source image."""
@@ -51,10 +61,21 @@ class ResultUIDs:
     sc_instance: str
     text_series: str
     text_instance: str
+    pr_series: str  # Grayscale Softcopy Presentation State (outlines)
+    pr_instance: str
+    ko_series: str  # Key Object Selection, urgent studies only
+    ko_instance: str
+
+    @classmethod
+    def for_model(cls, study_uid: str, sop_instance_uid: str, model: ModelIdentity) -> ResultUIDs:
+        """The UIDs of the results `model` makes for one source image: what the pipeline uses."""
+        return cls.for_source(study_uid, sop_instance_uid, results_key(model))
 
     @classmethod
     def for_source(cls, study_uid: str, sop_instance_uid: str, bundle_digest: str) -> ResultUIDs:
-        """Series per (study, model, kind) so one study's results group; instances per source."""
+        """Series per (study, model, kind) so one study's results group; instances per source.
+
+        bundle_digest: results_key(model); the bundle digest alone for a bundle's own operating points."""
         values: dict[str, str] = {}
         for kind in _KINDS:
             values[f"{kind}_series"] = derive_uid("series", study_uid, bundle_digest, kind)

@@ -7,14 +7,16 @@ DICOM header's patient name, ID, birth date, accession, UIDs, and the manifest's
 study ids) are used for one thing only: scrubbing them out of the report text. They never reach
 the store: `index.store.new_case` has no parameter for them.
 
-Boxes come from the bundle's frozen encoder and box head, computed as models.predictor.Predictor
-does (same preprocessing, pooling and head), through models.train.FeatureExtractor so encoder
-features are cached on disk and a rebuild or a second index over the same images is cheap.
+Items are the data contract training reads too (imagedata: one item type, one manifest reader,
+one image loader); the index adds identifiers and a source to them. Boxes come from the bundle's
+frozen encoder and box head, computed as models.predictor.Predictor does (the same encoder
+forward, pooling and head), through models.features.FeatureExtractor so encoder features are
+cached on disk and a rebuild or a second index over the same images is cheap.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,37 +26,25 @@ import numpy as np
 import pydicom
 import structlog
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from imagedata.item import Item, ManifestError
+from imagedata.manifest import MANIFEST
+from imagedata.manifest import manifest_items as _manifest_items
+from imagedata.phantom_items import phantom_items as _phantom_items
 from index.retrieval import CaseIndex
 from index.store import Case, StoreError, new_case
 from index.vectors import VectorConfig
 from models.bundle import Bundle
-from models.labels import LABELS
-from models.preprocess import read_image
-from models.train import FeatureExtractor, image_digest
+from models.features import FeatureExtractor
 
 log = structlog.get_logger()
 
-MANIFEST = "manifest.csv"
 # Header fields whose values are identifiers: scrubbed from report text, never stored.
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber", "StudyID",
                     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstitutionName",
                     "ReferringPhysicianName", "IssuerOfPatientID")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-@dataclass
-class Item:
-    """One image with its report: what a case is built from, plus identifiers to scrub."""
-
-    key: str  # the image's digest (feature cache key)
-    load: Callable[[], np.ndarray]  # -> float image in [0, 1]
-    report: str
-    labels: dict[str, object] | None  # None: derive from the report with the labeler
-    source: str
-    identifiers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,19 +67,15 @@ def dicom_identifiers(ds: pydicom.Dataset) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _image_item(path: Path) -> tuple[str, Callable[[], np.ndarray], tuple[str, ...]]:
-    """(digest, loader, identifiers) for a DICOM, PNG or JPEG image file."""
-    data = path.read_bytes()
+def _identifiers(path: Path) -> tuple[str, ...]:
+    """The identifying header values of a DICOM image (none for PNG / JPEG), to scrub from its report."""
     if path.suffix.lower() in _IMAGE_SUFFIXES:
-        def load_png() -> np.ndarray:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        return image_digest(data), load_png, ()
+        return ()
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except pydicom.errors.InvalidDicomError as exc:
         raise StoreError(f"{path}: not a DICOM, PNG or JPEG image ({exc})") from exc
-    return image_digest(data), (lambda: read_image(pydicom.dcmread(path))), dicom_identifiers(header)
+    return dicom_identifiers(header)
 
 
 def source_name(text: str) -> str:
@@ -103,34 +89,25 @@ def manifest_items(data: Path, source: str | None = None, split: str | None = No
 
     Label columns that are missing or all blank leave labels to the report labeler. The source is
     `source`, else the row's `site` or `device` column, else the folder's name. `split` keeps only
-    rows whose `split` column has that value (an Open-i manifest from models.openi.export_manifest
+    rows whose `split` column has that value (an Open-i manifest from training.openi.export_manifest
     has one: index the training split, evaluate on the others).
     """
     data = Path(data)
     manifest = data / MANIFEST if data.is_dir() else data
     if not manifest.exists():
         raise StoreError(f"{data}: no {MANIFEST}; give a manifest CSV (path, report, labels) or a phantom folder")
-    with manifest.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "path" not in rows[0]:
-        raise StoreError(f"{manifest}: a manifest needs at least the columns path and report")
-    if split is not None:
-        if "split" not in rows[0]:
-            raise StoreError(f"{manifest}: --split {split} given, but the manifest has no split column")
-        rows = [r for r in rows if r["split"] == split]
-    has_labels = all(k in rows[0] for k in LABELS) if rows else False
-    items = []
-    for row in rows:
-        report = row.get("report") or ""
-        if not report and row.get("study_id") and (manifest.parent / "reports" / f"{row['study_id']}.txt").exists():
-            report = (manifest.parent / "reports" / f"{row['study_id']}.txt").read_text()
-        key, load, idents = _image_item(manifest.parent / row["path"])
-        labels = {k: row[k] for k in LABELS} if has_labels and any((row[k] or "").strip() for k in LABELS) else None
-        src = source or source_name(row.get("site") or row.get("device") or manifest.parent.name)
+    try:
+        items = _manifest_items(manifest, split=split)
+    except ManifestError as exc:
+        raise StoreError(str(exc)) from exc
+    out = []
+    for it in items:
+        assert it.path is not None  # manifest_items resolves every row's image path
+        src = source or source_name(it.site or it.device or manifest.parent.name)
         # The manifest's own identifiers (patient, study, file name) are scrubbed too.
-        extra = tuple(v for k in ("patient_id", "study_id") if (v := row.get(k)))
-        items.append(Item(key, load, report, labels, src, idents + extra + (Path(row["path"]).stem,)))
-    return items
+        extra = tuple(v for v in (it.patient_id, it.study_id) if v)
+        out.append(dataclasses.replace(it, site=src, identifiers=_identifiers(it.path) + extra + (it.path.stem,)))
+    return out
 
 
 def compute_boxes(bundle: Bundle, items: Sequence[Item], cache_dir: Path | None, desc: str = "boxes",
@@ -153,13 +130,13 @@ def make_cases(items: Sequence[Item], centers: np.ndarray, radii: np.ndarray,
     """Cases from items and their boxes; returns (cases, skipped) with a reason logged per skip."""
     cases, skipped = [], 0
     for i, (it, c, r) in enumerate(zip(items, centers, radii)):
-        labels = it.labels
+        labels = it.label_dict()
         if labels is None:
             if labeler is None:
                 raise StoreError("cases without labels need a report labeler (index.labelers)")
             labels = labeler(it.report)
         try:
-            cases.append(new_case(it.report, labels, c, r, it.source, identifiers=it.identifiers))
+            cases.append(new_case(it.report, labels, c, r, it.site, identifiers=it.identifiers))
         except StoreError as exc:
             skipped += 1
             log.warning("index.case_skipped", item=i, reason=str(exc))
@@ -209,16 +186,10 @@ def add_to_index(folder: Path, bundle: Bundle, items: Sequence[Item], cache_dir:
 
 def phantom_items(cases: Iterable, seed: int, size: int = 256, source: str | None = None,
                   shift: float = 0.0) -> Iterator[Item]:
-    """Items for in-memory phantom cases (models.phantoms): rendered only on a feature-cache miss."""
-    from models import phantoms
-
-    for i, case in enumerate(cases):
-        def load(i: int = i, case=case) -> np.ndarray:
-            px, meta = phantoms.render(case, seed=seed * 1000003 + i, shift=shift, size=size)
-            return read_image(phantoms.to_dicom(px, meta, case, uid_seed=f"index-{seed}"))
-        key = image_digest(f"phantom|{seed}|{i}|{case.study_id}|{size}|{shift}".encode())
-        idents = (case.patient_id, case.study_id, case.accession, case.birth_date, f"PHANTOM^{case.patient_id}")
-        yield Item(key, load, case.report, dict(case.manifest_labels()), source or source_name(case.device), idents)
+    """Items for in-memory phantom cases sampled with `seed` (imagedata.phantom_items: the pixels
+    `medsam2-cxr phantoms` writes, keyed with the generator's digest); rendered only on a cache miss."""
+    for it in _phantom_items(list(cases), seed, size, shift):
+        yield dataclasses.replace(it, site=source or source_name(it.device))
 
 
 def run(data: Path, bundle_dir: Path, out: Path, add: bool = False, source: str | None = None,

@@ -36,17 +36,18 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from index.guidelines import Reference, for_labels
+from index.labelers.common import split_sentences
 from index.retrieval import IndexMismatch, Retriever, Similar
 from index.store import StoreError
 from index.wording import ENGLISH, NOT_VALIDATED, Template, Wording, script_language, wording_for
-from models.labels import LABELS
+from models.labels import LABELS, OPACITY_CHILDREN
 from models.prediction import TIERS, Prediction
 
 log = structlog.get_logger()
@@ -58,27 +59,23 @@ ORDER: tuple[str, ...] = (
     "Support Devices", "Cardiomegaly", "Enlarged Cardiomediastinum", "Lung Opacity", "Lung Lesion", "Edema",
     "Consolidation", "Pneumonia", "Atelectasis", "Pleural Effusion", "Pneumothorax", "Pleural Other", "Fracture",
 )
-_OPACITY_CHILDREN = ("Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis")
+_OPACITY_CHILDREN = OPACITY_CHILDREN
 _LUNG = ("Lung Opacity", *_OPACITY_CHILDREN)
 
-STATUSES = ("present", "probable", "possible", "absent")
 _TIER_STATUS = {"high": "present", "medium": "probable", "low": "possible", NOT_VALIDATED: "possible"}
 _STATUS_TIER = {"present": "high", "probable": "medium", "possible": "low"}  # the tier a status reads as
 if set(TIERS) - set(_TIER_STATUS):  # a new tier must say how it is worded before a draft meets it
     raise ImportError(f"draft status undefined for tiers {set(TIERS) - set(_TIER_STATUS)}")
 
-# The English strings under their historic names (the tables live in index/wording.py).
+# The English templates of the Bootstrapping-style baseline (the tables live in index/wording.py).
 TEMPLATES: Mapping[str, Template] = ENGLISH.templates
-OOD_LINE = ENGLISH.ood_line
-NORMAL_IMPRESSION = ENGLISH.normal_impression
-
-_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(])")
-
 
 def sentences(text: str) -> list[str]:
-    """Sentences of a report section; decimals ("1.5 cm") and numbered lists stay in one piece."""
-    out = []
-    for s in _SPLIT.split(" ".join(text.split())):
+    """Sentences of a report section, with their punctuation (index.labelers.common.split_sentences,
+    the labelers' own splitter, so a retrieved sentence is the unit its labels were read from);
+    decimals ("1.5 cm") and numbered lists ("1. ...") stay in one piece."""
+    out: list[str] = []
+    for s in split_sentences(" ".join(text.split()), keep_end=True):
         s = s.strip()
         if not s:
             continue
@@ -199,14 +196,14 @@ class Drafter:
             evidence = self.config.use_retrieval_evidence and share is not None
             if f.present:
                 st = _TIER_STATUS[f.tier]
-                if evidence and f.tier == "low" and share <= self.config.drop_unsupported:
+                if evidence and f.tier == "low" and (share or 0.0) <= self.config.drop_unsupported:
                     continue  # an unsure call no similar case supports
                 out[f.label] = st
             elif f.tier == "high":
-                if evidence and share >= self.config.add_supported:
+                if evidence and (share or 0.0) >= self.config.add_supported:
                     continue  # do not assert normal what most similar cases have
                 out[f.label] = "absent"
-            elif evidence and share >= self.config.add_supported:
+            elif evidence and (share or 0.0) >= self.config.add_supported:
                 out[f.label] = "possible"
         return out
 

@@ -13,7 +13,7 @@
    with synthetic cases: copies of the phantom cases with jittered boxes (center + N(0, (0.25
    sd)^2) per axis, radius x exp(N(0, 0.1^2))), which keeps the geometry and the report text real.
 4. Recall@k of HNSW and IVF against exact search on those indexes.
-5. Source selection (function A): one phantom site per device (models.phantoms.DEVICES); each site
+5. Source selection (function A): one phantom site per device (phantoms.DEVICES); each site
    in turn is the target, the other four the candidate sources; sources are ranked by box coverage
    of the target's (unlabelled) images, a B4 head is trained on each source's cached features
    (3 seeds) and its macro-AUROC measured on the target. Reported: top-ranked vs a random source
@@ -27,8 +27,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -38,6 +40,7 @@ from tqdm import tqdm
 
 from index.build import Item, build_index, phantom_items
 from index.draft import Draft, Drafter, bootstrap_draft
+from index.labelers.common import binarize as binarize_value
 from index.retrieval import CaseIndex, Retriever, Similar
 from index.sources import BoxSet, default_beta, rank_sources
 from index.store import new_case
@@ -69,7 +72,8 @@ class EvalConfig:
 # ---------------------------------------------------------------- metrics
 
 def binarize(labels: dict, uncertain_as: int) -> np.ndarray:
-    return np.array([1 if labels.get(k) == 1 else (uncertain_as if labels.get(k) == -1 else 0) for k in LABELS])
+    """The 14 labels of a dict as 1 / 0 (index.labelers.common.binarize per label)."""
+    return np.array([binarize_value(labels.get(k), uncertain_as) for k in LABELS])
 
 
 def label_f1(ref: np.ndarray, hyp: np.ndarray) -> dict:
@@ -78,7 +82,7 @@ def label_f1(ref: np.ndarray, hyp: np.ndarray) -> dict:
     fp = ((ref == 0) & (hyp == 1)).sum(0)
     fn = ((ref == 1) & (hyp == 0)).sum(0)
     micro = float(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1))
-    per = {}
+    per: dict[str, float | None] = {}
     for j, k in enumerate(LABELS):
         if ref[:, j].sum() == 0:
             per[k] = None
@@ -89,15 +93,15 @@ def label_f1(ref: np.ndarray, hyp: np.ndarray) -> dict:
             "labels_scored": len(scored), "per_label": per}
 
 
-def positive_set(labels: dict) -> set[str]:
+def positive_set(labels: Mapping[str, int | None]) -> set[str]:
     pos = {k for k in LABELS if k != "No Finding" and labels.get(k) in (1, -1)}
     return pos or {"No Finding"}
 
 
 def precision_at_k(queries: list[dict], retrieved: list[list[Similar]]) -> dict:
-    share = [np.mean([bool(positive_set(s.case.labels) & positive_set(q)) for s in r]) if r else 0.0
+    share = [float(np.mean([bool(positive_set(s.case.labels) & positive_set(q)) for s in r])) if r else 0.0
              for q, r in zip(queries, retrieved)]
-    exact = [np.mean([positive_set(s.case.labels) == positive_set(q) for s in r]) if r else 0.0
+    exact = [float(np.mean([positive_set(s.case.labels) == positive_set(q) for s in r])) if r else 0.0
              for q, r in zip(queries, retrieved)]
     return {"shares_a_positive_finding": float(np.mean(share)), "same_finding_set": float(np.mean(exact))}
 
@@ -106,7 +110,7 @@ def precision_at_k(queries: list[dict], retrieved: list[list[Similar]]) -> dict:
 
 def _bundle(out: Path, cfg: EvalConfig, bundle_dir: Path | None, cache_dir: Path | None):
     from models.bundle import load_bundle
-    from models.default_bundle import build_default_bundle
+    from training.default_bundle import build_default_bundle
 
     if bundle_dir is None:
         bundle_dir = out / "bundle"
@@ -196,7 +200,7 @@ def latency_and_recall(index: CaseIndex, preds: list[Prediction], drafter: Draft
         lat.append(row)
         for k in cfg.recall_ks:
             _, truth = exact.search(centers, k)
-            r = {"cases": n, "k": k}
+            r: dict[str, Any] = {"cases": n, "k": k}
             for kind in ("hnsw", "ivf"):
                 if kind in kinds:
                     r[kind] = round(recall_at_k(kinds[kind].search(centers, k)[1], truth), 4)
@@ -208,11 +212,13 @@ def latency_and_recall(index: CaseIndex, preds: list[Prediction], drafter: Draft
 
 
 def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
-    from models import phantoms
-    from models.metrics import macro_auroc
-    from models.train import VARIANTS, FeatureExtractor, FeatureSet, fit_head, score
+    import phantoms
+    from models.features import FeatureExtractor
+    from training.measure import score
+    from training.metrics import macro_auroc
+    from training.train import VARIANTS, FeatureSet, fit_head
 
-    sites = {}
+    sites: dict[str, dict[str, Any]] = {}
     extract = FeatureExtractor(bundle.encoder, bundle.image_size, bundle.card["encoder"]["checkpoint_digest"], cache_dir)
     for j, dev in enumerate(phantoms.DEVICES):
         cases = phantoms.sample_cases(cfg.n_site, 3000 + 10 * cfg.seed + j, devices=(dev,))
@@ -235,7 +241,7 @@ def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
            "head": f"B4 box head, {cfg.head_seeds} seeds averaged, trained on all of a source site's images",
            "radius_median_by_site": {n: round(float(np.median(s["boxes"].radii)), 4) for n, s in sites.items()}}
     for method in ("coverage", "overlap"):  # coverage is the primary score; overlap is reported beside it
-        per_target = []
+        per_target: list[dict[str, Any]] = []
         for target, t in sites.items():
             others = {n: s["boxes"] for n, s in sites.items() if n != target}
             ranked = rank_sources(t["boxes"], others, beta=beta, score=method)
@@ -248,7 +254,7 @@ def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
                                                "auroc": round(a[s.name], 4)} for s in ranked],
                 "top_ranked": top, "top_ranked_auroc": round(a[top], 4),
                 "random_source_auroc": round(float(np.mean(list(a.values()))), 4),
-                "best_source": max(a, key=a.get), "best_auroc": round(max(a.values()), 4),
+                "best_source": max(a, key=a.__getitem__), "best_auroc": round(max(a.values()), 4),
                 "spearman_rho": round(float(rho), 3),
             })
         gains = [p["top_ranked_auroc"] - p["random_source_auroc"] for p in per_target]
@@ -266,7 +272,7 @@ def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
 def _example(cases, drafts: dict[str, list[Draft]], cfg: EvalConfig, bundle, retriever: Retriever,
              drafter: Drafter) -> dict:
     """One drafted report for a phantom with pleural effusion and cardiomegaly, whole."""
-    from models import phantoms
+    import phantoms
 
     def both(c) -> bool:
         return c.labels["Pleural Effusion"] == 1 and c.labels["Cardiomegaly"] == 1
@@ -289,8 +295,8 @@ def _example(cases, drafts: dict[str, list[Draft]], cfg: EvalConfig, bundle, ret
 def run_evaluation(out: Path, cfg: EvalConfig = EvalConfig(), bundle_dir: Path | None = None,
                    cache_dir: Path | None = None) -> dict:
     """Everything above; writes out/metrics.json, out/table.md and out/example_report.txt."""
+    import phantoms
     from index.labelers import get_extractor
-    from models import phantoms
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

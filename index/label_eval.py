@@ -8,7 +8,7 @@ Figures (``metrics.json`` and ``table.md`` from :func:`write`):
   "mentioned" vs "not mentioned" (``kappa_mention``); the same without the derived No Finding
   column (``*_13``); per-label 4-class kappa, and raw agreement. The paper reports 0.702 for its
   two extractors without saying over which cells; ``kappa_4class`` is the closest reading.
-- Against labels derived from the major MeSH tags (:func:`models.openi.mesh_labels`, reports
+- Against labels derived from the major MeSH tags (:func:`training.openi.mesh_labels`, reports
   tagged "No Indexing" left out): per label precision, recall, F1 and support, with an
   uncertain extraction counted as positive (``u_ones``, the headline) and as negative
   (``u_zeros``); "not mentioned" and negative are negative. Micro F1 pools all cells of the 14
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
@@ -34,7 +34,7 @@ from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 from index.labelers import Extractor, get_extractor
 from index.labelers.common import Labels, binarize
 from models.labels import LABELS
-from models.openi import OpenIReport, mesh_labels
+from training.openi import OpenIReport, mesh_labels
 
 PAPER_KAPPA = 0.702
 _CODE = {1: 1, 0: 0, -1: 2, None: 3}  # 4 classes
@@ -107,7 +107,7 @@ def evaluate(reports: Sequence[OpenIReport], extractors: Sequence[str] = ("lexic
     names = [Extractor(e).value for e in extractors]
     outputs = {e: [get_extractor(e)(t) for t in texts] for e in names}
     ref_idx = [i for i, r in enumerate(with_text) if mesh_labels(r) is not None]
-    reference = [mesh_labels(with_text[i]) for i in ref_idx]
+    reference = [ref for i in ref_idx if (ref := mesh_labels(with_text[i])) is not None]
     out: dict = {
         "data": {"reports": len(reports), "reports_with_text": len(with_text),
                  "reports_with_mesh_labels": len(ref_idx),

@@ -87,6 +87,7 @@ class CaseIndex:
             log.warning("index.rebuild_vectors", folder=str(root), cases=n)
             vectors = VectorIndex.build(store.centers, config)
             vectors.save(path)
+        assert vectors is not None  # not stale: loaded
         return cls(root, store, vectors, config)
 
     def check(self, digest: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -57,6 +58,7 @@ class VectorIndex:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
         kind = kind or config.resolve(n)
+        index: Any  # the FAISS class depends on kind
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
         elif kind == "hnsw":

@@ -39,9 +39,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 
+from dicom_node.encoders import notices as _notices
+from dicom_node.encoders.notices import Notices, notice_fields
 from index.guidelines import reference_notes as _english_reference_notes
 from models.labels import LABELS
-from models.prediction import ALL_TIERS, NOT_VALIDATED
+from models.prediction import ALL_TIERS, NOT_VALIDATED  # noqa: F401 - NOT_VALIDATED: index.draft and tests read it here
 
 # Tiers the wording covers: the calibrated ones and "not validated" (phantom-trained bundles).
 TIER_KEYS: tuple[str, ...] = ALL_TIERS
@@ -56,11 +58,10 @@ class Template:
 
 
 @dataclass(frozen=True)
-class Wording:
-    """Every string of the draft report and the result notices, for one language."""
+class Wording(Notices):
+    """Every string of the draft report, for one language, and the result notices it extends
+    (dicom_node/encoders/notices.py: the notices are written there, once)."""
 
-    language: str  # its code in `[report] language`
-    full_stop: str  # ends a notice: "." / "。"
     sentence_join: str  # between FINDINGS sentences
     list_join: str  # between key findings of a similar case
 
@@ -71,7 +72,6 @@ class Wording:
     possible_sentence: str  # {noun}
     impression_status: Mapping[str, str]  # HEDGES -> {noun} / {Noun} (capitalised)
     impression_extra: Mapping[str, str]  # label -> what follows its noun in the impression
-    tiers: Mapping[str, str]  # TIER_KEYS -> how the confidence reads
     impression_item: str  # {text} {tier}
     impression_plain: str  # {text}, for the baseline without tiers
     impression_numbered: str  # {n} {text}
@@ -83,8 +83,7 @@ class Wording:
     no_findings: str  # FINDINGS when nothing is stated
     ood_line: str  # {score} {threshold}
 
-    # -- why there are no similar cases (draft notes)
-    no_index: str
+    # -- why there are no similar cases (draft notes; no_index is a notice)
     index_mismatch: str
     index_unreadable: str
     index_unopenable: str  # {folder}
@@ -102,29 +101,9 @@ class Wording:
     reference_notes: Mapping[tuple[str, str], str]  # (label, guideline key) -> why it applies
     similar_line: str  # {rank} {case_id} {source} {similarity} {findings}
 
-    # -- notices every result carries (dicom_node/encoders)
-    not_for_diagnosis: str
-    synthetic_notice: str
-    ood_notice: str
-    not_validated_notice: str  # tiers read "not validated" (a bundle not validated on real images)
-    operating_points_line: str  # {ops}: models.operating_points.summary, in English like the criteria
-    draft_notice: str
-    model_line: str  # {name} {version}
-    intended_use_line: str  # {text}: the model card's own words
-    training_data_line: str  # {text}: the model card's own words
-
-    def sentence(self, text: str) -> str:
-        """A notice as a sentence: "AI result, not for primary diagnosis."."""
-        return text + self.full_stop
-
-    def capitalised(self, text: str) -> str:
-        """First letter upper case (a no-op for Japanese)."""
-        return text[:1].upper() + text[1:]
-
 
 ENGLISH = Wording(
-    language="en",
-    full_stop=".",
+    **notice_fields(_notices.ENGLISH),
     sentence_join=" ",
     list_join=", ",
     labels=MappingProxyType({k: k for k in LABELS}),
@@ -149,8 +128,6 @@ ENGLISH = Wording(
     impression_status=MappingProxyType({"present": "{Noun}", "probable": "Probable {noun}",
                                         "possible": "Possible {noun}"}),
     impression_extra=MappingProxyType({"Lung Lesion": "; CT recommended for further characterization"}),
-    tiers=MappingProxyType({"high": "high confidence", "medium": "medium confidence", "low": "low confidence",
-                            NOT_VALIDATED: "confidence not validated"}),
     impression_item="{text} ({tier}).",
     impression_plain="{text}.",
     impression_numbered="{n}. {text}",
@@ -162,7 +139,6 @@ ENGLISH = Wording(
     no_findings="No findings stated.",
     ood_line=("Note: this image is outside the model's experience (out-of-distribution score {score:.2f} above "
               "{threshold:.2f}); the statements above are unreliable and need a full read."),
-    no_index="no similar cases index configured",
     index_mismatch="similar cases index built with another model bundle",
     index_unreadable="similar cases index could not be read",
     index_unopenable="similar cases index at {folder} could not be opened",
@@ -177,20 +153,10 @@ ENGLISH = Wording(
     reference_line="[{i}] {label} ({note}): {citation}",
     reference_notes=MappingProxyType(dict(_english_reference_notes())),
     similar_line="{rank}. case {case_id} ({source}), similarity {similarity:.2f}: {findings}",
-    not_for_diagnosis="AI result, not for primary diagnosis",
-    synthetic_notice="Trained on synthetic phantom radiographs only - not clinically validated",
-    ood_notice="Image outside the model's experience - interpret with care",
-    not_validated_notice="Confidence not stated: the model was not validated on real radiographs",
-    operating_points_line="Operating points: {ops}.",
-    draft_notice="Draft report written by the AI for a radiologist to correct; not a signed report",
-    model_line="Model: {name} {version}.",
-    intended_use_line="Intended use: {text}",
-    training_data_line="Training data: {text}",
 )
 
 JAPANESE = Wording(
-    language="ja",
-    full_stop="。",
+    **notice_fields(_notices.JAPANESE),
     sentence_join="",
     list_join="、",
     labels=MappingProxyType({
@@ -229,7 +195,6 @@ JAPANESE = Wording(
     possible_sentence="{noun}の可能性を否定できない。",
     impression_status=MappingProxyType({"present": "{noun}", "probable": "{noun}の疑い", "possible": "{noun}の可能性"}),
     impression_extra=MappingProxyType({"Lung Lesion": "、CTによる精査を推奨"}),
-    tiers=MappingProxyType({"high": "高", "medium": "中", "low": "低", NOT_VALIDATED: "未検証"}),
     impression_item="{text}（確信度: {tier}）。",
     impression_plain="{text}。",
     impression_numbered="{n}. {text}",
@@ -241,7 +206,6 @@ JAPANESE = Wording(
     no_findings="所見の記載なし。",
     ood_line=("注: 本画像はモデルの学習範囲外である（分布外スコア {score:.2f}、閾値 {threshold:.2f} を超える）。"
               "上記の記載は信頼性が低いため、全体の読影を要する。"),
-    no_index="類似症例インデックスが設定されていない",
     index_mismatch="類似症例インデックスが別のモデルバンドルで作成されている",
     index_unreadable="類似症例インデックスを読み込めない",
     index_unopenable="類似症例インデックス（{folder}）を開けない",
@@ -269,15 +233,6 @@ JAPANESE = Wording(
         ("Support Devices", "asa-cva-2020"): "中心静脈カテーテル先端位置の確認",
     }),
     similar_line="{rank}. 症例 {case_id}（{source}）、類似度 {similarity:.2f}: {findings}",
-    not_for_diagnosis="AIによる解析結果であり、一次診断には用いないこと",
-    synthetic_notice="合成ファントム画像のみで学習したモデルであり、臨床的に検証されていない",
-    ood_notice="モデルの学習範囲外の画像であり、解釈には注意を要する",
-    not_validated_notice="実際の胸部X線写真で検証されていないモデルのため、確信度は示さない",
-    operating_points_line="判定閾値の基準: {ops}。",
-    draft_notice="AIが作成した報告書の下書きであり、放射線科医による確認・修正を要する。確定した報告書ではない",
-    model_line="モデル: {name} {version}。",
-    intended_use_line="使用目的（モデルカード原文）: {text}",
-    training_data_line="学習データ（モデルカード原文）: {text}",
 )
 
 WORDINGS: Mapping[str, Wording] = MappingProxyType({w.language: w for w in (ENGLISH, JAPANESE)})

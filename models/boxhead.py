@@ -29,13 +29,16 @@ def pool_features(vision_features: torch.Tensor) -> torch.Tensor:
 class BoxHead(nn.Module):
     """h -> (c, r); z -> logits. Features are standardised with statistics frozen at training."""
 
+    feat_mean: torch.Tensor  # buffers (register_buffer below)
+    feat_std: torch.Tensor
+
     def __init__(self, in_dim: int, latent_dim: int = 128, hidden: int = 256, n_labels: int = N_LABELS,
                  box: bool = True) -> None:
         super().__init__()
         self.in_dim, self.latent_dim, self.hidden, self.box = in_dim, latent_dim, hidden, box
         self.register_buffer("feat_mean", torch.zeros(in_dim))
         self.register_buffer("feat_std", torch.ones(in_dim))
-        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1))
+        self.trunk: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1))  # Identity: linear probe
         self.center = nn.Linear(hidden, latent_dim)
         self.radius = nn.Linear(hidden, latent_dim)
         self.classifier = nn.Linear(latent_dim, n_labels)

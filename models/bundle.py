@@ -20,6 +20,7 @@ from torch import nn
 from models import encoder as enc
 from models import operating_points as op
 from models.boxhead import BoxHead
+from models.digests import file_digest
 from models.labels import LABELS
 from models.prediction import ModelIdentity
 from models.tta import box_samples
@@ -47,14 +48,14 @@ def write_bundle(root: Path, card: dict, encoder: nn.Module, head: BoxHead, enco
     root.mkdir(parents=True, exist_ok=True)
     if encoder_checkpoint is not None:
         (root / ENCODER).write_bytes(Path(encoder_checkpoint).read_bytes())
-        ckpt_digest = enc.file_digest(root / ENCODER)
+        ckpt_digest = file_digest(root / ENCODER)
     else:
         ckpt_digest = enc.save_checkpoint(encoder, root / ENCODER)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(root / HEAD))
     card = dict(card)
     card["labels"] = list(LABELS)
     card["encoder"] = {**card.get("encoder", {}), "checkpoint": ENCODER, "checkpoint_digest": ckpt_digest}
-    card["head"] = {**head.config(), "file": HEAD, "digest": enc.file_digest(root / HEAD)}
+    card["head"] = {**head.config(), "file": HEAD, "digest": file_digest(root / HEAD)}
     card["digest"] = card_digest(card)
     tmp = root / (CARD + ".tmp")
     tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
@@ -127,7 +128,7 @@ def load_bundle(root: Path, operating_points: Mapping[str, str] | None = None) -
     for key in ("encoder", "head"):
         f = root / card[key]["checkpoint" if key == "encoder" else "file"]
         want = card[key]["checkpoint_digest" if key == "encoder" else "digest"]
-        if not f.exists() or enc.file_digest(f) != want:
+        if not f.exists() or file_digest(f) != want:
             raise BundleError(f"{f}: missing or its sha256 differs from the model card; rebuild the bundle")
     encoder = enc.build_encoder(card["encoder"]["spec"])
     enc.load_checkpoint(encoder, root / card["encoder"]["checkpoint"])

@@ -24,12 +24,13 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
         if known.sum() < 5 or yk.min() == yk.max():
             continue
         lk = logits[known, :, k]
-        best = None
+        best: tuple[float, float] | None = None
         for t in _GRID:
             p = np.clip((1 / (1 + np.exp(-lk / t))).mean(1), 1e-6, 1 - 1e-6)
             nll = -(yk * np.log(p) + (1 - yk) * np.log(1 - p)).mean()
             if best is None or nll < best[0]:
                 best = (nll, t)
+        assert best is not None  # _GRID is not empty
         out[k] = best[1]
     return out
 

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.labels import LABELS
+from models.urgency import DEFAULT_RULES
 
 # Findings a chest X-ray triage product flags as urgent: the one list the node consults.
-URGENT_LABELS: tuple[str, ...] = ("Pneumothorax", "Pleural Effusion")
+URGENT_LABELS: tuple[str, ...] = tuple(DEFAULT_RULES)  # the default [urgent] rules (models.urgency)
 DEFAULT_CRITERION = "expected_accuracy"
 # High sensitivity, but a flag that fires on more than one normal image in five is no triage a
 # reader trusts: on a weak bundle (few validation positives, phantom features) the sensitivity
@@ -46,6 +47,10 @@ DEFAULT_CRITERION = "expected_accuracy"
 # evaluation's seed).
 URGENT_CRITERION = "sensitivity:0.9,min_specificity:0.8"
 MIN_KNOWN = 5
+# A validation rate over fewer positives (or negatives) than this moves by 10 points or more with
+# one image: the card names such labels ("thin"), since their fitted point is mostly chance (on
+# 800 phantoms Pneumothorax had 1-2 validation positives).
+MIN_CLASS_COUNT = 10
 FALLBACK_THRESHOLD = 0.5
 ALL_OTHERS = "*"  # configuration key: every label not named
 
@@ -60,6 +65,13 @@ class Criterion:
     kind: str
     value: float | None = None
     min_specificity: float | None = None  # sensitivity only: never below the point with this specificity
+
+    @property
+    def level(self) -> float:
+        """The number of a parametrised criterion (sensitivity:X, specificity:X, threshold:X)."""
+        if self.value is None:
+            raise ValueError(f"operating point {self.kind!r} takes no number")
+        return self.value
 
     @classmethod
     def parse(cls, spec: str | Criterion) -> Criterion:
@@ -107,8 +119,8 @@ class Criterion:
         if self.kind == "youden":
             return "best validation Youden's J"
         if self.kind == "threshold":
-            return f"fixed threshold {self.value:g}"
-        words = f"validation {self.kind} >= {100 * self.value:.0f}%"
+            return f"fixed threshold {self.level:g}"
+        words = f"validation {self.kind} >= {100 * self.level:.0f}%"
         if self.min_specificity is not None:
             words += f" (specificity kept >= {100 * self.min_specificity:.0f}%)"
         return words
@@ -182,7 +194,7 @@ class RocTable:
         """The threshold the criterion picks; FALLBACK_THRESHOLD when the table is not usable."""
         c = Criterion.parse(criterion)
         if c.kind == "threshold":
-            return float(c.value)
+            return c.level
         if c.kind == "expected_accuracy":
             return 0.5  # the calibration carries the fit
         if not self.usable:
@@ -191,13 +203,13 @@ class RocTable:
         tpr = self.tp / self.n_pos
         tnr = 1 - self.fp / self.n_neg
         if c.kind == "sensitivity":
-            ok = np.flatnonzero(tpr >= c.value - 1e-12)
+            ok = np.flatnonzero(tpr >= c.level - 1e-12)
             chosen = float(t[ok[-1]])  # tpr falls as t rises; t[0] has tpr 1
             if c.min_specificity is not None:  # not so low that most normal images are flagged
                 chosen = max(chosen, float(t[np.flatnonzero(tnr >= c.min_specificity - 1e-12)[0]]))
             return chosen
         if c.kind == "specificity":
-            ok = np.flatnonzero(tnr >= c.value - 1e-12)
+            ok = np.flatnonzero(tnr >= c.level - 1e-12)
             return float(t[ok[0]])  # tnr rises with t; the last candidate has tnr 1
         if c.kind == "accuracy":
             score = self.tp + (self.n_neg - self.fp)
@@ -231,6 +243,9 @@ def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None)
     fallback = {k: (f"{tables[k].n_pos + tables[k].n_neg} known validation images, {tables[k].n_pos} positive: "
                     f"threshold {FALLBACK_THRESHOLD}") for k in LABELS
                 if not tables[k].usable and Criterion.parse(criteria[k]).kind != "threshold"}
+    thin = {k: f"fitted on {tables[k].n_pos} validation positives and {tables[k].n_neg} negatives"
+            for k in LABELS if k not in fallback and Criterion.parse(criteria[k]).kind not in ("threshold", "expected_accuracy")
+            and min(tables[k].n_pos, tables[k].n_neg) < MIN_CLASS_COUNT}
     return {
         "thresholds": thresholds,
         "operating_points": {
@@ -241,6 +256,7 @@ def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None)
             "criteria": {k: str(Criterion.parse(criteria[k])) for k in LABELS},
             "descriptions": {k: describe(criteria[k]) for k in LABELS},
             "fallback": fallback,
+            "thin": thin,
             "validation_roc": {k: tables[k].to_json() for k in LABELS},
         },
     }
@@ -270,7 +286,7 @@ def apply(card: Mapping, overrides: Mapping[str, str] | None) -> tuple[dict[str,
         if roc is None and c.kind != "threshold":
             raise ValueError(f"{k}: operating point {spec!r} needs the bundle's validation ROC points, which "
                              "this bundle's card does not carry; rebuild the bundle or give threshold:X")
-        thresholds[k] = c.value if c.kind == "threshold" else RocTable.from_json(roc).choose(c)
+        thresholds[k] = c.level if c.kind == "threshold" else RocTable.from_json(roc).choose(c)
         criteria[k] = str(c)
     return thresholds, criteria
 

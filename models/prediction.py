@@ -5,7 +5,7 @@ Plain dataclasses with no torch inside, so encoders and senders can be tested wi
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +73,27 @@ class Prediction:
             "out_of_distribution": self.out_of_distribution,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping, center: np.ndarray | None = None, radius: np.ndarray | None = None,
+                  saliency: Mapping[str, np.ndarray] | None = None) -> Prediction:
+        """The reverse of :meth:`to_json` ("present" and "out_of_distribution" follow from the values).
+
+        to_json leaves out the box and the saliency maps: pass them, or keep the box in ``data``
+        under "center" and "radius" (as the spool's prediction.json does, worker.pipeline).
+
+        Raises
+        ------
+        KeyError
+            ``data`` lacks a field to_json writes, or the box.
+        """
+        findings = tuple(Finding(label=f["label"], probability=f["probability"], threshold=f["threshold"],
+                                 tier=f["tier"], spread=f["spread"], operating_point=f.get("operating_point", ""))
+                         for f in data["findings"])
+        return cls(findings=findings, ood_score=data["ood_score"], ood_threshold=data["ood_threshold"],
+                   center=np.array(data["center"] if center is None else center),
+                   radius=np.array(data["radius"] if radius is None else radius),
+                   saliency=dict(saliency or {}))
+
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -91,11 +112,3 @@ class ModelIdentity:
     @property
     def short_digest(self) -> str:
         return self.digest[:12]
-
-    @property
-    def results_digest(self) -> str:
-        """What result UIDs derive from: the bundle digest, and the site's operating points when
-        set (they change which findings are present, so a result made with them is a new object)."""
-        if not self.operating_points:
-            return self.digest
-        return hashlib.sha256(f"{self.digest}|{self.operating_points}".encode()).hexdigest()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import encoder as enc
 from models.boxhead import ood_score, pool_features
 from models.bundle import Bundle
 from models.calibration import tier
@@ -45,24 +46,16 @@ class Predictor:
     def __init__(self, bundle: Bundle, device: str | None = None) -> None:
         self.bundle = bundle
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder = bundle.encoder.to(self.device)
-        if self.device.type == "cuda":
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self.encoder = enc.place(bundle.encoder, self.device)
+        self.precision = enc.resolve_precision("auto", self.device)
         self.head = bundle.head.to(self.device)
         self.samples = bundle.samples.to(self.device)
         self.temperature = bundle.temperature.to(self.device)
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder forward; returns vision_features (B, C, h, w) in float32."""
-        x = x.to(self.device)
-        if self.device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                vf = self.encoder(x)["vision_features"]
-        else:
-            vf = self.encoder(x)["vision_features"]
-        return vf.float()
+        """Encoder forward (models.encoder.forward, as for training and the index); vision_features
+        (B, C, h, w) in float32."""
+        return enc.forward(self.encoder, x, self.device, self.precision)
 
     def predict(self, images: Sequence[np.ndarray], saliency_top: int = 3) -> list[Prediction]:
         """Findings, box, OOD score and saliency for a batch of decoded images (any size, or

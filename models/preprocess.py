@@ -2,9 +2,12 @@
 
 The same function feeds inference and the saliency overlay, so what the model saw is what the
 reader sees. Header checks come before decoding: a hostile or broken file must cost nothing.
+Which decoder pydicom tries first for JPEG 2000 is set by dicom_node.config.configure(), not here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -12,20 +15,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import UID
 
-
-def _prefer_openjpeg_for_jpeg2000() -> None:
-    """pydicom tries gdcm first for every syntax; for JPEG 2000 openjpeg (pylibjpeg) is faster
-    here and exact (`medsam2-cxr bench decode`), so it goes first and gdcm becomes the fallback."""
-    from pydicom.pixels.decoders import JPEG2000Decoder, JPEG2000LosslessDecoder
-
-    for decoder in (JPEG2000LosslessDecoder, JPEG2000Decoder):
-        if "gdcm" in decoder.available_plugins and "pylibjpeg" in decoder.available_plugins:
-            decoder.remove_plugin("gdcm")
-            decoder.add_plugin("gdcm", ("pydicom.pixels.decoders.gdcm", "_decode_frame"))
-
-
-_prefer_openjpeg_for_jpeg2000()
-
+# Largest Rows x Columns read_image decodes; the listener refuses larger images before storing
+# them (dicom_node.inspect), so what the node accepts, a worker can read.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 # The robust window used when the file carries neither a VOI LUT nor a window.
 _PERCENTILES = (0.5, 99.5)
@@ -168,7 +159,7 @@ def _read(ds: pydicom.Dataset, max_pixels: int) -> np.ndarray:
     return img
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
 
 

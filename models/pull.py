@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.digests import file_digest
+
 REPO = "wanglab/MedSAM2"
 FILENAME = "MedSAM2_latest.pt"
 URL = f"https://huggingface.co/{REPO}/resolve/main/{FILENAME}"
@@ -44,14 +46,6 @@ def manual_instructions(dest: Path) -> str:
             f"model.encoder_checkpoint = \"{dest}\" in the node's TOML (or MEDSAM2_CXR_MODEL__ENCODER_CHECKPOINT), "
             "or pass --checkpoint to `medsam2-cxr train` / `evaluate`. Re-run `medsam2-cxr model pull --sha256 "
             "<digest>` to verify a copied file.")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalise(digest: str | None) -> str | None:
@@ -87,7 +81,7 @@ def pull(dest: Path, sha256: str | None = None, url: str = URL, timeout: float =
     if sha256 and not want:
         raise PullError(f"--sha256 {sha256!r} is not a 64-digit hex sha256")
     if dest.exists() and want:
-        have = sha256_file(dest)
+        have = file_digest(dest)
         if have == want:
             return Pulled(dest, have, "user", downloaded=False)
         raise PullError(f"{dest}: sha256 {have} differs from the expected {want}; delete the file and pull again, "
@@ -110,7 +104,7 @@ def pull(dest: Path, sha256: str | None = None, url: str = URL, timeout: float =
         resp.close()
         raise PullError(f"{url}: the server states no sha256 for the file and none was passed, so the download "
                         f"cannot be verified; pass --sha256 <digest from https://huggingface.co/{REPO}>")
-    if dest.exists() and sha256_file(dest) == want:  # already there and intact: no transfer
+    if dest.exists() and file_digest(dest) == want:  # already there and intact: no transfer
         resp.close()
         return Pulled(dest, want, source, downloaded=False)
     dest.parent.mkdir(parents=True, exist_ok=True)

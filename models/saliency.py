@@ -7,6 +7,8 @@ the findings a reader is shown.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ def grad_cam(vision_features: torch.Tensor, logits: torch.Tensor, targets: list[
     out: list[dict[int, torch.Tensor]] = [{} for _ in targets]
     for j in range(max((len(t) for t in targets), default=0)):
         rows = [b for b, t in enumerate(targets) if len(t) > j]
-        (g,) = torch.autograd.grad(sum(logits[b, targets[b][j]] for b in rows), vision_features, retain_graph=True)
+        (g,) = torch.autograd.grad(cast(torch.Tensor, sum(logits[b, targets[b][j]] for b in rows)), vision_features, retain_graph=True)
         for b in rows:
             w = g[b].mean(dim=(1, 2))
             cam = F.relu((w[:, None, None] * vision_features[b].detach()).sum(0))

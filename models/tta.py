@@ -7,10 +7,14 @@ antithetic (u, -u), so a result is deterministic and the N = 8 estimate has low 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.stats import qmc
+
+if TYPE_CHECKING:
+    from models.boxhead import BoxHead
 
 
 def box_samples(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -26,7 +30,7 @@ def box_samples(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     return torch.as_tensor(u, dtype=torch.float32)
 
 
-def bl_tta(head: torch.nn.Module, center: torch.Tensor, radius: torch.Tensor, samples: torch.Tensor,
+def bl_tta(head: BoxHead, center: torch.Tensor, radius: torch.Tensor, samples: torch.Tensor,
            temperature: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample probabilities, shape (B, N, L). Mean over dim 1 is the BL-TTA estimate."""
     z = center[:, None, :] + radius[:, None, :] * samples[None].to(center)

@@ -38,7 +38,7 @@ class Served:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         self.thread.start()
         end = time.monotonic() + 20
         while not self.server.started:

@@ -15,13 +15,13 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
     if settings.broker.url:
         # Longer than the longest task, so a slow task is not delivered twice.
         return settings.broker.url, {"visibility_timeout": 3600}
-    folder = settings.spool / "broker"
-    for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    queue, processed, control = (settings.layout.broker_folder(n) for n in ("queue", "processed", "control"))
+    for folder in (queue, processed, control):
+        folder.mkdir(parents=True, exist_ok=True)
     # Every folder inside the spool: kombu's default control folder is the working directory.
-    return "filesystem://", {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                             "processed_folder": str(folder / "processed"), "store_processed": False,
-                             "control_folder": str(folder / "control")}
+    return "filesystem://", {"data_folder_in": str(queue), "data_folder_out": str(queue),
+                             "processed_folder": str(processed), "store_processed": False,
+                             "control_folder": str(control)}
 
 
 def make_app(settings: Settings) -> Celery:
@@ -46,8 +46,10 @@ def make_app(settings: Settings) -> Celery:
         task_routes={INFER: {"queue": "gpu"}, SEND: {"queue": "io"}},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        medsam2_settings=settings.model_dump(mode="json"),
     )
+    # The tasks' settings (worker.tasks), as the object itself: a worker process makes its Runtime
+    # from it on its first task; nothing is serialised into Celery's configuration and parsed again.
+    app.medsam2_settings = settings
     return app
 
 

@@ -27,6 +27,14 @@ def model_input(path: str, size: int) -> np.ndarray:
     return resize_for_model(read_image(pydicom.dcmread(path)), size)
 
 
+def _init(parent: int) -> None:
+    """A spawned process starts bare: the decoder switches first (dicom_node.config), then the watch."""
+    from dicom_node.config import configure
+
+    configure()
+    _exit_with_parent(parent)
+
+
 def _exit_with_parent(parent: int) -> None:
     """A SIGKILLed worker cannot stop its pool: each process watches for its parent to go."""
     def watch() -> None:
@@ -40,4 +48,4 @@ def _exit_with_parent(parent: int) -> None:
 def start(processes: int) -> ProcessPoolExecutor:
     """`processes` decode processes for this worker."""
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+                               initializer=_init, initargs=(os.getpid(),))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -22,11 +23,11 @@ class _Stderr:
 
 
 def configure(level: str = "INFO") -> None:
-    shared = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+    shared: list[Any] = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
               structlog.processors.TimeStamper(fmt="iso", utc=True)]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(_Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         cache_logger_on_first_use=True,
     )
@@ -36,8 +37,5 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    # pynetdicom logs whole DIMSE messages (patient identifiers included) at INFO/DEBUG.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    import pynetdicom._config as pconf
-    pconf.LOG_REQUEST_IDENTIFIERS = False
-    pconf.LOG_RESPONSE_IDENTIFIERS = False
+    # pynetdicom's and pydicom's own switches (no identifiers in their logs) are set by
+    # dicom_node.config.configure(), which the command calls once at start.

@@ -1,5 +1,8 @@
-"""The default model bundle and similar-cases index of a fresh node, and the progress file
-`status` reads while they are built.
+"""The first-start bootstrap: the default model bundle and similar-cases index of a fresh node,
+and the progress file `status` reads while they are built.
+
+`ensure_bundle` (the GPU worker, `infer`) builds them in the foreground when they are missing;
+`ensure_default_index` builds the index alone for a given bundle.
 
 `up` runs the build in a child process (`medsam2-cxr build-default`) while its listener already
 accepts and spools; its GPU worker starts once the build is done, and the images received
@@ -8,7 +11,7 @@ complete, so a build stopped half way (SIGTERM, power loss) leaves nothing that 
 the encoder feature cache (`<spool>/cache/features`) keeps what was computed, so the next start
 goes on from there. One build at a time per spool (a file lock), whoever asks for it.
 
-The progress file, `<spool>/model-build.json`, written atomically at most once a second:
+The progress file, `<spool>/model-build.json` (SpoolLayout.model_build_progress), written atomically at most once a second:
 ``{"state": "building" | "ready" | "failed", "stage", "done", "total", "started", "updated",
 "finished", "device", "error"}`` (error: the exception's type and message when the build failed).
 """
@@ -21,23 +24,23 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
 
+from dicom_node.layout import SpoolLayout
 from worker.settings import Settings
 
 log = structlog.get_logger()
 
-PROGRESS = "model-build.json"
-LOCK = ".model-build.lock"
 CARD_FILE = "model_card.json"  # models.bundle.CARD, named here so that `up` and `status` need not import torch
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def bundle_missing(settings: Settings) -> bool:
@@ -49,7 +52,9 @@ def bundle_missing(settings: Settings) -> bool:
     try:
         read_card(settings.bundle_path)
         return False
-    except Exception:  # noqa: BLE001 - missing, half written or altered: built again
+    except (ValueError, OSError) as exc:  # BundleError (no card, or altered), a half-written card, unreadable
+        log.info("model_build.bundle_missing", bundle=str(settings.bundle_path), why=str(exc),
+                 action="the default bundle is built (again)")
         return True
 
 
@@ -77,7 +82,7 @@ def needed(settings: Settings) -> list[str]:
 def read_progress(spool: Path) -> dict | None:
     """The progress file's content, or None when there is none (or it cannot be read)."""
     try:
-        return json.loads((Path(spool) / PROGRESS).read_text())
+        return json.loads(SpoolLayout(Path(spool)).model_build_progress.read_text())
     except (OSError, ValueError):
         return None
 
@@ -86,7 +91,7 @@ class Progress:
     """Writes the progress file: at most once a second, and at every change of stage or state."""
 
     def __init__(self, spool: Path, device: str, every_s: float = 1.0) -> None:
-        self.path = Path(spool) / PROGRESS
+        self.path = SpoolLayout(Path(spool)).model_build_progress
         self.every_s = every_s
         self.body: dict = {"state": "building", "stage": "starting", "done": 0, "total": 0, "started": _now(),
                            "updated": _now(), "finished": None, "device": device, "error": None}
@@ -119,15 +124,16 @@ def announce(spool: Path) -> None:
     """`up` says a build starts before the builder process (seconds of imports) writes its own."""
     body = {"state": "building", "stage": "starting", "done": 0, "total": 0, "started": _now(), "updated": _now(),
             "finished": None, "device": None, "error": None}
-    tmp = Path(spool) / (PROGRESS + ".tmp")
+    path = SpoolLayout(Path(spool)).model_build_progress
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, sort_keys=True) + "\n")
-    os.replace(tmp, Path(spool) / PROGRESS)
+    os.replace(tmp, path)
 
 
 def mark(spool: Path, state: str, reason: str) -> None:
     """Set the progress file's state from outside the build ("failed": the build process died
     without saying why; "interrupted": stopped with the node)."""
-    path = Path(spool) / PROGRESS
+    path = SpoolLayout(Path(spool)).model_build_progress
     body = read_progress(spool) or {"stage": None, "done": 0, "total": 0, "started": None, "device": None}
     body.update(state=state, error=reason if state == "failed" else None, note=reason if state != "failed" else None,
                 finished=_now(), updated=_now())
@@ -138,7 +144,7 @@ def mark(spool: Path, state: str, reason: str) -> None:
 
 @contextlib.contextmanager
 def _locked(spool: Path) -> Iterator[None]:
-    with (spool / LOCK).open("a") as fh:
+    with SpoolLayout(spool).model_build_lock.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -155,7 +161,7 @@ def _replace(partial: Path, final: Path) -> None:
 def build(settings: Settings, device: str | None = None) -> list[str]:
     """Build what `needed` names (nothing when another process just built it); returns what was
     built. A failure is written to the progress file and logged with its reason, then raised."""
-    from worker.failures import describe
+    from dicom_node.identifiers import describe
 
     spool = settings.spool
     spool.mkdir(parents=True, exist_ok=True)
@@ -186,17 +192,17 @@ def build(settings: Settings, device: str | None = None) -> list[str]:
 
 
 def _build_bundle(settings: Settings, device: str, progress: Progress) -> None:
-    from models.default_bundle import build_default_bundle
+    from training.default_bundle import build_default_bundle
 
     final = settings.bundle_path
-    partial = final.with_name(final.name + ".partial")
+    partial = settings.layout.partial(final)
     shutil.rmtree(partial, ignore_errors=True)
     ckpt = Path(settings.model.encoder_checkpoint) if settings.model.encoder_checkpoint else None
     if ckpt is not None and not ckpt.is_file():
         raise FileNotFoundError(f"[model] encoder_checkpoint {ckpt}: no such file")
     progress("bundle: phantoms", 0, settings.model.default_images)
     card = build_default_bundle(partial, n=settings.model.default_images, spec=settings.model.default_encoder,
-                                checkpoint=ckpt, cache_dir=settings.spool / "cache" / "features", device=device,
+                                checkpoint=ckpt, cache_dir=settings.layout.feature_cache, device=device,
                                 on_progress=lambda stage, done, total: progress(f"bundle: {stage}", done, total))
     _replace(partial, final)
     log.info("model_build.bundle", digest=card["digest"][:12], folder=str(final),
@@ -207,20 +213,45 @@ def build_index(settings: Settings, device: str | None = None, progress=None) ->
     """A similar-cases index of phantom cases (other patients than the bundle's training set), so
     a node on its defaults already drafts reports with similar cases; a site replaces it with its
     own de-identified cases (`medsam2-cxr index build` / `index add`)."""
+    import phantoms
     from index.build import build_index, phantom_items
-    from models import phantoms
     from models.bundle import load_bundle
 
     n = settings.model.default_index_cases
     progress = progress or (lambda stage, done, total: None)
-    final = settings.spool / "index"
-    partial = final.with_name("index.partial")
+    final = settings.layout.index
+    partial = settings.layout.partial(final)
     shutil.rmtree(partial, ignore_errors=True)
     progress("index cases", 0, n)
     cases = phantoms.sample_cases(n, seed=1000)
     result = build_index(partial, load_bundle(settings.bundle_path),
                          list(phantom_items(cases, seed=1000, size=512, source="phantoms")),
-                         cache_dir=settings.spool / "cache" / "features", progress=False, device=device,
+                         cache_dir=settings.layout.feature_cache, progress=False, device=device,
                          on_progress=lambda stage, done, total: progress(f"index: {stage}", done, total))
     _replace(partial, final)
     log.info("model_build.index", cases=result.added, folder=str(final))
+
+
+def ensure_bundle(settings: Settings) -> Path:
+    """The configured bundle, or the default one, built here when it is not yet (minutes, once:
+    a progress file in the spool, one build at a time). A configured bundle must exist and be
+    intact (models.bundle.BundleError otherwise)."""
+    from models.bundle import read_card
+
+    path = settings.bundle_path
+    if settings.model.bundle:
+        read_card(path)
+        return path
+    if needed(settings):
+        print(f"Building the default model bundle and similar-cases index in {settings.spool} (first start "
+              f"only; progress: medsam2-cxr status)...", file=sys.stderr, flush=True)
+        build(settings)
+    return path
+
+
+def ensure_default_index(settings: Settings, bundle_path: Path, n: int = 200) -> Path:
+    """The default similar-cases index of n phantom cases for ``bundle_path``, in <spool>/index."""
+    settings = settings.model_copy(update={"model": settings.model.model_copy(
+        update={"bundle": str(bundle_path), "default_index_cases": n})})
+    build_index(settings)
+    return settings.layout.index

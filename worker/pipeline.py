@@ -20,9 +20,9 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,20 +34,28 @@ from pydicom import Dataset
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.encoders.header import clean_header
+from dicom_node.encoders.ko import encode_ko
+from dicom_node.encoders.pr import encode_pr
 from dicom_node.encoders.sc import encode_sc
 from dicom_node.encoders.sr import encode_sr
 from dicom_node.encoders.text import encode_text_sr
+from dicom_node.identifiers import describe, identifiers_of
 from dicom_node.jobstore import FINAL_FAILURES, Job, JobState, JobStore
-from dicom_node.sender import DeliveryFailed, Destination
+from dicom_node.sender import DeliveryFailed, Destination, Priority, ResultDestination
 from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
-from models.prediction import Finding, ModelIdentity, Prediction
+from models.prediction import ModelIdentity, Prediction
 from models.preprocess import read_image
+from models.urgency import DEFAULT_RULES, Urgency, assess
+from ris.delivery import deliver_results
+from worker.clock import SYSTEM, Clock
 from worker.decoding import model_input
-from worker.failures import describe, identifiers_of, is_transient
+from worker.failures import is_transient
 
 if TYPE_CHECKING:
     from index.draft import Draft
+    from ris.content import ReportContent
+    from ris.delivery import Reports
 
 log = structlog.get_logger()
 
@@ -56,6 +64,8 @@ SALIENCY = "saliency.npz"
 SR_FILE = "sr.dcm"
 SC_FILE = "sc.dcm"
 TEXT_FILE = "text.dcm"  # Basic Text SR with the draft report, when a similar cases index is configured
+PR_FILE = "pr.dcm"  # Grayscale Softcopy Presentation State: the outlines a viewer can toggle
+KO_FILE = "ko.dcm"  # Key Object Selection "Of Interest", urgent studies only (models.urgency)
 
 # prediction, bundle digest -> draft report with similar cases (index.draft.Reporter)
 Reporter = Callable[[Prediction, str], "Draft"]
@@ -70,19 +80,30 @@ class Context:
     audit: AuditLog
     lease_s: float = 120.0
     send_lease_s: float | None = None  # SENDING claims; must outlast the sender's retries (None: lease_s)
-    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+    clock: Clock = SYSTEM  # UTC datetimes for the results, epoch seconds for timings (worker.clock)
     reporter: Reporter | None = None  # similar cases + draft report; None: no index configured
     language: str = "en"  # of the draft and the notices in the results ([report] language)
+    reports: Reports | None = None  # RIS (HL7) and FHIR targets of the routes (ris.delivery); None: the PACS only
+    urgent_rules: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULES))  # [urgent] rules
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
 
+def result_files(folder: Path, reporter: bool, urgent: bool) -> list[Path]:
+    """The files encode_results' objects go to, in its order."""
+    return ([folder / SR_FILE, folder / SC_FILE] + ([folder / TEXT_FILE] if reporter else []) + [folder / PR_FILE]
+            + ([folder / KO_FILE] if urgent else []))
+
+
 def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, model: ModelIdentity,
-                   now: dt.datetime, reporter: Reporter | None = None, language: str = "en") -> list[Dataset]:
-    """SR then SC for one source image, with UIDs derived from the source and the bundle.
+                   now: dt.datetime, reporter: Reporter | None = None, language: str = "en",
+                   urgency: Urgency | None = None) -> list[Dataset]:
+    """SR, SC, (text SR,) GSPS (, KOS) for one source image, with UIDs derived from the source and the bundle.
 
     With a reporter (a similar cases index), the SR also carries the draft report and similar
-    cases, and a Basic Text SR with the draft comes third; without one the SR says so. Values the
+    cases, and a Basic Text SR with the draft comes third; without one the SR says so. The
+    presentation state with the outlines follows; an urgent study (`urgency`, else the default
+    rules) ends with a Key Object Selection of the image (result_files names them). Values the
     source header holds invalid are repaired or left out by their type (encoders.header) and
     logged by tag; a missing Type 1 reference raises HeaderError.
     language: of the notices in the SRs ([report] language); the reporter drafts in the same one.
@@ -95,12 +116,16 @@ def encode_results(source: Dataset, image: np.ndarray, prediction: Prediction, m
         log.warning("encode.source_header_repaired", sop_instance_uid=str(source.SOPInstanceUID),
                     repairs=[str(r) for r in repairs])
     wording = wording_for(language)
-    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.results_digest)
+    uids = ResultUIDs.for_model(source.StudyInstanceUID, source.SOPInstanceUID, model)
     draft = reporter(prediction, model.digest) if reporter is not None else None
-    out = [encode_sr(source, prediction, model, uids, now, draft=draft, wording=wording),
+    out: list[Dataset] = [encode_sr(source, prediction, model, uids, now, draft=draft, wording=wording),
            encode_sc(source, image, prediction, model, uids, now)]
     if draft is not None:
         out.append(encode_text_sr(source, prediction, model, draft, uids, now, wording=wording))
+    out.append(encode_pr(source, image, prediction, model, uids, now))
+    urgency = urgency if urgency is not None else assess(prediction)
+    if urgency.is_urgent:
+        out.append(encode_ko(source, urgency, model, uids, now))
     return out
 
 
@@ -110,11 +135,14 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def save_prediction(spool: Spool, folder: Path, prediction: Prediction, model: ModelIdentity) -> None:
-    body = {**prediction.to_json(), "model": dataclasses.asdict(model),
+def save_prediction(spool: Spool, folder: Path, prediction: Prediction, model: ModelIdentity,
+                    urgency: Urgency | None = None) -> None:
+    """prediction.json (findings, OOD, model, and the study's urgency: decided once, here) and the saliency maps."""
+    urgency = urgency if urgency is not None else assess(prediction)
+    body = {**prediction.to_json(), "urgency": urgency.to_json(), "model": dataclasses.asdict(model),
             "center": prediction.center.tolist(), "radius": prediction.radius.tolist()}
     buf = io.BytesIO()
-    np.savez_compressed(buf, **prediction.saliency)
+    np.savez_compressed(buf, **prediction.saliency)  # type: ignore[arg-type]  # numpy's stub: **kwds as allow_pickle
     spool.write_atomic(folder / SALIENCY, buf.getvalue())
     spool.write_atomic(folder / PREDICTION, json.dumps(body, indent=1).encode())
 
@@ -123,12 +151,17 @@ def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
     body = json.loads((folder / PREDICTION).read_text())
     with np.load(folder / SALIENCY) as z:
         saliency = {k: z[k] for k in z.files}
-    findings = tuple(Finding(label=f["label"], probability=f["probability"], threshold=f["threshold"],
-                             tier=f["tier"], spread=f["spread"], operating_point=f.get("operating_point", ""))
-                     for f in body["findings"])
-    pred = Prediction(findings=findings, ood_score=body["ood_score"], ood_threshold=body["ood_threshold"],
-                      center=np.array(body["center"]), radius=np.array(body["radius"]), saliency=saliency)
-    return pred, ModelIdentity(**body["model"])
+    return Prediction.from_json(body, saliency=saliency), ModelIdentity(**body["model"])
+
+
+def load_urgency(folder: Path, prediction: Prediction) -> Urgency:
+    """The urgency saved with the prediction (the rules in force at inference); the default rules
+    for a prediction saved before urgency was recorded."""
+    saved = json.loads((folder / PREDICTION).read_text()).get("urgency")
+    if saved is None:
+        return assess(prediction)
+    by_label = {f.label: f for f in prediction.findings}
+    return Urgency(tuple(by_label[k] for k in saved["findings"]), bool(saved["confidence_validated"]))
 
 
 # ---------------------------------------------------------------- failures
@@ -262,7 +295,8 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
                 fail_job(ctx, job, JobState.INFERRING, "infer", "inference failed", pred)
             continue
         try:
-            save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model)
+            urgency = assess(pred, ctx.urgent_rules)
+            save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model, urgency)
         except OutOfSpace:  # a full spool: give the unsaved jobs back now, not when their lease runs out
             for rest in claimed[i:]:
                 ctx.jobs.release(rest.id, JobState.INFERRING, JobState.QUEUED)
@@ -276,8 +310,8 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
-                             present=[f.label for f in pred.findings if f.present])
-            metrics.record_prediction(model.digest, pred)
+                             present=[f.label for f in pred.findings if f.present], urgent=urgency.labels)
+            metrics.record_prediction(model.digest, pred, urgency.is_urgent)
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
     if transient:
@@ -344,8 +378,19 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
 
 # ---------------------------------------------------------------- the IO step
 
-def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Destination],
-                send: Callable[[list[Path], Destination], None]) -> JobState | None:
+def report_content(ctx: Context, job: Job, reports: Reports) -> ReportContent:
+    """The job's report for the RIS and FHIR server, from its source header, prediction and text SR in the spool."""
+    from ris.content import gather
+
+    folder = ctx.spool.result_dir(job.id)
+    prediction, model = load_prediction(folder)
+    urgent = bool(reports.urgency(prediction)) if reports.urgency is not None else False
+    return gather(job.id, ctx.spool.root / job.path, prediction, model, folder / TEXT_FILE, urgent, ctx.clock.now(),
+                  ctx.language)
+
+
+def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], ResultDestination],
+                send: Callable[[list[Path], ResultDestination], None]) -> JobState | None:
     """Encode (if not yet) and send the results of one job; dead-letter them on final failure.
 
     `send` does its own retries (dicom_node.sender.send_with_retry) and raises DeliveryFailed
@@ -359,19 +404,26 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
         log.info("deliver.not_claimed", job=job_id)
         return None
     folder = ctx.spool.result_dir(job_id)
-    files = [folder / SR_FILE, folder / SC_FILE] + ([folder / TEXT_FILE] if ctx.reporter is not None else [])
+    files: list[Path] = []
+    urgency = Urgency((), True)
     stage = "encode"
     try:
+        prediction, model = load_prediction(folder)
+        urgency = load_urgency(folder, prediction)
+        files = result_files(folder, ctx.reporter is not None, urgency.is_urgent)
         if not all(f.exists() for f in files):
             source = pydicom.dcmread(ctx.spool.root / job.path)
-            prediction, model = load_prediction(folder)
-            results = encode_results(source, read_image(source), prediction, model, ctx.now(), ctx.reporter, ctx.language)
+            results = encode_results(source, read_image(source), prediction, model, ctx.clock.now(), ctx.reporter,
+                                     ctx.language, urgency)
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))
         stage = "send"
         dest = destination_for(job.calling_aet)
+        if urgency.is_urgent and isinstance(dest, Destination):  # every result of the study goes first at
+            dest = dataclasses.replace(dest, priority=Priority.HIGH)  # the PACS (STOW-RS has no priority)
         t0 = time.perf_counter()
-        send(files, dest)
+        # the PACS, then the route's RIS and FHIR server
+        deliver_results(ctx, job, files, dest, send, lambda reports: report_content(ctx, job, reports))
     except DeliveryFailed as exc:
         where = ctx.spool.dead_letter(job_id, files, str(exc))
         ctx.jobs.advance(job_id, JobState.SENDING, JobState.DEAD, reason=str(exc))
@@ -389,12 +441,12 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Dest
         return JobState.FAILED if fail_job(ctx, job, JobState.SENDING, stage, what, exc) else None
     sent_s = time.perf_counter() - t0
     ctx.jobs.advance(job_id, JobState.SENDING, JobState.DONE)
-    since_received = time.time() - job.created_at
+    since_received = ctx.clock.time() - job.created_at
     metrics.SEND.labels(destination=metrics.destination_label(dest)).observe(sent_s)
     metrics.TIME_TO_STORED.observe(since_received)
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
-                     seconds=round(sent_s, 3), since_received=round(since_received, 3))
+                     seconds=round(sent_s, 3), since_received=round(since_received, 3), urgent=urgency.labels)
     return JobState.DONE
 
 
@@ -412,7 +464,7 @@ def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
     if job.state == JobState.DEAD:
         ctx.spool.take_back_dead_letter(job_id)
     else:
-        for name in (SR_FILE, SC_FILE, TEXT_FILE):
+        for name in (SR_FILE, SC_FILE, TEXT_FILE, PR_FILE, KO_FILE):
             (folder / name).unlink(missing_ok=True)
         source = ctx.spool.root / job.path
         if not source.exists():
@@ -424,7 +476,9 @@ def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
         raise ValueError(f"job {job_id}: changed state during the resend")
     ctx.audit.record("resent", job=job_id, sop_instance_uid=job.sop_instance_uid, was=job.state.value,
                      **({"user": user} if user else {}))
-    _enqueue(enqueue_send if back_to == JobState.INFERRED else enqueue_infer, job_id)
+    enqueue = enqueue_send if back_to == JobState.INFERRED else enqueue_infer
+    assert enqueue is not None  # back_to is QUEUED only where there is an enqueue_infer
+    _enqueue(enqueue, job_id)
     return back_to
 
 
@@ -489,6 +543,6 @@ def _enqueue(fn: Callable[[str], None], job_id: str) -> bool:
     try:
         fn(job_id)
         return True
-    except Exception as exc:  # broker down: the reconciler will try again
+    except Exception as exc:  # noqa: BLE001  broker down (kombu, redis, amqp or OS errors): the reconciler will try again
         log.warning("enqueue.failed", job=job_id, error=type(exc).__name__)
         return False

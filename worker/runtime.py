@@ -1,4 +1,5 @@
-"""Everything a process needs to run pipeline steps, built from settings once per process.
+"""What a worker process keeps between pipeline steps: the node's parts (worker.node), the model
+and the decode processes.
 
 The predictor (and torch's CUDA) is created lazily on the first inference, in the worker
 process itself, never before a fork; the similar cases index likewise on the first draft.
@@ -6,7 +7,6 @@ process itself, never before a fork; the similar cases index likewise on the fir
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import Executor
@@ -16,11 +16,9 @@ from pathlib import Path
 import structlog
 
 from dicom_node import metrics
-from dicom_node.audit import AuditLog
-from dicom_node.jobstore import JobStore
-from dicom_node.sender import Destination, retry_window_s, send_with_retry
-from dicom_node.spool import Spool
+from dicom_node.sender import ResultDestination
 from worker import decoding
+from worker.node import Node
 from worker.pipeline import Context
 from worker.settings import Settings
 
@@ -29,25 +27,20 @@ log = structlog.get_logger()
 
 @dataclass
 class Runtime:
-    settings: Settings
+    node: Node
     ctx: Context
     _predictor: object = None
     _decoder: Executor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Runtime":
-        root = settings.spool
-        index = settings.index_path
-        ctx = Context(spool=Spool(root, min_free_bytes=settings.node.min_free_mb * 2**20),
-                      jobs=JobStore(root / "jobs.sqlite"), audit=AuditLog(root / "audit.jsonl"),
-                      lease_s=settings.worker.lease_s,
-                      send_lease_s=retry_window_s(settings.sender.attempts, settings.sender.backoff_s,
-                                                  settings.sender.max_backoff_s, settings.sender.timeout_s),
-                      reporter=(LazyReporter(index, settings.index.extractor, settings.report.language)
-                                if index is not None else None),
-                      language=settings.report.language)
-        return cls(settings=settings, ctx=ctx)
+    def from_settings(cls, settings: Settings) -> Runtime:
+        node = Node(settings)
+        return cls(node=node, ctx=node.context())
+
+    @property
+    def settings(self) -> Settings:
+        return self.node.settings
 
     def predictor(self):
         with self._lock:
@@ -72,21 +65,11 @@ class Runtime:
                 self._decoder = decoding.start(processes)
             return self._decoder
 
-    def destination_for(self, calling_aet: str) -> Destination:
-        from dicom_node.tls import client_context
+    def destination_for(self, calling_aet: str) -> ResultDestination:
+        return self.node.destination_for(calling_aet)
 
-        d = self.settings.destination.for_caller(calling_aet)
-        tls = (client_context(d.tls.ca, d.tls.cert or None, d.tls.key or None, d.tls.check_hostname)
-               if d.tls.ca else None)
-        return Destination(ae_title=d.ae_title, host=d.host, port=d.port, tls=tls)
-
-    def send(self, files, dest: Destination) -> None:
-        from dicom_node.pause import Pauses
-
-        Pauses(self.settings.spool).check(dest.ae_title, dest.host, dest.port)  # paused: the job waits
-        s = self.settings.sender
-        send_with_retry(files, dest, attempts=s.attempts, backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
-                        calling_ae=self.settings.node.ae_title, timeout=s.timeout_s)
+    def send(self, files: list[Path], dest: ResultDestination) -> None:
+        self.node.send(files, dest)  # a paused destination raises: the job waits
 
 
 def sample_gpu(device) -> None:
@@ -125,44 +108,3 @@ def start_gpu_sampler(device, every_s: float = 5.0) -> threading.Thread:
     t = threading.Thread(target=loop, name="gpu-metrics", daemon=True)
     t.start()
     return t
-
-
-class LazyReporter:
-    """The similar cases index and drafter, opened on the first draft in the process that uses them.
-
-    An index that cannot be opened does not stop the node: drafts are written from the findings
-    alone and say why there are no similar cases; the error is logged once.
-    """
-
-    def __init__(self, folder: Path, extractor: str = "lexicon", language: str = "en") -> None:
-        from index.wording import wording_for
-
-        self.folder, self.extractor = folder, extractor
-        self.wording = wording_for(language)  # an unknown language fails here, not on the first draft
-        self._reporter = None
-        self._why = ""
-        self._lock = threading.Lock()
-
-    def _load(self):
-        from index.draft import Drafter, open_reporter
-        from index.labelers import get_extractor
-
-        try:
-            return open_reporter(self.folder, self.extractor, language=self.wording)
-        except (ValueError, OSError) as exc:  # StoreError is a ValueError
-            log.error("index.cannot_open", folder=str(self.folder), error=str(exc))
-            self._why = self.wording.index_unopenable.format(folder=self.folder)
-            return Drafter(get_extractor(self.extractor), wording=self.wording)
-
-    def __call__(self, prediction, digest: str):
-        with self._lock:
-            if self._reporter is None:
-                self._reporter = self._load()
-        if self._why:
-            return self._reporter.draft(prediction, None, why_none=self._why)
-        return self._reporter(prediction, digest)
-
-
-@functools.cache
-def runtime_for(settings_json: str) -> Runtime:
-    return Runtime.from_settings(Settings.model_validate_json(settings_json))

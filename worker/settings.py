@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_node.layout import SpoolLayout
 from index.wording import LANGUAGES
+from models.urgency import DEFAULT_RULES, check_rules
+from worker.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -55,11 +60,46 @@ class DestinationTls(Section):
     check_hostname: bool = True
 
 
+class RisTarget(Section):
+    # HL7 v2.5.1 ORU^R01 over MLLP to the RIS of this route (ris/hl7v2.py); empty host: none.
+    host: str = ""
+    port: int = 2575
+    receiving_application: str = "RIS"  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    sending_facility: str = ""  # MSH-4 (MSH-3 is [node] ae_title)
+    processing_id: str = "P"  # MSH-11: P production, T training, D debugging
+    tls: DestinationTls = Field(default_factory=DestinationTls)  # ca empty: plain MLLP
+
+
+class FhirTarget(Section):
+    # FHIR R4 base URL a transaction Bundle (DiagnosticReport + Observations) is POSTed to (ris/fhir.py); empty: none.
+    url: str = ""
+    token: str = ""  # bearer token sent as Authorization; empty: none
+    ca: str = ""  # PEM CA bundle an https server must chain to; empty: the system's CAs
+
+
 class Destination(Section):
+    # dimse: C-STORE to ae_title@host:port; dicomweb: STOW-RS to url (dicom_node/dicomweb.py), with
+    # ae_title naming it, host and port taken from the url, tls.ca/cert/key for an https url.
+    type: Literal["dimse", "dicomweb"] = "dimse"
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = 4242
+    url: str = ""  # DICOMweb base URL (STOW-RS at <url>/studies), e.g. http://pacs:8042/dicom-web
+    token: str = ""  # bearer token sent to the DICOMweb service; empty: none
     tls: DestinationTls = Field(default_factory=DestinationTls)
+    ris: RisTarget = Field(default_factory=RisTarget)  # results also to the RIS, after the PACS stored them
+    fhir: FhirTarget = Field(default_factory=FhirTarget)
+
+    @model_validator(mode="after")
+    def _dicomweb_url(self) -> Destination:
+        if self.type == "dicomweb":
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"destination type dicomweb needs url = \"http(s)://host[:port]/path\", not {self.url!r}")
+            self.host = parts.hostname  # one name for pauses, metrics and the console, as for DIMSE
+            self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        return self
 
 
 class Destinations(Destination):
@@ -67,8 +107,7 @@ class Destinations(Destination):
     routes: dict[str, Destination] = {}
 
     def for_caller(self, calling_aet: str) -> Destination:
-        return self.routes.get(calling_aet.strip(), Destination(ae_title=self.ae_title, host=self.host, port=self.port,
-                                                                tls=self.tls))
+        return self.routes.get(calling_aet.strip(), Destination.model_validate(self.model_dump(exclude={"routes"})))
 
 
 class Broker(Section):
@@ -135,6 +174,18 @@ class Report(Section):
         return value
 
 
+class Urgent(Section):
+    # Finding label -> lowest confidence tier ("medium" or "high") at which, when present and the image
+    # is not out of distribution, it makes the study urgent: a KOS, C-STORE priority HIGH, the RIS
+    # priority flag. {} flags nothing. Defaults and their reasons: models/urgency.py.
+    rules: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_rules(value)
+
+
 class ConsoleUser(Section):
     name: str
     role: str = "viewer"  # viewer (reads), operator (+ resend), admin (+ patient identifiers on demand)
@@ -162,6 +213,25 @@ class Console(Section):
     lockout_s: float = 900.0  # how long a locked user or address is refused
 
 
+class DicomwebClient(Section):
+    name: str  # recorded as the calling AE title of what it sends: routes, metrics and audit use it
+    token_sha256: str  # hex SHA-256 of its bearer token (`python -m dicom_node.stow token` makes a pair)
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("token_sha256 must be the 64 hex digits of a SHA-256 digest")
+        return value
+
+
+class Dicomweb(Section):
+    # STOW-RS in (dicom_node/stow.py): POST /dicomweb/studies on the HTTP app ([console] host:port,
+    # HTTPS with [node.tls]). Each [[dicomweb.clients]] holds one bearer token; none: every request gets 401.
+    clients: list[DicomwebClient] = []
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -174,7 +244,9 @@ class Settings(BaseSettings):
     worker: Worker = Field(default_factory=Worker)
     index: Index = Field(default_factory=Index)
     report: Report = Field(default_factory=Report)
+    urgent: Urgent = Field(default_factory=Urgent)
     console: Console = Field(default_factory=Console)
+    dicomweb: Dicomweb = Field(default_factory=Dicomweb)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -188,33 +260,38 @@ class Settings(BaseSettings):
         return self.paths.spool.resolve()
 
     @property
+    def layout(self) -> SpoolLayout:
+        """Every file and folder in the spool (dicom_node.layout)."""
+        return SpoolLayout(self.spool)
+
+    @property
     def bundle_path(self) -> Path:
-        return Path(self.model.bundle).resolve() if self.model.bundle else self.spool / "models" / "default"
+        return Path(self.model.bundle).resolve() if self.model.bundle else self.layout.default_bundle
 
     @property
     def metrics_dir(self) -> Path:
         """prometheus-client's multiprocess folder: every process of this node writes its metrics here."""
-        return self.spool / "metrics"
+        return self.layout.metrics
 
     @property
     def index_path(self) -> Path | None:
         """The configured index folder, or <spool>/index when it exists, or None (no similar cases)."""
         if self.index.path:
             return Path(self.index.path).resolve()
-        default = self.spool / "index"
+        default = self.layout.index
         return default if (default / "cases.sqlite").exists() else None
 
 
 def load_settings(path: Path | None = None) -> Settings:
-    """Read the TOML file if given; a wrong key or value fails here with the file named."""
+    """Read the TOML file if given; a wrong key or value raises ConfigError with the file named."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SystemExit(f"{path}: cannot read the configuration: {exc}") from exc
+            raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
     try:
         return Settings(**data)
-    except Exception as exc:  # pydantic's ValidationError names the key
-        raise SystemExit(f"{path or 'environment'}: invalid configuration: {exc}") from exc
+    except ValueError as exc:  # pydantic's ValidationError (a ValueError) names the key; SettingsError the variable
+        raise ConfigError(f"{path or 'environment'}: invalid configuration: {exc}") from exc

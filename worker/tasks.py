@@ -9,8 +9,8 @@ reconciler, which owns every retry, enqueues the job again.
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
@@ -18,7 +18,7 @@ from celery.signals import worker_process_init
 from dicom_node.metrics_dir import reserve_in_child
 from worker import pipeline
 from worker.app import INFER, SEND, enqueuers
-from worker.runtime import Runtime, runtime_for
+from worker.runtime import Runtime
 
 
 @worker_process_init.connect
@@ -34,15 +34,25 @@ def _stopping() -> bool:
     return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
 
 
+_RUNTIME = threading.Lock()
+
+
 def _runtime() -> Runtime:
-    return runtime_for(json.dumps(current_app.conf.medsam2_settings, sort_keys=True))
+    """This process's Runtime, made on its first task (after the fork: a prefork child makes its
+    own) from the settings its Celery app was made with (worker.app.make_app), then kept."""
+    app = current_app._get_current_object()
+    with _RUNTIME:
+        rt = getattr(app, "medsam2_runtime", None)
+        if rt is None:
+            rt = app.medsam2_runtime = Runtime.from_settings(app.medsam2_settings)
+    return rt
 
 
 # The most images per forward: a GPU needs large batches to be busy, a CPU gains little from them
 # and the first image of a batch waits for the last. GATHER_S: how long a lone job waits for company.
 GPU_BATCH, CPU_BATCH, GATHER_S = 32, 4, 0.005
 # Processes that decode the next batch during a forward: on a GPU decoding is the slower part (a
-# 2500 x 2048 JPEG 2000 image takes about 150 ms of one core, `medsam2-cxr bench decode`).
+# 2500 x 2048 JPEG 2000 image takes about 150 ms of one core, `python -m bench decode`).
 DECODE_PROCESSES = min(8, os.cpu_count() or 1)
 
 

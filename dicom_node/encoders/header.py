@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings, decode_bytes, encode_string, python_encoding
@@ -232,7 +233,7 @@ def _check(keyword: str, vr: str, value: object) -> tuple[object, bool, str | No
     return (fixed if len(fixed) > 1 else fixed[0]), changed, None
 
 
-def _repair(vr: str, v: object) -> object:
+def _repair(vr: str, v: Any) -> object:
     if vr == "DS" and len(str(v)) > 16:  # same number, written in at most 16 characters
         try:
             return format_number_as_ds(float(v))
@@ -308,5 +309,5 @@ def _strip_uid(v: object) -> str:
 
 
 def _tag(keyword: str) -> str:
-    tag = Tag(tag_for_keyword(keyword))
+    tag = Tag(cast(int, tag_for_keyword(keyword)))  # keywords here are the module's own, all known
     return f"({tag.group:04X},{tag.element:04X}) {keyword}"

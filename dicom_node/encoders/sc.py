@@ -14,30 +14,18 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
-from pydicom.uid import JPEGLSLossless
 
 from dicom_node import codes
+from dicom_node.encoders.common import equipment_and_dates, finish, series_description, software_version
 from dicom_node.encoders.header import clean_header
-from dicom_node.encoders.sr import (
-    equipment_and_dates,
-    NOT_FOR_DIAGNOSIS,
-    OOD_NOTICE,
-    SYNTHETIC_NOTICE,
-    finish,
-    series_description,
-    software_version,
-)
+from dicom_node.encoders.notices import ENGLISH, NOT_FOR_DIAGNOSIS, OOD_NOTICE, SYNTHETIC_NOTICE
+from dicom_node.sop import SC_TRANSFER_SYNTAX
 from dicom_node.uids import ResultUIDs
-from index.wording import ENGLISH
 from models.operating_points import summary as operating_points_summary
 from models.prediction import Finding, ModelIdentity, Prediction
 from models.preprocess import to_uint8
 
 SC_SERIES_NUMBER = 9902
-# JPEG-LS lossless: the same pixels in about a fifth of the bytes (2 MB instead of 10 MB at 2048 px),
-# which the PACS stores for every radiograph and which took most of the send at a 16 KB PDU. A peer
-# that does not accept it gets the SC decompressed (dicom_node.sender).
-SC_TRANSFER_SYNTAX = JPEGLSLossless
 MAX_SIDE = 2048
 MIN_SIDE = 1024  # smaller images are enlarged so the burned-in text stays legible
 PANEL_FINDINGS = 5

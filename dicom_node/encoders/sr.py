@@ -11,115 +11,36 @@ notice also as a TID 4019 Algorithm Parameter so each group repeats it.
 When a similar cases index is configured, the same container also carries the drafted report
 (FINDINGS and IMPRESSION as DCM Finding / Impression TEXT items), one TEXT item per similar prior
 case (case id, similarity, key findings) and one per guideline reference; without one it says
-"No similar cases index configured". Every sentence a reader sees comes from the report wording
-(index/wording.py, `[report] language`); coded concepts keep their standard code meanings.
+"No similar cases index configured". Every sentence a reader sees is a notice in the configured
+language (encoders/notices.py, `[report] language`) or a line of the draft, written by the drafter
+in that language (index/draft.py); coded concepts keep their standard code meanings.
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING
 
 import highdicom as hd
-from pydicom.sr.coding import Code
 from pydicom import Dataset
-from pydicom.valuerep import DA, DT, TM
+from pydicom.sr.coding import Code
 
 from dicom_node import codes
-from dicom_node.encoders.header import SourceHeader, carry_identity, clean_header, set_character_set
+from dicom_node.encoders.common import (
+    DraftLines,
+    device_observer,
+    equipment_and_dates,
+    finish,
+    notices,
+    series_description,
+    software_version,
+)
+from dicom_node.encoders.header import clean_header
+from dicom_node.encoders.notices import ENGLISH, Notices
 from dicom_node.uids import ResultUIDs, derive_uid
-from index.wording import ENGLISH, Wording
 from models.operating_points import describe as describe_operating_point
-from models.operating_points import summary as operating_points_summary
-from models.prediction import NOT_VALIDATED, Finding, ModelIdentity, Prediction
-
-if TYPE_CHECKING:
-    from index.draft import Draft
+from models.prediction import Finding, ModelIdentity, Prediction
 
 SR_SERIES_NUMBER = 9901
-# The English notices (header attributes and the SC always use these); results take their wording's.
-NOT_FOR_DIAGNOSIS = ENGLISH.not_for_diagnosis
-SYNTHETIC_NOTICE = ENGLISH.synthetic_notice
-OOD_NOTICE = ENGLISH.ood_notice
-NOT_VALIDATED_NOTICE = ENGLISH.not_validated_notice
-DRAFT_NOTICE = ENGLISH.draft_notice
-
-# Draft report concepts: DCM where one exists, the project's private scheme (declared in
-# codes.CODING_SCHEME_IDENTIFICATION) for similar cases and guideline references.
-DRAFT_FINDING = Code("121071", "DCM", "Finding")
-DRAFT_IMPRESSION = Code("121073", "DCM", "Impression")
-SIMILAR_CASES = Code("SIMCASES", codes.PRIVATE_SCHEME, "Similar prior cases")
-SIMILAR_CASE = Code("SIMCASE", codes.PRIVATE_SCHEME, "Similar prior case")
-GUIDELINE_REFERENCES = Code("GUIDEREFS", codes.PRIVATE_SCHEME, "Guideline references")
-GUIDELINE_REFERENCE = Code("GUIDEREF", codes.PRIVATE_SCHEME, "Guideline reference")
-
-
-def software_version(model: ModelIdentity) -> str:
-    """Version plus short bundle digest: the version alone does not identify the weights."""
-    return f"{model.version}+{model.short_digest}"
-
-
-def device_uid(model: ModelIdentity) -> str:
-    """One Device UID per model bundle, stable across runs and hosts."""
-    return derive_uid("device", model.digest)
-
-
-def series_description(model: ModelIdentity, kind: str) -> str:
-    """Series description (LO, 64 chars) that says what the series is and what it is not."""
-    if model.synthetic_training:
-        text = f"AI {kind} - MedSAM2-CXR (phantom-trained, not for diagnosis)"
-    else:
-        text = f"AI {kind} - MedSAM2-CXR (not for primary diagnosis)"
-    return text[:64]
-
-
-def contributing_equipment(model: ModelIdentity, now: datetime.datetime) -> Dataset:
-    """The IHE AIR "Processing Algorithm" item naming this model.
-
-    Built by hand: highdicom's ContributingEquipment only accepts DCM purposes, and AIR wants
-    (Newcode1, 99IHE) plus a Device UID.
-    """
-    item = Dataset()
-    item.Manufacturer = model.manufacturer or codes.MANUFACTURER
-    item.ManufacturerModelName = model.name[:64]
-    item.SoftwareVersions = software_version(model)[:64]
-    item.DeviceUID = device_uid(model)
-    item.ContributionDateTime = DT(now)
-    item.ContributionDescription = f"{codes.ALGORITHM_NAME}; {NOT_FOR_DIAGNOSIS}"[:64]
-    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]
-    return item
-
-
-def equipment_and_dates(model: ModelIdentity, now: datetime.datetime) -> dict:
-    """The constructor keywords every result object shares: who made it, and when (from `now`)."""
-    return dict(manufacturer=codes.MANUFACTURER, manufacturer_model_name=model.name,
-                software_versions=software_version(model), content_date=now.date(), content_time=now.time(),
-                series_date=now.date(), series_time=now.time())
-
-
-def finish(ds: Dataset, model: ModelIdentity, now: datetime.datetime, header: SourceHeader) -> None:
-    """Replace highdicom's own clock readings with `now`, add our equipment item, the identity
-    highdicom leaves out and a character set that holds every string (encoders.header).
-
-    Outputs then depend only on their inputs: encoding twice gives identical objects.
-    """
-    for date_kw, time_kw in (
-        ("InstanceCreationDate", "InstanceCreationTime"),
-        ("ContentDate", "ContentTime"),
-        ("SeriesDate", "SeriesTime"),
-        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
-    ):
-        if date_kw in ds or date_kw == "SeriesDate":
-            setattr(ds, date_kw, DA(now.date()))
-            setattr(ds, time_kw, TM(now.time()))
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if item.get("Manufacturer") == "Highdicom open-source contributors":
-            item.ContributionDateTime = DT(now)
-    if "ContributingEquipmentSequence" not in ds:
-        ds.ContributingEquipmentSequence = []
-    ds.ContributingEquipmentSequence.append(contributing_equipment(model, now))
-    carry_identity(ds, header)
-    set_character_set(ds, header.character_set)
 
 
 def operating_point_line(finding: Finding) -> str:
@@ -131,7 +52,7 @@ def operating_point_line(finding: Finding) -> str:
             f"threshold {finding.threshold:.4f}")
 
 
-def _algorithm(model: ModelIdentity, wording: Wording = ENGLISH,
+def _algorithm(model: ModelIdentity, wording: Notices = ENGLISH,
                extra: tuple[str, ...] = ()) -> hd.sr.AlgorithmIdentification:
     params = [f"bundle sha256 {model.digest}"[:1024], *extra]
     if model.operating_points:
@@ -148,7 +69,7 @@ def _finding_groups(
     prediction: Prediction,
     model: ModelIdentity,
     uids: ResultUIDs,
-    wording: Wording = ENGLISH,
+    wording: Notices = ENGLISH,
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     groups = []
     for finding in prediction.findings:
@@ -220,48 +141,25 @@ def _ood_group(
     )
 
 
-def notices(prediction: Prediction, model: ModelIdentity, wording: Wording = ENGLISH) -> list[str]:
-    """The sentences every rendering of a result must carry, most important first.
-
-    The model card's intended use and training data are quoted as the card writes them.
-    """
-    w = wording
-    lines = [w.sentence(w.not_for_diagnosis)]
-    if model.synthetic_training:
-        lines.append(w.sentence(w.synthetic_notice))
-    if prediction.out_of_distribution:
-        lines.append(w.sentence(w.ood_notice))
-    if any(f.tier == NOT_VALIDATED for f in prediction.findings):
-        lines.append(w.sentence(w.not_validated_notice))
-    if ops := operating_points_summary({f.label: f.operating_point for f in prediction.findings}):
-        lines.append(w.operating_points_line.format(ops=ops))
-    lines.append(w.model_line.format(name=model.name, version=software_version(model)))
-    if model.intended_use:
-        lines.append(w.intended_use_line.format(text=model.intended_use))
-    if model.training_data:
-        lines.append(w.training_data_line.format(text=model.training_data))
-    return lines
-
-
 def _text(name: Code, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
-def draft_items(draft: Draft | None, wording: Wording = ENGLISH) -> list[hd.sr.TextContentItem]:
+def draft_items(draft: DraftLines | None, wording: Notices = ENGLISH) -> list[hd.sr.TextContentItem]:
     """TEXT items for the drafted report, the similar cases and the guideline references."""
     w = wording
     if draft is None:
         return [_text(codes.COMMENT, w.sentence(w.capitalised(w.no_index)))]
     items = [_text(codes.COMMENT, w.sentence(w.draft_notice)),
-             _text(DRAFT_FINDING, draft.findings), _text(DRAFT_IMPRESSION, draft.impression)]
-    items += [_text(SIMILAR_CASE, line) for line in draft.similar_lines()]
-    items += [_text(GUIDELINE_REFERENCE, line) for line in draft.reference_lines()]
+             _text(codes.DRAFT_FINDING, draft.findings), _text(codes.DRAFT_IMPRESSION, draft.impression)]
+    items += [_text(codes.SIMILAR_CASE, line) for line in draft.similar_lines()]
+    items += [_text(codes.GUIDELINE_REFERENCE, line) for line in draft.reference_lines()]
     items += [_text(codes.COMMENT, note) for note in draft.notes]
     return items
 
 
 def _notice_container(prediction: Prediction, model: ModelIdentity,
-                      draft: Draft | None = None, wording: Wording = ENGLISH) -> hd.sr.ContainerContentItem:
+                      draft: DraftLines | None = None, wording: Notices = ENGLISH) -> hd.sr.ContainerContentItem:
     """TID 1500 rows 10-12: document-level qualitative evaluations: free-text notices, the draft."""
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS,
@@ -300,13 +198,15 @@ def encode_sr(
     model: ModelIdentity,
     uids: ResultUIDs,
     now: datetime.datetime,
-    draft: Draft | None = None,
-    wording: Wording | None = None,
+    draft: DraftLines | None = None,
+    wording: Notices | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode one prediction as a TID 1500 SR in the source's study, in the model's SR series.
 
-    draft: the drafted report and similar cases (index/draft.py); None when no index is configured.
-    wording: the language of the notices (index/wording.py); None: the draft's, else English.
+    draft: the drafted report and similar cases (encoders.common.DraftLines, made by index/draft.py);
+    None when no index is configured.
+    wording: the language of the notices (encoders/notices.py; an index.wording.Wording is one);
+    None: the draft's, else English.
 
     Raises
     ------
@@ -319,17 +219,7 @@ def encode_sr(
     source = header.dataset
     wording = wording or (draft.wording if draft is not None else ENGLISH)
     algorithm = _algorithm(model, wording)
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DEVICE_OBSERVER,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid(model),
-                name=model.name,
-                manufacturer_name=model.manufacturer or codes.MANUFACTURER,
-                model_name=codes.ALGORITHM_NAME,
-            ),
-        )
-    )
+    observation_context = device_observer(model)
     groups = _finding_groups(source, prediction, model, uids, wording)
     groups.append(_ood_group(source, prediction, algorithm, uids))
     report = hd.sr.MeasurementReport(

@@ -13,34 +13,28 @@ evidence), pinned with highdicom < 0.29 in pyproject.toml.
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr.sop import _SR
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
-from pydicom.uid import BasicTextSRStorage
 
 from dicom_node import codes
-from dicom_node.encoders.header import clean_header
-from dicom_node.encoders.sr import (
+from dicom_node.encoders.common import (
+    DraftLines,
+    device_observer,
     equipment_and_dates,
-    GUIDELINE_REFERENCE,
-    GUIDELINE_REFERENCES,
-    SIMILAR_CASE,
-    SIMILAR_CASES,
-    device_uid,
     finish,
     notices,
     series_description,
 )
+from dicom_node.encoders.header import clean_header
+from dicom_node.encoders.notices import Notices
+from dicom_node.sop import BASIC_TEXT_SR
 from dicom_node.uids import ResultUIDs
-from index.wording import Wording
 from models.prediction import ModelIdentity, Prediction
-
-if TYPE_CHECKING:
-    from index.draft import Draft
 
 TEXT_SERIES_NUMBER = 9903
 REPORT_TITLE = dcm_codes.LN.DiagnosticImagingReport  # LN 18748-4
@@ -65,7 +59,7 @@ class BasicTextSR(_SR):
         _check_basic_text(content)
         super().__init__(evidence=evidence, content=content, series_instance_uid=series_instance_uid,
                          series_number=series_number, sop_instance_uid=sop_instance_uid,
-                         sop_class_uid=BasicTextSRStorage, instance_number=instance_number, **kwargs)
+                         sop_class_uid=BASIC_TEXT_SR, instance_number=instance_number, **kwargs)
 
 
 def _check_basic_text(item: Dataset, path: str = "root") -> None:
@@ -85,43 +79,35 @@ def _section(name: Code, items: list[tuple[Code, str]]) -> hd.sr.ContainerConten
     return container
 
 
-def report_content(prediction: Prediction, model: ModelIdentity, draft: Draft,
-                   wording: Wording | None = None) -> hd.sr.ContainerContentItem:
+def report_content(prediction: Prediction, model: ModelIdentity, draft: DraftLines,
+                   wording: Notices | None = None) -> hd.sr.ContainerContentItem:
     """The TID 2000 tree: observation context (the device), then one container per section.
 
-    wording: the language of the notices (index/wording.py); None: the draft's.
+    wording: the language of the notices (encoders/notices.py); None: the draft's.
     """
     w = wording or draft.wording
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id="2000")
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DEVICE_OBSERVER,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid(model), name=model.name, manufacturer_name=model.manufacturer or codes.MANUFACTURER,
-                model_name=codes.ALGORITHM_NAME,
-            ),
-        )
-    )
+    context = device_observer(model)
     lines = [w.sentence(w.draft_notice), *notices(prediction, model, w), *draft.notes]
     sections = [
         _section(NOTICES, [(codes.COMMENT, line) for line in dict.fromkeys(lines)]),
         _section(dcm_codes.DCM.Findings, [(dcm_codes.DCM.Finding, draft.findings)]),
         _section(dcm_codes.DCM.Impressions, [(dcm_codes.DCM.Impression, draft.impression)]),
     ]
-    if draft.references:
-        sections.append(_section(GUIDELINE_REFERENCES, [(GUIDELINE_REFERENCE, line)
-                                                       for line in draft.reference_lines()]))
-    if draft.similar:
-        sections.append(_section(SIMILAR_CASES, [(SIMILAR_CASE, line) for line in draft.similar_lines()]))
+    if references := draft.reference_lines():
+        sections.append(_section(codes.GUIDELINE_REFERENCES, [(codes.GUIDELINE_REFERENCE, line)
+                                                             for line in references]))
+    if similar := draft.similar_lines():
+        sections.append(_section(codes.SIMILAR_CASES, [(codes.SIMILAR_CASE, line) for line in similar]))
     root.ContentSequence = hd.sr.ContentSequence([*context, *sections])
     return root
 
 
-def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity, draft: Draft,
-                   uids: ResultUIDs, now: datetime.datetime, wording: Wording | None = None) -> BasicTextSR:
+def encode_text_sr(source: Dataset, prediction: Prediction, model: ModelIdentity, draft: DraftLines,
+                   uids: ResultUIDs, now: datetime.datetime, wording: Notices | None = None) -> BasicTextSR:
     """Encode the draft report as a Basic Text SR in the source's study, in the model's text series.
 
-    wording: the language of the notices (index/wording.py); None: the draft's.
+    wording: the language of the notices (encoders/notices.py); None: the draft's.
     """
     header = clean_header(source)
     sr = BasicTextSR(

@@ -6,8 +6,8 @@ chunked noun phrases) give the same output format, see :mod:`index.labelers.comm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 from index.labelers import grammar, lexicon
 from index.labelers.common import Labels

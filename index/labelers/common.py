@@ -17,7 +17,7 @@ Rules applied after extraction, the same for both extractors (:func:`finalize`):
 - Lung Opacity is the parent of Edema, Consolidation, Pneumonia, Atelectasis and Lung Lesion in
   the CheXpert ontology: when Lung Opacity is not itself positive, a positive child makes it
   positive and an uncertain child makes it uncertain. (The phantom labels and the MeSH-derived
-  labels of :mod:`models.openi` follow the same rule, so all three are comparable.)
+  labels of :mod:`training.openi` follow the same rule, so all three are comparable.)
 - No Finding is ``1`` when no pathology label (all but No Finding and Support Devices) is
   positive or uncertain, and ``None`` otherwise, as CheXpert does. A statement such as
   "no acute cardiopulmonary abnormality" therefore sets no label itself; it is the absence of
@@ -35,16 +35,14 @@ boundary, allowed where a noun was removed ("costophrenic XXXX are sharp", "ster
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-from models.labels import LABELS
+from models.labels import LABELS, OPACITY_CHILDREN, PATHOLOGIES  # noqa: F401 (PATHOLOGIES: re-exported)
 
 Value = int | None
 Labels = dict[str, Value]
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
-PATHOLOGIES: tuple[str, ...] = tuple(k for k in LABELS if k not in ("No Finding", "Support Devices"))
-OPACITY_CHILDREN: tuple[str, ...] = ("Edema", "Consolidation", "Pneumonia", "Atelectasis", "Lung Lesion")
 
 # Higher wins when one label is mentioned several times.
 _RANK = {None: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
@@ -94,9 +92,24 @@ def normalise(text: str) -> str:
     return text.lower()
 
 
+def split_sentences(text: str, keep_end: bool = False) -> list[str]:
+    """The one sentence splitter (the labelers' and the drafts'): a sentence ends at . ! ? (not inside
+    numbers such as 1.5 cm) or a line break; semicolons and colons stay inside. keep_end keeps each
+    sentence's closing punctuation, for text that is shown (index.draft); pieces that are only
+    punctuation are dropped."""
+    out, pos = [], 0
+    for m in [*_SENTENCE_END.finditer(text), None]:
+        start, end = (m.start(), m.end()) if m is not None else (len(text), len(text))
+        core = text[pos:start]
+        if core and core.strip(" ,;:"):
+            out.append((text[pos:end] if keep_end else core).strip())
+        pos = end
+    return out
+
+
 def sentences(text: str) -> list[str]:
-    """Sentences of a normalised report body (semicolons and colons stay inside a sentence)."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip(" ,;:")]
+    """Sentences of a normalised report body, without their closing punctuation."""
+    return split_sentences(text)
 
 
 def report_sentences(text: str) -> list[str]:

@@ -53,8 +53,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from index.labelers.common import (NEGATIVE, POSITIVE, UNCERTAIN, Labels, SentenceVotes, finalize,
-                                   report_sentences)
+from index.labelers.common import NEGATIVE, POSITIVE, UNCERTAIN, Labels, SentenceVotes, finalize, report_sentences
 
 NAME = "grammar"
 
@@ -299,7 +298,7 @@ class NP:
     versus: bool = False
 
     @classmethod
-    def of(cls, words: list[str]) -> "NP":
+    def of(cls, words: list[str]) -> NP:
         ws = frozenset(words)
         found: list[tuple[str, Head]] = []
         for w in words:

@@ -40,10 +40,19 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-from index.labelers.common import (NEGATIVE, POSITIVE, UNCERTAIN, Labels, SentenceVotes, finalize,
-                                   normalise, report_body, sentences)
+from index.labelers.common import (
+    NEGATIVE,
+    POSITIVE,
+    UNCERTAIN,
+    Labels,
+    SentenceVotes,
+    finalize,
+    normalise,
+    report_body,
+    sentences,
+)
 
 NAME = "lexicon"
 
@@ -239,7 +248,7 @@ class _Doc:
             pos += len(s) + 3
         self.text = " . ".join(parts)
         self.sentence_starts = starts
-        self.triggers = [_Trigger(m.start(), m.end(), m.lastgroup) for m in _TRIGGER_RE.finditer(self.text)]
+        self.triggers = [_Trigger(m.start(), m.end(), cast(str, m.lastgroup)) for m in _TRIGGER_RE.finditer(self.text)]
         self.trigger_starts = [t.start for t in self.triggers]
         self.terms = [t.end for t in self.triggers if t.kind == "term"]
 
@@ -327,7 +336,7 @@ def label_report(text: str) -> Labels:
     doc = _Doc(sents)
     votes = [SentenceVotes() for _ in sents]
     for m in _FIND_RE.finditer(doc.text):
-        labels, kind = _FIND_GROUPS[m.lastgroup]
+        labels, kind = _FIND_GROUPS[cast(str, m.lastgroup)]
         value, touched = doc.polarity(m.start(), m.end())
         if kind == "negonly" and not (touched and value == NEGATIVE):
             continue
@@ -335,12 +344,12 @@ def label_report(text: str) -> Labels:
         for label in labels:
             sv.add(label, value, indirect=(kind == "indirect"))
     for m in _ANAT_RE.finditer(doc.text):
-        value = doc.normality(m.start(), m.end())
-        if value is None:
+        normal = doc.normality(m.start(), m.end())
+        if normal is None:
             continue
         sv = votes[doc.sentence_of(m.start())]
-        for label in _ANAT_GROUPS[m.lastgroup]:
-            sv.add(label, value, indirect=True)
+        for label in _ANAT_GROUPS[cast(str, m.lastgroup)]:
+            sv.add(label, normal, indirect=True)
     return finalize(v.resolved() for v in votes)
 
 

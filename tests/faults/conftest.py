@@ -17,7 +17,7 @@ BATCH = 100  # phantom frontal CXRs per scenario
 @pytest.fixture(scope="session")
 def batch(tmp_path_factory) -> Path:
     """100 small phantom chest radiographs (256 x 256) with phantom patient names and IDs."""
-    from models.phantoms import generate
+    from phantoms import generate
 
     out = tmp_path_factory.mktemp("batch")
     generate(BATCH, out, seed=23, size=256)

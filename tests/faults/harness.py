@@ -26,7 +26,7 @@ import pydicom
 
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.uids import ResultUIDs
-from tests.conftest import free_port, wait_for  # noqa: F401  (re-exported to the fault tests)
+from tests.conftest import free_port, require_peer, wait_for  # noqa: F401  (re-exported to the fault tests)
 
 REPO = Path(__file__).resolve().parents[2]
 STORESCU = "/usr/bin/storescu"
@@ -91,7 +91,7 @@ class Redis:
 
     def start(self) -> None:
         log = (self.folder / "redis.log").open("a")
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        self.proc = subprocess.Popen([require_peer("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--daemonize", "no", "--dir", str(self.folder)],
                                      stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: port_open(self.port), 20, "redis-server to listen")
@@ -124,7 +124,7 @@ class Orthanc:
 
     def start(self) -> None:
         out = self.log.open("a")
-        self.proc = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([require_peer("Orthanc"), str(self.folder / "orthanc.json")], stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: port_open(self.dicom_port) and self._try("/system"), 60, "Orthanc to start")
 
     def stop(self) -> None:
@@ -168,7 +168,7 @@ def storescu(port: int, files: Iterable[Path], aet: str = MODALITY, extra: tuple
     """One association carrying ``files``. storescu stops at the first refused instance unless
     ``extra`` has ``--no-halt``; :class:`Sent` says which were acknowledged."""
     files = list(files)
-    r = subprocess.run([STORESCU, "-v", "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
+    r = subprocess.run([require_peer(STORESCU), "-v", "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
                         *map(str, files)], capture_output=True, text=True, errors="replace", timeout=timeout)
     return parse_storescu(r.stdout + r.stderr, r.returncode)
 

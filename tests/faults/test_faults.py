@@ -13,15 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node.jobstore import JobState
-from tests.faults.harness import (MODALITY, NODE_AET, STORESCU, Node, figure_line, parse_storescu, stop,
-                                  storescu, wait_for)
+from tests.faults.harness import MODALITY, NODE_AET, STORESCU, Node, figure_line, storescu, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 SETTLE_S = 420  # generous: the machine is shared; a healthy run settles far sooner
@@ -58,7 +56,7 @@ def test_gpu_worker_sigkilled_twice_mid_inference(rig, batch, sources, digest):
     killed = []
     for round_ in range(2):
         # Mid-inference: a job is claimed (INFERRING) and others already went through.
-        wait_for(lambda: node.counts().get("inferring", 0) > 0 and node.counts().get("inferred", 0)
+        wait_for(lambda round_=round_: node.counts().get("inferring", 0) > 0 and node.counts().get("inferred", 0)
                  + node.counts().get("sending", 0) + node.counts().get("done", 0) >= 5 * (round_ + 1),
                  240, "a job in inference")
         victim = "gpu#0"
@@ -70,7 +68,7 @@ def test_gpu_worker_sigkilled_twice_mid_inference(rig, batch, sources, digest):
         killed.append((victim, held))
         node.start_gpu(0)  # what a supervisor does
     sender.join()
-    figures = finish(node, sources, digest, "gpu worker SIGKILL x2", t0)
+    finish(node, sources, digest, "gpu worker SIGKILL x2", t0)
     retried = {job_id for _, ids in killed for job_id in ids}
     assert retried, "no job was in inference when the workers were killed"
     assert all(node.jobs.get(j).attempts >= 2 for j in retried), "a killed job was not taken again"

@@ -28,10 +28,13 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from pynetdicom import AE, _config
 
 from dicom_node.audit import AuditLog
+from dicom_node.inspect import inflate_limit
 from dicom_node.jobstore import JobState, JobStore
-from dicom_node.listener import CANNOT_UNDERSTAND, SUCCESS, ListenerConfig, inflate_limit, start_listener
+from dicom_node.listener import CANNOT_UNDERSTAND, SUCCESS, start_listener
 from dicom_node.spool import Spool
 from tests.faults.harness import STORESCU, free_port
+from worker import node as node_root
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -96,27 +99,26 @@ class Node:
         self.jobs = JobStore(folder / "spool" / "jobs.sqlite")
         self.audit = AuditLog(folder / "spool" / "audit.jsonl")
         self.enqueued: list[str] = []
-        config = ListenerConfig(host="127.0.0.1", port=self.port, network_timeout=10, **cfg)
+        config = node_root.Node(Settings()).listener_config(host="127.0.0.1", port=self.port, network_timeout=10,
+                                                           **cfg)
         self.server = start_listener(config, self.spool, self.jobs, self.audit, self.enqueued.append)
 
     def send_raw(self, path: Path, sop_class: str = CR, syntax: str = ExplicitVRLittleEndian) -> int | None:
         return getattr(self.send_file(path, sop_class, syntax), "Status", None)
 
     def send_file(self, path: Path, sop_class: str = CR, syntax: str = ExplicitVRLittleEndian) -> Dataset | None:
-        """The C-STORE response (status dataset) for a file sent as it is (chunked, unparsed)."""
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        """The C-STORE response (status dataset) for a file sent as it is (chunked, unparsed: the
+        switch dicom_node.config.configure() sets, which tests/conftest.py calls)."""
+        assert _config.STORE_SEND_CHUNKED_DATASET
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(sop_class, [syntax])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="MEDSAM2CXR")
+        assert assoc.is_established
         try:
-            ae = AE(ae_title=SCU)
-            ae.add_requested_context(sop_class, [syntax])
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-            assoc = ae.associate("127.0.0.1", self.port, ae_title="MEDSAM2CXR")
-            assert assoc.is_established
-            try:
-                return assoc.send_c_store(path)
-            finally:
-                assoc.release()
+            return assoc.send_c_store(path)
         finally:
-            _config.STORE_SEND_CHUNKED_DATASET = False
+            assoc.release()
 
     def still_serving(self, tmp: Path) -> None:
         """A good image from DCMTK storescu is stored and queued after whatever came before."""

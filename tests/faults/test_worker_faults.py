@@ -19,9 +19,12 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.sender import Destination
 from dicom_node.spool import Spool
+from models.prediction import ModelIdentity, Prediction
 from worker import decoding, pipeline
 
 pytestmark = pytest.mark.faults
+MODEL = ModelIdentity(name="m", version="1", digest="d" * 64, manufacturer="medsam2-cxr",
+                      synthetic_training=True, training_data="phantoms", intended_use="tests")
 
 
 class Clock:
@@ -67,6 +70,8 @@ def _inferred_job(ctx, job_id: str = "job1") -> str:
     folder = ctx.spool.result_dir(job_id)
     _result(folder / pipeline.SR_FILE)
     _result(folder / pipeline.SC_FILE)
+    _result(folder / pipeline.PR_FILE)
+    pipeline.save_prediction(ctx.spool, folder, Prediction((), 0.0, 1.0, np.zeros(1), np.zeros(1)), MODEL)
     assert ctx.jobs.advance(job_id, JobState.INFERRING, JobState.INFERRED)
     return job_id
 
@@ -167,8 +172,8 @@ def test_a_full_spool_gives_jobs_back_at_once(ctx, monkeypatch):
     sends: list[str] = []
     assert pipeline.infer_jobs(jobs, ctx, Model(), sends.append) == jobs == sends
 
-    def encode(source, image, prediction, model, now, reporter=None, language="en"):
-        return [_result_dataset(), _result_dataset()]
+    def encode(source, image, prediction, model, now, reporter=None, language="en", urgency=None):
+        return [_result_dataset(), _result_dataset(), _result_dataset()]
 
     monkeypatch.setattr(pipeline, "encode_results", encode)
     dest = Destination("PACS", "127.0.0.1", 4242)

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port, wait_for, storescp
+from tests.conftest import free_port, require_module, require_peer, storescp, wait_for
 from tests.console_helpers import PASSWORDS, Served, console_app, users_toml
 
 pytestmark = pytest.mark.integration
@@ -43,9 +43,8 @@ def _push(src: Path, dest: Path, port: int, accession: str) -> str:
 
 
 def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is not installed: run `make peers` (Debian package chromium)")
+    playwright = require_module("playwright.sync_api")
+    require_peer(CHROMIUM)
     shots = Path(os.environ.get("CONSOLE_SCREENSHOTS", tmp_path / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     node_port, pacs_port, web_port = free_port(), free_port(), free_port()
@@ -60,7 +59,8 @@ def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
     config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
                       '[sender]\nattempts = 2\nbackoff_s = 0.5\nmax_backoff_s = 1\ntimeout_s = 5\n'
-                      '[worker]\nreconcile_every_s = 2\n[console]\ndestination_timeout_s = 1\n' + users_toml())
+                      '[worker]\nreconcile_every_s = 2\n[console]\ndestination_timeout_s = 1\n'
+                      '[urgent]\nrules = {}\n' + users_toml())  # no KOS: four results per image
     pacs = _storescp(pacs_port, received)
     log = tmp_path / "up.log"
     up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--config", str(config)],
@@ -111,7 +111,7 @@ def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
             page.fill("input[name=accession_number]", "ACC-BROWSER-1")
             page.click("text=Find")
             assert page.locator("#jobs td.state-done").count() == 1 and "ACC-BROWSER-1" not in page.content()
-            wait_for(lambda: len(list(received.iterdir())) == 3, 30, "the first results at the destination")
+            wait_for(lambda: len(list(received.iterdir())) == 4, 30, "the first results at the destination")
 
             # 2. The destination goes down: a dead letter with its reason, and the destination down.
             pacs.terminate()
@@ -137,7 +137,7 @@ def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
             assert page.is_visible("#resent")
             reload_until(f"/jobs/{dead}", lambda: page.inner_text("#job-state") == "done", "the resent job to be done", 90)
             assert "resent" in page.inner_text("#timeline") and "user=operator" in page.inner_text("#timeline")
-            wait_for(lambda: len(list(received.iterdir())) == 6, 30, "the resent results at the destination")
+            wait_for(lambda: len(list(received.iterdir())) == 8, 30, "the resent results at the destination")
 
             # 5. A viewer sees everything and cannot resend.
             page.click("text=Log out")
@@ -163,7 +163,7 @@ def test_console_in_a_browser(tmp_path, tiny_bundle, phantom_dir):
         pacs.terminate()
         pacs.wait(timeout=10)
     sop_classes = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name for f in received.iterdir())
-    assert sop_classes.count("Secondary Capture Image Storage") == 2 and len(sop_classes) == 6
+    assert sop_classes.count("Secondary Capture Image Storage") == 2 and len(sop_classes) == 8
     audit = [json.loads(line) for line in (spool / "audit.jsonl").read_text().splitlines()]
     assert {("login", "operator"), ("login", "viewer"), ("resent", "operator")} <= {(a["event"], a.get("user")) for a in audit}
     assert any(a["event"] == "access_denied" and a.get("user") == "viewer" for a in audit)

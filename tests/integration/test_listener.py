@@ -22,10 +22,11 @@ from pynetdicom import AE, _config
 
 from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
-from dicom_node.listener import CANNOT_UNDERSTAND, ListenerConfig, start_listener
+from dicom_node.listener import CANNOT_UNDERSTAND, start_listener
 from dicom_node.spool import Spool
-
 from tests.conftest import free_port
+from worker import node as node_root
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +107,8 @@ def start_node(tmp_path) -> Callable[..., Node]:
         node = Node(port, Spool(tmp_path / "spool", min_free_bytes),
                     JobStore(tmp_path / "spool" / "jobs.sqlite"),
                     AuditLog(tmp_path / "spool" / "audit.jsonl"))
-        cfg = ListenerConfig(host="127.0.0.1", port=port, allowed_calling_aets=allowed,
-                             network_timeout=10)
+        cfg = node_root.Node(Settings()).listener_config(host="127.0.0.1", port=port, allowed_calling_aets=allowed,
+                                                         network_timeout=10)
         servers.append(start_listener(cfg, node.spool, node.jobs, node.audit,
                                       enqueue or node.enqueued.append, new_id=lambda: next(ids)))
         return node

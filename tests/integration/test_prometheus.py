@@ -6,8 +6,6 @@ Prometheus's HTTP API. And the HTTP app over HTTPS with the node's certificate."
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import ssl
@@ -22,7 +20,7 @@ import pytest
 import yaml
 
 from models.labels import LABELS
-from tests.conftest import free_port, wait_for, storescp, stop_up
+from tests.conftest import free_port, require_peer, stop_up, storescp, wait_for
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -30,12 +28,7 @@ PROM = REPO / "deploy" / "prometheus"
 
 
 def _prometheus() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is missing: `make peers` installs Debian's prometheus package")
-        pytest.skip("prometheus is not installed (Debian package prometheus)")
-    return found
+    return require_peer("prometheus")
 
 
 def _get(url: str) -> dict | None:
@@ -146,8 +139,7 @@ def test_the_http_app_serves_https_with_the_node_certificate(tmp_path):
     from console.app import ConsoleServer, create_app
     from worker.settings import Settings
 
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command line is needed to make a test certificate")
+    require_peer("openssl")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", "node.key", "-out", "node.crt", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], cwd=tmp_path, check=True,

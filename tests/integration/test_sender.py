@@ -16,7 +16,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from dicom_node.sender import DeliveryFailed, Destination, send, send_with_retry
-
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

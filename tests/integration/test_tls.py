@@ -5,7 +5,6 @@ openssl command line for each test session."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,11 +18,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
-from dicom_node.listener import ListenerConfig, start_listener
+from dicom_node.listener import start_listener
 from dicom_node.sender import DeliveryFailed, Destination, send
 from dicom_node.spool import Spool
 from dicom_node.tls import client_context, server_context
-from tests.conftest import free_port
+from tests.conftest import free_port, require_peer
+from worker.node import Node
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
@@ -57,8 +58,7 @@ def _ca(folder: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """ca, server (localhost/127.0.0.1), client; rogue-ca and a client it signed."""
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command line is needed to make test certificates")
+    require_peer("openssl")
     d = tmp_path_factory.mktemp("pki")
     _ca(d, "ca")
     _issue(d, "server", "ca", "localhost", server=True)
@@ -96,7 +96,7 @@ def tls_node(tmp_path, pki):
         spool = Spool(tmp_path / f"spool{port}")
         jobs, audit = JobStore(spool.root / "jobs.sqlite"), AuditLog(spool.root / "audit.jsonl")
         ctx = server_context(pki / "server.crt", pki / "server.key", pki / "ca.crt", require_client_cert)
-        cfg = ListenerConfig(host="127.0.0.1", port=port, tls=ctx, network_timeout=10)
+        cfg = Node(Settings()).listener_config(host="127.0.0.1", port=port, tls=ctx, network_timeout=10)
         servers.append(start_listener(cfg, spool, jobs, audit, lambda job_id: None))
         return port, jobs, audit
 

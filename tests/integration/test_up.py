@@ -14,7 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import free_port, wait_for as _wait, storescp, stop_up
+from tests.conftest import free_port, stop_up, storescp
+from tests.conftest import wait_for as _wait
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -50,12 +51,15 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         out = subprocess.run(["/usr/bin/storescu", "-aec", "MEDSAM2CXR", "127.0.0.1", str(node_port), str(src),
                               str(tmp_path / "lateral.dcm")], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        _wait(lambda: len(list(received.iterdir())) >= 3, 120, "the SR, SC and text SR at the destination")
+        _wait(lambda: len(list(received.iterdir())) >= 4, 120, "the SR, SC, text SR and GSPS at the destination")
         time.sleep(2)
         files = sorted(received.iterdir())
-        assert len(files) == 3  # the lateral was stored and skipped, not processed
         classes = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name for f in files)
-        assert classes == ["Basic Text SR Storage", "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
+        kos = classes.count("Key Object Selection Document Storage")  # when the study is urgent (models.urgency)
+        assert len(files) == 4 + kos and kos <= 1  # the lateral was stored and skipped, not processed
+        assert [c for c in classes if c != "Key Object Selection Document Storage"] == [
+            "Basic Text SR Storage", "Comprehensive 3D SR Storage", "Grayscale Softcopy Presentation State Storage",
+            "Secondary Capture Image Storage"]
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO)
         status = json.loads(status.stdout.strip().splitlines()[-1])
@@ -68,6 +72,6 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
         pacs.terminate()
         pacs.wait(timeout=10)
     assert list(workdir.iterdir()) == []  # everything the node writes lives in the spool
-    events = [json.loads(l)["event"] for l in (spool / "audit.jsonl").read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in (spool / "audit.jsonl").read_text().splitlines()]
     assert events[0] == "application_start" and events[-1] == "application_stop"
     assert {"received", "skipped", "inferred", "sent"} <= set(events)

@@ -23,7 +23,7 @@ import pydicom
 import pytest
 
 from dicom_node.jobstore import Job, JobState, JobStore
-from tests.conftest import free_port, wait_for, storescp, stop_up
+from tests.conftest import free_port, stop_up, storescp, wait_for
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from dicom_node.jobstore import JobState, JobStore
-from tests.conftest import free_port, wait_for, storescp
+from tests.conftest import free_port, storescp, wait_for
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_first_start_listens_at_once_and_builds_the_model_meanwhile(tmp_path, ph
             job = _jobs(store)[0]
             if _status(config)["model"]["state"] == "building":
                 assert (job.state, job.attempts) == (JobState.QUEUED, 0)
-        wait_for(lambda: len(list(received.iterdir())) >= 3, 600, "the SR, SC and text SR at the destination")
+        wait_for(lambda: len(list(received.iterdir())) >= 4, 600, "the SR, SC, text SR and GSPS at the destination")
         print(f"[first start] first result after {time.monotonic() - t0:.1f} s")
         status = _status(config)
         assert status["counts"] == {"done": 1}
@@ -141,7 +141,7 @@ def test_a_failed_build_is_said_at_once_and_the_node_keeps_spooling(tmp_path, ph
     up = _start(config, log, tmp_path)
     try:
         wait_for(lambda: '"up.model_build_failed"' in log.read_text(), 90, "the build failure in the log")
-        line = json.loads(next(l for l in log.read_text().splitlines() if '"up.model_build_failed"' in l))
+        line = json.loads(next(x for x in log.read_text().splitlines() if '"up.model_build_failed"' in x))
         assert "FileNotFoundError" in line["reason"] and str(missing) in line["reason"]
         assert "model build FAILED" in log.read_text()
         status = _status(config)
@@ -205,6 +205,8 @@ def test_sigterm_mid_work_stops_everything_and_loses_nothing(tmp_path, tiny_bund
     files = sorted(received.iterdir())
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
     assert len(uids) == len(set(uids)), "a result was delivered twice"
-    assert len(files) == 2 * n  # SR and SC of every image, once
-    sent = [json.loads(l)["job"] for l in (spool / "audit.jsonl").read_text().splitlines() if '"event": "sent"' in l]
+    kos = sum(pydicom.dcmread(f, stop_before_pixels=True).Modality == "KO" for f in files)  # urgent studies
+    assert len(files) == 3 * n + kos and kos <= n  # SR, SC and GSPS of every image (and a KOS if urgent), once
+    sent = [json.loads(line)["job"] for line in (spool / "audit.jsonl").read_text().splitlines()
+            if "\"event\": \"sent\"" in line]
     assert sorted(sent) == sorted(set(sent)) and len(sent) == n

@@ -34,8 +34,8 @@ def test_append_only_across_writers_and_threads(tmp_path):
     path = tmp_path / "audit.jsonl"
     AuditLog(path).record("application_start", pid=1)
     logs = [AuditLog(path) for _ in range(4)]
-    threads = [threading.Thread(target=lambda l=l, i=i: [l.record("received", job=f"{i}-{n}") for n in range(25)])
-               for i, l in enumerate(logs)]
+    threads = [threading.Thread(target=lambda log=log, i=i: [log.record("received", job=f"{i}-{n}") for n in range(25)])
+               for i, log in enumerate(logs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -46,9 +46,8 @@ def test_append_only_across_writers_and_threads(tmp_path):
 
 
 def test_reader_command_filters_by_event(tmp_path):
-    from worker.cli import app
-
     from dicom_node.jobstore import JobStore
+    from worker.cli import app
 
     spool = tmp_path / "spool"
     JobStore(spool / "jobs.sqlite")  # what makes a folder a spool (the commands never create one)

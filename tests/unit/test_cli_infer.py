@@ -24,8 +24,8 @@ def test_infer_writes_sr_sc_and_summary(tmp_path, tiny_bundle, phantom_dir):
     out = subprocess.run([sys.executable, "-m", "worker.cli", "infer", *files, "--out", str(tmp_path / "out"),
                           "--config", str(env_cfg)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 1, out.stderr  # one file could not be read: say so in the exit code
-    lines = [json.loads(l) for l in out.stdout.splitlines()]
-    assert [Path(l["file"]).name for l in lines] == ["RG1_UNCI.dcm", "garbage.dcm", "lateral.dcm"]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [Path(line["file"]).name for line in lines] == ["RG1_UNCI.dcm", "garbage.dcm", "lateral.dcm"]
     assert "summary" in lines[0] and "lateral" in lines[2]["skipped"]  # a failure does not stop the rest
     assert lines[1]["error"].startswith("InvalidDicomError: ") and lines[1]["stage"] == "read"
     assert "2 of 3 files ok, 1 failed" in out.stderr
@@ -38,7 +38,7 @@ def test_infer_writes_sr_sc_and_summary(tmp_path, tiny_bundle, phantom_dir):
 
 
 def test_default_index_makes_infer_draft_a_report(tmp_path, tiny_bundle, phantom_dir):
-    from worker.cli import ensure_default_index
+    from worker.model_build import ensure_default_index
     from worker.settings import load_settings
 
     cfg = tmp_path / "c.toml"
@@ -78,8 +78,8 @@ def test_infer_goes_on_past_a_file_the_encoder_cannot_take(tmp_path, tiny_bundle
     cfg.write_text(f'[paths]\nspool = "{tmp_path / "var"}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
     out = CliRunner().invoke(app, ["infer", *map(str, srcs), "--out", str(tmp_path / "out"), "--config", str(cfg)])
     assert out.exit_code == 1, out.output
-    lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
-    assert [Path(l["file"]).name for l in lines] == [s.name for s in srcs]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [Path(line["file"]).name for line in lines] == [s.name for s in srcs]
     assert "summary" in lines[0] and "summary" in lines[2] and "summary" not in lines[1]
     assert lines[1]["stage"] == "encode" and lines[1]["error"] == "ValueError: Value '***' is not valid for this VR"
     assert str(poison.PatientName) not in out.output

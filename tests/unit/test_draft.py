@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from index.draft import (
-    NORMAL_IMPRESSION,
-    Drafter,
     DraftConfig,
+    Drafter,
     Reporter,
     bootstrap_draft,
     sentences,
@@ -19,6 +18,7 @@ from index.guidelines import GUIDELINES, for_label
 from index.labelers import get_extractor
 from index.retrieval import NO_INDEX, CaseIndex, Retriever, Similar
 from index.store import new_case
+from index.wording import ENGLISH
 from models.labels import LABELS
 from models.prediction import Finding, Prediction
 
@@ -94,7 +94,7 @@ def test_tiers_are_in_the_wording_and_retrieval_moves_only_unsure_calls() -> Non
 
 def test_a_normal_study_reads_normal() -> None:
     draft = Drafter(label).draft(_prediction({}), _similar([NORMAL_CASE]))
-    assert draft.impression == NORMAL_IMPRESSION
+    assert draft.impression == ENGLISH.normal_impression
     assert "The lungs are clear." in draft.findings and "No pleural effusion or pneumothorax." in draft.findings
     lab = label(draft.report())
     assert lab["No Finding"] == 1 and all(lab[k] in (0, None) for k in LABELS if k != "No Finding")

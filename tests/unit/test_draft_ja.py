@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from index.draft import Draft, Drafter, DraftConfig, Reporter, template_sentence
+from index.draft import Draft, DraftConfig, Drafter, Reporter, template_sentence
 from index.labelers import get_extractor
 from index.retrieval import CaseIndex, Retriever
 from index.store import new_case
@@ -139,7 +139,7 @@ def test_reporter_notes_in_japanese_for_another_bundle(tmp_path) -> None:
 
 
 def test_every_japanese_template_is_japanese() -> None:
-    for k, t in JAPANESE.templates.items():
+    for k in JAPANESE.templates:
         for st in ("present", "probable", "possible", "absent"):
             s = template_sentence(k, st, JAPANESE)
             assert s == "" or (s.endswith("。") and not re.search(r"[A-Za-z]", s)), (k, st, s)

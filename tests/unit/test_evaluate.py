@@ -16,14 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from models import data as data_mod
 from models import encoder as enc
 from models.bundle import load_bundle
-from models.evaluate import EvalConfig, run_evaluation
+from models.features import FeatureExtractor
 from models.labels import LABELS
 from models.pull import PullError, pull
-from models.train import (VARIANTS, FeatureExtractor, FeatureSet, calibrate, fit_head, split_patients, text_features,
-                          uniform_box_kl)
+from training import data as data_mod
+from training.evaluate import EvalConfig, run_evaluation
+from training.split import split_patients
+from training.train import VARIANTS, FeatureSet, calibrate, fit_head, text_features, uniform_box_kl
 from worker.cli import app
 
 ALL = ("B0", "B1", "B3", "B4", "B5")
@@ -45,7 +46,7 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
     ds = data_mod.load_dataset("phantoms:40:1", size=192, n_ood=6)
     cfg = EvalConfig(seeds=2, variants=ALL, epochs=4, shift_pair_fraction=0.5)
     report = run_evaluation(ds, tiny_extractor, tmp_path, {"spec": "tiny", "image_size": 128, "weights": "random"}, cfg,
-                            now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+                            now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert _cpu_s() - cpu0 < 60
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m == json.loads(json.dumps(report))
@@ -61,6 +62,10 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
         assert ("bl_tta" in v) == VARIANTS[name].box
         # accuracy and per-label sensitivity / specificity at the bundle's own thresholds, criterion named
         assert 0 <= v["elementwise_accuracy"]["mean"] <= 1
+        # the overall figure is the cell-weighted mix of the urgent points' and the other labels' accuracy
+        for run in v["seeds"]:
+            lo, hi = sorted((run["elementwise_accuracy_urgent"], run["elementwise_accuracy_other"]))
+            assert lo - 1e-12 <= run["elementwise_accuracy"] <= hi + 1e-12, name
         assert v["criteria"].startswith("expected_accuracy") and "Pneumothorax" in v["criteria"]
         ops = v["operating_points"]
         assert set(ops) == set(LABELS) and ops["Pneumothorax"]["criterion"].startswith("sensitivity:0.9")
@@ -73,6 +78,7 @@ def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, tiny_extractor):
     assert "B2" in m["not_measured"]
     table = (tmp_path / "table.md").read_text()
     assert "| **B5 full" in table and "BL-TTA" in table and "B2 Bootstrapping-style" in table
+    assert "| acc. urgent labels | acc. other labels |" in table
     assert "| thresholds by |" in table and "Sensitivity / specificity per label" in table
     assert "| Pneumothorax |" in table and "sensitivity:0.9,min_specificity:0.8" in table
     for png in ("roc_per_label.png", "reliability.png", "auroc_vs_shift.png", "radius_in_vs_out.png"):
@@ -145,7 +151,7 @@ def test_phantom_items_keys_shifts_and_the_attenuation_shortcut():
 
 
 def test_manifest_dataset_from_a_phantoms_folder_masks_uncertain_and_detects_synthetic(tmp_path):
-    from models.phantoms import generate
+    from phantoms import generate
 
     man = generate(8, tmp_path / "ph", seed=5, size=128)
     ds = data_mod.load_dataset(str(man.parent))
@@ -218,7 +224,7 @@ def test_openi_spec_reads_real_reports_with_generated_images_and_keeps_the_expor
 
     from PIL import Image
 
-    from models.openi import read_reports
+    from training.openi import read_reports
 
     rep_dir = tmp_path / "ecgen-radiology"
     with tarfile.open(SHARED_OPENI / "openi-reports-dev.tgz") as tf:

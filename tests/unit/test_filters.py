@@ -204,3 +204,70 @@ def test_ai_prefix_on_a_cr_is_not_ours():
 def test_reason_never_quotes_free_text():
     d = classify(make(BodyPartExamined=None, StudyDescription="DOE^JANE hand"))
     assert "DOE" not in d.reason and "JANE" not in d.reason
+
+
+# -- what the encoders write is recognised: loop prevention rests on the shared markers ----
+@pytest.fixture(scope="module")
+def encoded_results() -> dict:
+    """SR, SC and text SR of one synthetic DX as a PACS sends them back: Part 10 bytes, read header-only."""
+    import datetime as dt
+    import io
+
+    import pydicom
+
+    from dicom_node.encoders.sc import encode_sc
+    from dicom_node.encoders.sr import encode_sr
+    from dicom_node.encoders.text import encode_text_sr
+    from dicom_node.uids import ResultUIDs
+    from index.draft import bootstrap_draft
+    from models.labels import LABELS
+    from models.preprocess import read_image
+    from tests.unit.test_encoders import _model, _prediction, _synthetic_dx
+
+    source, model, prediction = _synthetic_dx(), _model(), _prediction()
+    now = dt.datetime(2025, 3, 4, 5, 6, 7)
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, model.digest)
+    draft = bootstrap_draft({k: 0.6 for k in LABELS}, {k: 0.5 for k in LABELS})
+    results = {"sr": encode_sr(source, prediction, model, uids, now),
+               "sc": encode_sc(source, read_image(source), prediction, model, uids, now),
+               "text": encode_text_sr(source, prediction, model, draft, uids, now)}
+    out = {}
+    for kind, ds in results.items():
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out[kind] = pydicom.dcmread(io.BytesIO(buf.getvalue()), stop_before_pixels=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sr", "sc", "text"])
+def test_every_encoded_result_carries_the_shared_markers_and_is_skipped(encoded_results, kind):
+    from dicom_node import sop
+
+    ds = encoded_results[kind]
+    assert ds.SOPClassUID == sop.RESULT_CLASSES[kind]
+    assert ds.Manufacturer == sop.MANUFACTURER
+    assert str(ds.SeriesDescription).startswith(sop.OWN_SERIES_PREFIX)
+    assert ds.SOPClassUID in sop.IMAGE_STORAGE + sop.STORED_AND_SKIPPED  # the listener takes it back
+    if kind == "sc":
+        assert ds.file_meta.TransferSyntaxUID == sop.SC_TRANSFER_SYNTAX
+        assert sop.SC_TRANSFER_SYNTAX in sop.TRANSFER_SYNTAXES
+    assert classify(ds) == Decision(False, "own result (no loop)")
+
+
+@pytest.mark.parametrize("kind", ["sr", "sc", "text"])
+def test_each_marker_alone_marks_an_encoded_result_as_ours(encoded_results, kind):
+    """A PACS may rewrite the Manufacturer or the series description: either marker still stops a loop."""
+    import copy
+
+    only_series = copy.deepcopy(encoded_results[kind])
+    only_series.Manufacturer = "Hospital PACS"
+    del only_series.ContributingEquipmentSequence
+    assert classify(only_series) == Decision(False, "own result (no loop)")
+
+    only_manufacturer = copy.deepcopy(encoded_results[kind])
+    only_manufacturer.SeriesDescription = "Chest findings"
+    assert classify(only_manufacturer) == Decision(False, "own result (no loop)")
+
+    only_equipment = copy.deepcopy(only_manufacturer)
+    only_equipment.Manufacturer = "Hospital PACS"
+    assert classify(only_equipment) == Decision(False, "own result (no loop)")  # our Contributing Equipment item

@@ -270,7 +270,7 @@ def test_index_from_phantom_dicoms_holds_no_identifiers(tmp_path, tiny_bundle, p
 
 
 def test_index_of_one_bundle_refuses_another(tmp_path, tiny_bundle, phantom_dir) -> None:
-    from index.build import manifest_items, add_to_index, build_index
+    from index.build import add_to_index, build_index, manifest_items
     from models.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)

@@ -13,7 +13,7 @@ from sklearn.metrics import cohen_kappa_score
 from index.labelers import Extractor, get_extractor, grammar, lexicon
 from index.labelers.common import PATHOLOGIES, normalise, report_body, sections, sentences
 from models.labels import LABELS
-from models.phantoms import manifest_label_value, sample_cases
+from phantoms import manifest_label_value, sample_cases
 
 OPENI = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
 BOTH = [lexicon.label_report, grammar.label_report]
@@ -172,7 +172,7 @@ def test_thousands_of_reports_per_second_order(fn, phantom_cases):
 def openi_reports():
     if not OPENI.exists():
         pytest.skip(f"{OPENI} not present")
-    from models.openi import read_reports
+    from training.openi import read_reports
 
     return read_reports(OPENI)
 
@@ -190,9 +190,9 @@ def test_real_openi_reports_against_mesh_and_each_other(openi_reports):
 
 
 def test_cli_label_prints_one_json_per_report_in_order(tmp_path, openi_reports):
-    from typer.testing import CliRunner
-
     import tarfile
+
+    from typer.testing import CliRunner
 
     from worker.cli import app
 
@@ -217,9 +217,9 @@ def test_cli_label_prints_one_json_per_report_in_order(tmp_path, openi_reports):
 
 
 def test_cli_label_eval_writes_metrics(tmp_path, openi_reports):
-    from typer.testing import CliRunner
-
     import tarfile
+
+    from typer.testing import CliRunner
 
     from worker.cli import app
 

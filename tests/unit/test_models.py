@@ -15,8 +15,9 @@ from models.calibration import fit_temperature, fit_thresholds, tier
 from models.labels import LABELS
 from models.predictor import Predictor, to_input
 from models.preprocess import resize_for_model
-from models.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc, split_patients
 from models.tta import bl_tta, box_samples, linear_limit
+from training.split import split_patients
+from training.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,31 @@ def test_batched_grad_cam_equals_one_image_at_a_time():
         assert together[b].keys() == alone.keys()
         for k in t:
             assert torch.allclose(together[b][k], alone[k], atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the bf16 / channels_last path runs on a GPU host"))])
+def test_predictor_and_feature_extractor_give_identical_features(tiny, tmp_path, device):
+    """One encoder forward (models.encoder.forward): what a bundle and an index are fitted on is what
+    a live query sees, on the CPU (float32) and on CUDA (bf16 autocast, channels_last) alike."""
+    from models.features import FeatureExtractor
+
+    fs = _synthetic_features(d=160)
+    head = fit_head(fs, VARIANTS["B4"], seed=0, epochs=1)
+    card = {"name": "t", "version": "0", "synthetic_training": True, "training_data": "synthetic features",
+            "intended_use": "tests", "encoder": {"spec": "tiny", "image_size": 128}, **calibrate(head, VARIANTS["B4"], fs)}
+    write_bundle(tmp_path / "b", card, tiny, head)
+    b = load_bundle(tmp_path / "b")
+    rng = np.random.default_rng(5)
+    images = [rng.random((170, 150)).astype(np.float32) for _ in range(3)]
+    x = to_input(images, b.image_size)
+    predictor = Predictor(b, device=device)
+    live = pool_features(predictor.encode(x)).cpu()
+    extractor = FeatureExtractor(b.encoder, b.image_size, "digest", tmp_path / "cache", device=device)
+    assert extractor.precision == predictor.precision == ("bf16" if device == "cuda" else "fp32")
+    assert torch.equal(extractor.pooled(x).cpu(), live)
+    # The cache stores float16 and every read goes through it: a miss and a hit give the same rows.
+    items = [(f"img{i}", lambda im=im: im) for i, im in enumerate(images)]
+    stored = extractor(iter(items), len(items), "features")
+    np.testing.assert_array_equal(stored, live.numpy().astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(extractor(iter(items), len(items), "features"), stored)

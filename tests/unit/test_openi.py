@@ -14,9 +14,10 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from models import openi
+from imagedata.manifest import TRAINING_COLUMNS, read_rows
 from models.labels import LABELS
-from models.train import read_manifest, split_patients
+from training import openi
+from training.split import split_patients
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi"
 TGZ = DATA / "openi-reports-dev.tgz"
@@ -202,7 +203,7 @@ def test_images_resolved_and_manifest_read_by_training(tmp_path, reports, views)
     summary = openi.export_manifest(subset, img_dir, views, out, seed=3)
     assert (summary.rows, summary.no_file, summary.no_frontal) == (20, 4, 0)
 
-    rows = read_manifest(out)
+    rows = read_rows(out, require=TRAINING_COLUMNS)
     assert [row["patient_id"] for row in rows] == [f"openi-{r.id}" for r in subset[:20]]
     for row, r in zip(rows, subset):
         assert (out.parent / row["path"]).resolve() == made[r.id].resolve()
@@ -210,9 +211,9 @@ def test_images_resolved_and_manifest_read_by_training(tmp_path, reports, views)
         assert [row[k] for k in LABELS] == ([str(mesh[k]) for k in LABELS] if mesh else [""] * 14)
         assert row["report"] == r.text and row["split"] == openi.split_of(subset, 3)[r.id]
 
-    from models.data import manifest_items
+    from training.data import training_items
 
-    items = manifest_items(out)
+    items = training_items(out)
     img = items[1].load()
     assert img.shape == (48, 40) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
     assert items[0].load().shape == (48, 40)

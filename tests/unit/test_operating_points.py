@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from dicom_node.uids import results_key
 from models import operating_points as op
 from models.bundle import BundleError, load_bundle
 from models.calibration import fit_thresholds
@@ -22,7 +23,7 @@ from models.predictor import Predictor
 from models.preprocess import read_image
 
 REPO = Path(__file__).resolve().parents[2]
-NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
 def _texts(ds) -> list[str]:
@@ -110,6 +111,41 @@ def test_one_class_or_too_few_images_fall_back_to_one_half_and_the_card_says_so(
     assert fitted["operating_points"]["criteria"]["Cardiomegaly"] == "expected_accuracy"
 
 
+def test_a_point_fitted_on_few_validation_positives_is_named_thin():
+    # 80 validation images: Pneumothorax with 2 positives (as on phantoms of seed 3131), Pleural
+    # Effusion with 12; the card must say that the first urgent point rests on two images.
+    rng = np.random.default_rng(3)
+    p = rng.random((80, len(LABELS)))
+    y = np.zeros_like(p)
+    y[:2, LABELS.index("Pneumothorax")] = 1
+    y[:12, LABELS.index("Pleural Effusion")] = 1
+    y[:2, LABELS.index("Cardiomegaly")] = 1  # expected_accuracy: fitted on nothing, so never thin
+    ops = op.fit(p, y, {"Fracture": "f1"})  # Fracture: f1 on a one-class label falls back, not thin
+    thin = ops["operating_points"]["thin"]
+    assert set(thin) == {"Pneumothorax"}
+    assert thin["Pneumothorax"] == "fitted on 2 validation positives and 78 negatives"
+    assert "Fracture" in ops["operating_points"]["fallback"]
+
+
+def test_accuracy_by_group_splits_the_urgent_columns_from_the_rest():
+    n = 10
+    y = np.zeros((n, len(LABELS)))
+    p = np.zeros_like(y)
+    u = [LABELS.index(k) for k in op.URGENT_LABELS]
+    thr = np.full(len(LABELS), 0.5)
+    thr[u] = 0.1
+    p[:4, u] = 0.2  # 4 false alarms on each urgent label, none elsewhere
+    p[:3, 0] = 0.9  # 3 false "No Finding" calls
+    y[9, 1] = np.nan  # a masked cell counts nowhere
+    from training.measure import accuracy_by_group
+    got = accuracy_by_group(y, p, thr)
+    assert got["elementwise_accuracy_urgent"] == pytest.approx(1 - 8 / 20)
+    assert got["elementwise_accuracy_other"] == pytest.approx(1 - 3 / (12 * n - 1))
+    from training import metrics
+    total = metrics.elementwise_accuracy(y, p, thr)
+    assert total == pytest.approx((20 * got["elementwise_accuracy_urgent"] + 119 * got["elementwise_accuracy_other"]) / 139)
+
+
 @pytest.mark.parametrize("spec", ["sensitivity", "sensitivity:1.5", "accuracy:0.3", "magic", "threshold:abc",
                                   "f1,min_specificity:0.5", "sensitivity:0.9,min_specificity:2"])
 def test_bad_specs_are_refused(spec):
@@ -118,16 +154,17 @@ def test_bad_specs_are_refused(spec):
 
 
 def test_settings_refuse_an_unknown_label_or_criterion(tmp_path):
+    from worker.errors import ConfigError
     from worker.settings import load_settings
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model.operating_points]\n"Pleural Effusion" = "sensitivity:0.95"\n"*" = "f1"\n')
     assert load_settings(cfg).model.operating_points == {"Pleural Effusion": "sensitivity:0.95", "*": "f1"}
     cfg.write_text('[model.operating_points]\n"Pleural Efusion" = "sensitivity:0.95"\n')
-    with pytest.raises(SystemExit, match="unknown labels"):
+    with pytest.raises(ConfigError, match="unknown labels"):
         load_settings(cfg)
     cfg.write_text('[model.operating_points]\n"Pneumothorax" = "sensitive"\n')
-    with pytest.raises(SystemExit, match="not understood"):
+    with pytest.raises(ConfigError, match="not understood"):
         load_settings(cfg)
 
 
@@ -165,7 +202,7 @@ def test_a_site_operating_point_changes_present_and_the_results_name_it(tiny_bun
     everything = Predictor(load_bundle(tiny_bundle, {"*": "threshold:1e-9"}), device="cpu").predict([image], 0)[0]
     assert all(f.present for f in everything.findings) and not all(f.present for f in own.findings)
     model = site_bundle.identity()
-    assert "Pleural Effusion=threshold:0.001" in model.operating_points and model.results_digest != model.digest
+    assert "Pleural Effusion=threshold:0.001" in model.operating_points and results_key(model) != model.digest
     sr, sc, *_ = encode_results(ds, image, site, model, NOW, None)
     dumped = " | ".join(_texts(sr))
     assert "operating point threshold:0.001 (fixed threshold 0.001)" in dumped
@@ -230,4 +267,4 @@ def test_the_io_step_reads_back_the_operating_point_and_the_not_validated_tier(t
     key = lambda f: (f.label, f.tier, f.operating_point)  # noqa: E731  (probabilities are rounded)
     assert [key(f) for f in back.findings] == [key(f) for f in pred.findings] and model == bundle.identity()
     assert {f.label: f.operating_point for f in back.findings}["Edema"] == "f1"
-    assert model.results_digest == bundle.identity().results_digest != model.digest
+    assert results_key(model) == results_key(bundle.identity()) != model.digest

@@ -11,8 +11,7 @@ import pydicom
 import pytest
 
 from models.labels import LABELS
-from models.phantoms import (DEVICES, PhantomCase, cardiothoracic_ratio, generate, render,
-                             sample_cases, to_dicom)
+from phantoms import DEVICES, PhantomCase, cardiothoracic_ratio, generate, render, sample_cases, to_dicom
 
 SIZE = 256  # small renders keep the suite fast
 

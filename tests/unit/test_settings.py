@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.errors import ConfigError
 from worker.settings import load_settings
 
 
@@ -32,5 +33,5 @@ def test_the_shipped_config_is_valid():
 def test_a_wrong_key_names_the_file(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[node]\nprot = 1\n")
-    with pytest.raises(SystemExit, match="bad.toml"):
+    with pytest.raises(ConfigError, match="bad.toml"):
         load_settings(cfg)

@@ -12,8 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from dicom_node.listener import DEFER_BYTES, IMAGE_STORAGE, PIXEL_DATA, inspect_instance
+from dicom_node.inspect import DEFER_BYTES, PIXEL_DATA, inspect_instance
 from dicom_node.pdu_guard import _check_pdvs
+from dicom_node.sop import IMAGE_STORAGE
 
 
 def _image(rows: int = 600, cols: int = 500, pixel_bytes: bytes | None = None, ts: str = ExplicitVRLittleEndian) -> bytes:

@@ -11,6 +11,7 @@ from index import guidelines, wording
 from index.wording import ENGLISH, JAPANESE, LANGUAGES, NOT_VALIDATED, WORDINGS, Wording, script_language, wording_for
 from models.labels import LABELS
 from models.prediction import TIERS
+from worker.errors import ConfigError
 from worker.settings import load_settings
 
 
@@ -70,12 +71,13 @@ def test_report_language_defaults_to_english_and_parses(tmp_path, monkeypatch) -
 def test_an_unknown_report_language_names_the_key_and_the_choices(tmp_path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[report]\nlanguage = "jp"\n')
-    with pytest.raises(SystemExit, match=r"(?s)bad\.toml.*report\.language.*'jp'.*'en', 'ja'"):
+    with pytest.raises(ConfigError, match=r"(?s)bad\.toml.*report\.language.*'jp'.*'en', 'ja'"):
         load_settings(cfg)
 
 
 def test_runtime_passes_the_language_to_the_drafter_and_the_encoders(tmp_path) -> None:
-    from worker.runtime import LazyReporter, Runtime
+    from worker.reporter import LazyReporter
+    from worker.runtime import Runtime
 
     (tmp_path / "idx").mkdir()
     cfg = tmp_path / "c.toml"

@@ -1,0 +1,218 @@
+"""The GSPS overlay (dicom_node/encoders/pr.py): valid (dciodvfy), and read as a viewer reads it (DCMTK dcmp2pgm -v -p)."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+
+from dicom_node import codes
+from dicom_node.encoders import pr
+from dicom_node.encoders.sc import shown_findings
+from dicom_node.uids import ResultUIDs, results_key
+from models.labels import LABELS
+from models.prediction import NOT_VALIDATED, Finding, ModelIdentity, Prediction
+from models.preprocess import read_image
+from tests.conftest import require_peer
+
+NOW = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.UTC)
+MODEL = ModelIdentity(name="medsam2-cxr-boxlatent", version="0.1.0", digest="ab" * 32,
+                      manufacturer=codes.MANUFACTURER, synthetic_training=True,
+                      training_data="synthetic phantom radiographs", intended_use="tests")
+
+
+def _blob(cy: float, cx: float, sigma: float = 2.5, n: int = 32) -> np.ndarray:
+    y, x = np.mgrid[0:n, 0:n]
+    return np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+
+
+def _prediction(ood: bool = False) -> Prediction:
+    """Two present findings with saliency (one touching the grid's border), one absent."""
+    probs = dict.fromkeys(LABELS, 0.05)
+    probs.update({"Pneumothorax": 0.91, "Pleural Effusion": 0.77, "Cardiomegaly": 0.3})
+    tiers = {"Pneumothorax": NOT_VALIDATED, "Pleural Effusion": "medium"}
+    findings = tuple(Finding(k, probs[k], 0.5, tiers.get(k, "low"), 0.02) for k in LABELS)
+    saliency = {"Pneumothorax": _blob(6, 8), "Pleural Effusion": _blob(29, 30, 3.0), "Cardiomegaly": _blob(18, 16)}
+    return Prediction(findings=findings, ood_score=1.5 if ood else 0.1, ood_threshold=1.0,
+                      center=np.zeros(4), radius=np.ones(4), saliency=saliency)
+
+
+def _source() -> Dataset:
+    path = get_testdata_file("RG1_UNCI.dcm")  # a real MONOCHROME1 CR chest, 1955 x 1841
+    if path is None:
+        pytest.skip("RG1_UNCI.dcm not available: install the test extras (pydicom-data)")
+    return pydicom.dcmread(path)
+
+
+def _encode(source: Dataset, prediction: Prediction) -> pydicom.Dataset:
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, results_key(MODEL))
+    return pr.encode_pr(source, read_image(source), prediction, MODEL, uids, NOW)
+
+
+def _need(*tools: str) -> None:
+    for tool in tools:
+        require_peer(tool)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([require_peer("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def dcmp2pgm(ps: Path, image: Path, workdir: Path) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+    """What DCMTK's viewer pipeline makes of a presentation state: its verbose dump (layers, text
+    and graphic objects), the rendered image, and each activated overlay it wrote as a bitmap."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([require_peer("dcmp2pgm"), "-v", "-p", str(ps), str(image), "out.pgm"], cwd=workdir,
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    dump = re.sub(r"(?m)^[A-Z]: ", "", out.stdout + out.stderr)  # DCMTK's log level prefix
+    overlays = {name: np.asarray(Image.open(workdir / name)) > 0
+                for name in re.findall(r'filename="(ovl_\d+\.pgm)" - written', dump)}
+    return dump, np.asarray(Image.open(workdir / "out.pgm")), overlays
+
+
+def render_png(dump: str, rendered: np.ndarray, overlays: dict[str, np.ndarray], path: Path,
+               long_side: int = 1024) -> list[str]:
+    """One picture of what dcmp2pgm read: its rendering, its overlay bitmaps in yellow and the text
+    objects it listed at their anchors (dcmp2pgm itself draws neither into its PGM)."""
+    rgb = np.repeat(rendered[..., None], 3, axis=2).astype(np.uint8)
+    for bitmap in overlays.values():
+        rgb[bitmap] = (255, 220, 0)
+    img = Image.fromarray(rgb)
+    scale = long_side / max(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=max(12, long_side // 45))
+    texts = re.findall(r'text \d+: "(.*)"\n\s*anchor point: (?:none|([\d.]+)\\([\d.]+)[^\n]*)\n'
+                       r'\s*bounding box: (?:none|TLHC=([\d.]+)\\([\d.]+)[^\n]*)', dump)
+    for text, ax, ay, bx, by in texts:
+        if ax:
+            xy = (float(ax) * scale, float(ay) * scale - font.size * 1.2)
+        else:
+            xy = (float(bx) * img.width, float(by) * img.height)
+        draw.text(xy, text, font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    img.save(path)
+    return [t[0] for t in texts]
+
+
+def _segment_distance(points: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Distance of each point (column, row) to the polyline xy."""
+    a, b = xy[:-1], xy[1:]
+    d = b - a
+    t = np.clip(((points[:, None, :] - a[None]) * d[None]).sum(-1) / np.maximum((d * d).sum(-1), 1e-9), 0, 1)
+    nearest = a[None] + t[..., None] * d[None]
+    return np.sqrt(((points[:, None, :] - nearest) ** 2).sum(-1)).min(1)
+
+
+def test_outlines_scale_from_the_grid_to_source_pixels() -> None:
+    """A blob centred on grid cell (i, j) gives a closed outline around the source pixel of that
+    cell's centre, also when it touches the border of the grid."""
+    rows, columns = 1000, 800
+    (inner,) = pr.outlines(_blob(10, 20), rows, columns)
+    assert np.array_equal(inner[0], inner[-1])
+    centre = inner.mean(0)
+    assert np.allclose(centre, [(20 + 0.5) * columns / 32, (10 + 0.5) * rows / 32], atol=columns / 64)
+    (edge,) = pr.outlines(_blob(0, 0), rows, columns)
+    assert np.array_equal(edge[0], edge[-1]) and edge.min() >= 0
+    assert pr.outlines(np.zeros((32, 32)), rows, columns) == []
+
+
+def test_gsps_is_valid_and_dcmtk_reads_every_shown_finding(tmp_path) -> None:
+    _need("dciodvfy", "dcmp2pgm")
+    source = _source()
+    prediction = _prediction(ood=True)
+    ps = _encode(source, prediction)
+    image_path, ps_path = tmp_path / "image.dcm", tmp_path / "pr.dcm"
+    source.save_as(image_path, enforce_file_format=True)
+    ps.save_as(ps_path, enforce_file_format=True)
+    assert dciodvfy_errors(ps_path) == []
+
+    # Same study, own series, the source referenced and its pixels left where they are.
+    assert ps.StudyInstanceUID == source.StudyInstanceUID and ps.SeriesInstanceUID != source.SeriesInstanceUID
+    assert ps.Modality == "PR" and "PixelData" not in ps
+    ref = ps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ps.PresentationLUTShape == "INVERSE"  # the source is MONOCHROME1: it must look as it does without us
+
+    dump, rendered, overlays = dcmp2pgm(ps_path, image_path, tmp_path / "dcmp2pgm")
+    assert rendered.shape == (source.Rows, source.Columns)
+    shown = shown_findings(prediction)
+    assert [f.label for f in shown] == ["Pneumothorax", "Pleural Effusion"]
+    layers = dict(re.findall(r"Graphic Layer #\d+ \[(\w+)\]\n(.*?)(?=Graphic Layer #|\Z)", dump, re.DOTALL))
+    assert set(layers) == {pr.LAYER_OVERLAY, pr.LAYER_OUTLINES, pr.LAYER_LABELS, pr.LAYER_NOTICE}
+    for f in shown:
+        assert f'"{pr.label_text(f)}"' in layers[pr.LAYER_LABELS]
+    assert '"Pneumothorax: 91% (confidence not validated)"' in layers[pr.LAYER_LABELS]
+    assert '"Pleural Effusion: 77% (medium confidence)"' in layers[pr.LAYER_LABELS]
+    assert "Cardiomegaly" not in layers[pr.LAYER_LABELS]  # absent: not outlined
+    assert '"AI result, not for primary diagnosis"' in layers[pr.LAYER_NOTICE]
+    assert "outside the model's experience" in layers[pr.LAYER_NOTICE]
+    polylines = re.findall(r"points=(\d+) type=polyline .*\n\s+coordinates: (.*)", layers[pr.LAYER_OUTLINES])
+    assert len(polylines) == len(shown)  # one region each here
+    contours = [np.array([[float(v) for v in p.split("\\")] for p in coords.strip(", ").split(", ")])
+                for _, coords in polylines]
+
+    # The overlay: activated on its own layer, written by dcmp2pgm, and holding the outline pixels.
+    assert "Number of activated overlays: 1" in layers[pr.LAYER_OVERLAY]
+    (bitmap,) = overlays.values()
+    assert bitmap.shape == (source.Rows, source.Columns)
+    on = np.argwhere(bitmap)[:, ::-1] + 0.5  # (column, row) of each pixel's centre
+    assert len(on) > 0
+    near = np.min([_segment_distance(on, xy) for xy in contours], axis=0)
+    width = pr.line_width(source.Rows, source.Columns)
+    assert near.max() <= width  # every overlay pixel lies on an outline
+    for xy in contours:  # and every outline is drawn: each vertex has overlay pixels next to it
+        vertices = np.floor(xy).astype(int)
+        hit = [bitmap[max(0, r - width):r + width + 1, max(0, c - width):c + width + 1].any()
+               for c, r in np.clip(vertices, 0, [source.Columns - 1, source.Rows - 1])]
+        assert all(hit)
+    # Away from the outlines (the centre of the pneumothorax region) the overlay is clear.
+    cx, cy = contours[0].mean(0).astype(int)
+    assert not bitmap[cy - 5:cy + 5, cx - 5:cx + 5].any()
+    drawn = render_png(dump, rendered, overlays, tmp_path / "render.png")
+    assert len(drawn) == len(shown) + len(pr.warnings(prediction, MODEL))
+
+
+def test_gsps_is_deterministic_and_keeps_identity(tmp_path) -> None:
+    """Same inputs, same bytes (deterministic UIDs, `now` for every date); the character set and
+    identity come from the source through encoders.header like the other results."""
+    source = _source()
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.PatientName = "Müller^Jürgen"
+    source.StudyDescription = "Thorax p.a."
+    a, b = _encode(source, _prediction()), _encode(source, _prediction())
+    for ds, name in ((a, "a.dcm"), (b, "b.dcm")):
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+    assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
+    assert a.SpecificCharacterSet == "ISO_IR 100" and str(a.PatientName) == "Müller^Jürgen"
+    assert a.StudyDescription == "Thorax p.a." and str(a.PresentationCreationDate) == "20260304"
+    uids = ResultUIDs.for_source(source.StudyInstanceUID, source.SOPInstanceUID, results_key(MODEL))
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (uids.pr_instance, uids.pr_series)
+    assert len({uids.pr_instance, uids.sr_instance, uids.sc_instance, uids.ko_instance}) == 4
+
+
+def test_gsps_of_a_phantom_without_window_is_valid(tmp_path) -> None:
+    """A MONOCHROME2 source with no window and no rescale gets a window over its stored values."""
+    _need("dciodvfy")
+    from phantoms import generate
+
+    generate(1, tmp_path / "ph", seed=21, size=256)
+    source = pydicom.dcmread(next((tmp_path / "ph" / "images").glob("*.dcm")))
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if keyword in source:
+            delattr(source, keyword)
+    ps = _encode(source, _prediction())
+    ps.save_as(tmp_path / "pr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "pr.dcm") == []
+    voi = ps.SoftcopyVOILUTSequence[0]
+    assert float(voi.WindowWidth) > 1
+    assert ps.PresentationLUTShape == ("INVERSE" if source.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY")

@@ -1,0 +1,32 @@
+"""The `medsam2-cxr` command: run the node (together or apart), infer offline, make phantoms.
+
+One module per command group; this one only puts them together:
+
+- worker.cli.node: up, listen, worker, console, status, audit, resend (the processes of one
+  node: worker.cli.serve supervises them);
+- worker.cli.infer: infer (the pipeline offline, no network);
+- worker.cli.training: train, evaluate, build-bundle, phantoms;
+- worker.cli.index: index build/add/evaluate, sources rank;
+- worker.cli.labels: label, label-eval;
+- worker.cli.model: model pull.
+
+The benchmarks have their own entry point, `python -m bench`; the product never imports them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from worker.cli import index, infer, labels, model, node, training
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+for _group in (node, infer, training, model, index, labels):  # each module's commands and sub-groups
+    app.registered_commands += _group.app.registered_commands
+    app.registered_groups += _group.app.registered_groups
+
+
+def main() -> None:
+    from dicom_node.config import configure
+
+    configure()  # every pynetdicom/pydicom process-wide switch, once, before any command runs
+    app()

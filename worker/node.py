@@ -1,0 +1,163 @@
+"""The composition root: one node's settings become its parts here, and nowhere else.
+
+Every command and process of the node (`up`, `listen`, `worker`, `console`, `status`, `audit`,
+`resend`, the Celery tasks, the HTTP app, the benchmarks) asks a :class:`Node` for the listener's
+configuration, the destinations, the spool, the job store, the audit log and the pipeline's
+context, instead of reading settings and joining spool paths itself. Each part is made on first
+use and then shared, all with the node's one clock (worker.clock) and its spool layout
+(dicom_node.layout).
+
+Imports of modules that load prometheus-client (the listener, the pipeline, the sender) wait for
+the method that needs them: a command prepares the metrics folder first (dicom_node.metrics_dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.audit import AuditLog
+from dicom_node.jobstore import JobStore
+from dicom_node.layout import SpoolLayout
+from dicom_node.lookup import spool_secret
+from dicom_node.pause import Pauses
+from dicom_node.spool import Spool
+from worker import settings as config
+from worker.clock import SYSTEM, Clock
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.listener import ListenerConfig
+    from dicom_node.sender import ResultDestination
+    from worker.pipeline import Context, Reporter
+
+
+def destination(d: config.Destination) -> ResultDestination:
+    """A configured destination ([destination] or one of its routes) as the sender takes it:
+    C-STORE or STOW-RS by its type, with its TLS context (dicom_node.destinations)."""
+    from dicom_node.destinations import open_destination
+
+    return open_destination(d)
+
+
+class Node:
+    """What one node's settings make. Parts are made on first use and shared by whoever asks."""
+
+    def __init__(self, settings: Settings, clock: Clock = SYSTEM) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.layout: SpoolLayout = settings.layout
+
+    # -- state in the spool ---------------------------------------------------------------------
+    @cached_property
+    def spool(self) -> Spool:
+        return Spool(self.layout.root, min_free_bytes=self.settings.node.min_free_mb * 2**20)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.layout.jobs, clock=self.clock.time)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.layout.audit, clock=self.clock.time)
+
+    @cached_property
+    def pauses(self) -> Pauses:
+        return Pauses(self.layout.root)
+
+    def secret(self, name: str, configured: str = "") -> bytes:
+        """A configured secret, or the key the node made once in <spool>/secrets/<name>.key."""
+        return spool_secret(self.layout.root, name, configured)
+
+    # -- the broker -----------------------------------------------------------------------------
+    @cached_property
+    def enqueuers(self) -> tuple[Callable[[str], None], Callable[[str], None]]:
+        """(enqueue_infer, enqueue_send) on this node's broker; its Celery app is made on first use,
+        so a console or STOW-RS app that never queues a job never connects to a broker."""
+        from worker.app import enqueuers, make_app
+
+        return enqueuers(make_app(self.settings))
+
+    def enqueue_infer(self, job_id: str) -> None:
+        self.enqueuers[0](job_id)
+
+    # -- the listener ---------------------------------------------------------------------------
+    def listener_config(self, **overrides: Any) -> ListenerConfig:
+        """[node] as the listener takes it; ``overrides`` replace fields (tests, benchmarks)."""
+        from dicom_node.listener import ListenerConfig
+        from dicom_node.tls import server_context
+
+        n = self.settings.node
+        tls = server_context(n.tls.cert, n.tls.key, n.tls.ca or None, n.tls.require_client_cert) if n.tls.cert else None
+        cfg = ListenerConfig(ae_title=n.ae_title, host=n.host, port=n.port,
+                             allowed_calling_aets=tuple(n.allowed_calling_aets),
+                             allowed_addresses=tuple(n.allowed_addresses), max_associations=n.max_associations,
+                             max_associations_per_address=n.max_associations_per_address,
+                             max_pending_per_address=n.max_pending_per_address, max_pending=n.max_pending,
+                             association_request_timeout=n.association_request_timeout_s,
+                             max_pdu_length=n.max_pdu_length, tls=tls,
+                             # empty: start_listener reads (or makes) the spool's own key
+                             lookup_key=self.secret("lookup", n.lookup_secret) if n.lookup_secret else b"")
+        return dataclasses.replace(cfg, **overrides)
+
+    def intake_parts(self) -> tuple[ListenerConfig, Spool, JobStore, AuditLog, bytes]:
+        """What accepting an instance needs, for the STOW-RS routes (dicom_node.stow.build_router)
+        as for the C-STORE listener: the same spool, job store, audit log and lookup key."""
+        n = self.settings.node
+        return self.listener_config(), self.spool, self.jobs, self.audit, self.secret("lookup", n.lookup_secret)
+
+    # -- destinations and sending ---------------------------------------------------------------
+    def destinations(self) -> list[tuple[str, ResultDestination]]:
+        """(calling AE title, destination): the default ("") first, then each route by caller."""
+        d = self.settings.destination
+        return [("", destination(d)), *((caller, destination(r)) for caller, r in sorted(d.routes.items()))]
+
+    def destination_for(self, calling_aet: str) -> ResultDestination:
+        """Where the results of a study sent by ``calling_aet`` go."""
+        return destination(self.settings.destination.for_caller(calling_aet))
+
+    def send(self, files: list[Path], dest: ResultDestination) -> None:
+        """C-STORE with the configured retries; a paused destination raises DestinationPaused
+        (the job waits)."""
+        from dicom_node.sender import send_with_retry
+
+        self.pauses.check(dest.ae_title, dest.host, dest.port)
+        s = self.settings.sender
+        send_with_retry(files, dest, attempts=s.attempts, backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
+                        calling_ae=self.settings.node.ae_title, timeout=s.timeout_s)
+
+    @property
+    def send_lease_s(self) -> float:
+        """A SENDING claim outlasts every retry of one send (dicom_node.sender.retry_window_s), and
+        the RIS and FHIR deliveries of the route after it (ris.delivery.window_s)."""
+        from dicom_node.sender import retry_window_s
+        from ris import delivery
+
+        s = self.settings.sender
+        return retry_window_s(s.attempts, s.backoff_s, s.max_backoff_s, s.timeout_s) + delivery.window_s(self.settings)
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def reporter(self) -> Reporter | None:
+        """The similar-cases drafter, opened on its first draft; None when there is no index."""
+        from worker.reporter import LazyReporter
+
+        index = self.settings.index_path
+        if index is None:
+            return None
+        return LazyReporter(index, self.settings.index.extractor, self.settings.report.language)
+
+    def context(self) -> Context:
+        """The side effects of the pipeline's steps (worker.pipeline.Context)."""
+        from models.urgency import assess
+        from ris import delivery
+        from worker.pipeline import Context
+
+        s = self.settings
+        return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
+                       send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
+                       clock=self.clock, urgent_rules=s.urgent.rules,
+                       reports=delivery.from_settings(s, self.jobs.path,
+                                                      urgency=lambda p: assess(p, s.urgent.rules).is_urgent))
