@@ -1,4 +1,4 @@
-"""The data contract shared by training (training/) and the case index (index/).
+"""The data contract shared by training (model_training/) and the case index (index/).
 
 One item type (`imagedata.item.Item`: an image loader with its cache key, labels, report and
 identifiers), one manifest reader (`imagedata.manifest`), one image loader (`imagedata.images`:

@@ -3,7 +3,7 @@
 A manifest is a CSV; `path` (relative to the CSV) is the only required column. Optional: patient_id,
 study_id, the 14 labels (1 / 0 / -1 uncertain / blank), report (else reports/<study_id>.txt beside
 the CSV when there is one, as `medsam2-cxr phantoms` writes), split (train / val / test), device,
-site. Written by `medsam2-cxr phantoms`, by the Open-i export (training.openi), or by a site.
+site. Written by `medsam2-cxr phantoms`, by the Open-i export (model_training.openi), or by a site.
 Training additionally requires patient_id and the label columns (`require=TRAINING_COLUMNS`).
 """
 

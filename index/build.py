@@ -89,7 +89,7 @@ def manifest_items(data: Path, source: str | None = None, split: str | None = No
 
     Label columns that are missing or all blank leave labels to the report labeler. The source is
     `source`, else the row's `site` or `device` column, else the folder's name. `split` keeps only
-    rows whose `split` column has that value (an Open-i manifest from training.openi.export_manifest
+    rows whose `split` column has that value (an Open-i manifest from model_training.openi.export_manifest
     has one: index the training split, evaluate on the others).
     """
     data = Path(data)

@@ -109,8 +109,8 @@ def precision_at_k(queries: list[dict], retrieved: list[list[Similar]]) -> dict:
 # ---------------------------------------------------------------- steps
 
 def _bundle(out: Path, cfg: EvalConfig, bundle_dir: Path | None, cache_dir: Path | None):
+    from model_training.default_bundle import build_default_bundle
     from models.bundle import load_bundle
-    from training.default_bundle import build_default_bundle
 
     if bundle_dir is None:
         bundle_dir = out / "bundle"
@@ -213,10 +213,10 @@ def latency_and_recall(index: CaseIndex, preds: list[Prediction], drafter: Draft
 
 def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
     import phantoms
+    from model_training.measure import score
+    from model_training.metrics import macro_auroc
+    from model_training.train import VARIANTS, FeatureSet, fit_head
     from models.features import FeatureExtractor
-    from training.measure import score
-    from training.metrics import macro_auroc
-    from training.train import VARIANTS, FeatureSet, fit_head
 
     sites: dict[str, dict[str, Any]] = {}
     extract = FeatureExtractor(bundle.encoder, bundle.image_size, bundle.card["encoder"]["checkpoint_digest"], cache_dir)

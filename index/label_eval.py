@@ -8,7 +8,7 @@ Figures (``metrics.json`` and ``table.md`` from :func:`write`):
   "mentioned" vs "not mentioned" (``kappa_mention``); the same without the derived No Finding
   column (``*_13``); per-label 4-class kappa, and raw agreement. The paper reports 0.702 for its
   two extractors without saying over which cells; ``kappa_4class`` is the closest reading.
-- Against labels derived from the major MeSH tags (:func:`training.openi.mesh_labels`, reports
+- Against labels derived from the major MeSH tags (:func:`model_training.openi.mesh_labels`, reports
   tagged "No Indexing" left out): per label precision, recall, F1 and support, with an
   uncertain extraction counted as positive (``u_ones``, the headline) and as negative
   (``u_zeros``); "not mentioned" and negative are negative. Micro F1 pools all cells of the 14
@@ -33,8 +33,8 @@ from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 
 from index.labelers import Extractor, get_extractor
 from index.labelers.common import Labels, binarize
+from model_training.openi import OpenIReport, mesh_labels
 from models.labels import LABELS
-from training.openi import OpenIReport, mesh_labels
 
 PAPER_KAPPA = 0.702
 _CODE = {1: 1, 0: 0, -1: 2, None: 3}  # 4 classes

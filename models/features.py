@@ -1,6 +1,6 @@
 """Encoder features in batches, cached on disk: what bundle training and the case index fit boxes on.
 
-Lives beside the predictor, not in training/: the case index (index/build.py, which the node runs
+Lives beside the predictor, not in model_training/: the case index (index/build.py, which the node runs
 at first start for its default index) computes its boxes through it, and it runs the predictor's
 own encoder forward (models.encoder.forward), so a bundle, an index and a live query see the same
 features for the same image.

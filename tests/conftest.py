@@ -106,7 +106,7 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[]
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A real bundle: phantoms -> tiny Hiera encoder -> B5 head, trained in seconds."""
-    from training.default_bundle import build_default_bundle
+    from model_training.default_bundle import build_default_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     build_default_bundle(out, n=60, seed=3, spec="tiny", render_size=256,

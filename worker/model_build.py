@@ -192,7 +192,7 @@ def build(settings: Settings, device: str | None = None) -> list[str]:
 
 
 def _build_bundle(settings: Settings, device: str, progress: Progress) -> None:
-    from training.default_bundle import build_default_bundle
+    from model_training.default_bundle import build_default_bundle
 
     final = settings.bundle_path
     partial = settings.layout.partial(final)

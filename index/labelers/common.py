@@ -17,7 +17,7 @@ Rules applied after extraction, the same for both extractors (:func:`finalize`):
 - Lung Opacity is the parent of Edema, Consolidation, Pneumonia, Atelectasis and Lung Lesion in
   the CheXpert ontology: when Lung Opacity is not itself positive, a positive child makes it
   positive and an uncertain child makes it uncertain. (The phantom labels and the MeSH-derived
-  labels of :mod:`training.openi` follow the same rule, so all three are comparable.)
+  labels of :mod:`model_training.openi` follow the same rule, so all three are comparable.)
 - No Finding is ``1`` when no pathology label (all but No Finding and Support Devices) is
   positive or uncertain, and ``None`` otherwise, as CheXpert does. A statement such as
   "no acute cardiopulmonary abnormality" therefore sets no label itself; it is the absence of

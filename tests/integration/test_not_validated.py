@@ -1,7 +1,7 @@
 """Issue 10: a bundle never validated on real images states no medium or high confidence, anywhere.
 
 Real radiographs (pydicom-data's CR chests, the Kermany JPEGs in ../shared/data/real-cxr/) go
-through the default bundle's path (training.default_bundle, as `up` builds it; the tiny encoder).
+through the default bundle's path (model_training.default_bundle, as `up` builds it; the tiny encoder).
 """
 
 from __future__ import annotations

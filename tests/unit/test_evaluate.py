@@ -16,15 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from model_training import data as data_mod
+from model_training.evaluate import EvalConfig, run_evaluation
+from model_training.split import split_patients
+from model_training.train import VARIANTS, FeatureSet, calibrate, fit_head, text_features, uniform_box_kl
 from models import encoder as enc
 from models.bundle import load_bundle
 from models.features import FeatureExtractor
 from models.labels import LABELS
 from models.pull import PullError, pull
-from training import data as data_mod
-from training.evaluate import EvalConfig, run_evaluation
-from training.split import split_patients
-from training.train import VARIANTS, FeatureSet, calibrate, fit_head, text_features, uniform_box_kl
 from worker.cli import app
 
 ALL = ("B0", "B1", "B3", "B4", "B5")
@@ -224,7 +224,7 @@ def test_openi_spec_reads_real_reports_with_generated_images_and_keeps_the_expor
 
     from PIL import Image
 
-    from training.openi import read_reports
+    from model_training.openi import read_reports
 
     rep_dir = tmp_path / "ecgen-radiology"
     with tarfile.open(SHARED_OPENI / "openi-reports-dev.tgz") as tf:

@@ -18,7 +18,7 @@ from models.preprocess import read_image
 
 def test_a_16_bit_png_keeps_its_grey_levels_for_training_and_for_the_index(tmp_path):
     from index.build import manifest_items as index_items
-    from training.data import training_items
+    from model_training.data import training_items
 
     grey = np.linspace(0, 60000, 64 * 48).reshape(64, 48).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "deep.png")

@@ -11,17 +11,17 @@ from __future__ import annotations
 import grimp
 import pytest
 
-PACKAGES = ("dicom_node", "worker", "models", "training", "phantoms", "imagedata", "index", "ris", "console",
+PACKAGES = ("dicom_node", "worker", "models", "model_training", "phantoms", "imagedata", "index", "ris", "console",
             "deploy", "bench")
 
 # package -> what it must never import (directly or through others)
 FORBIDDEN = {
-    "dicom_node": ("worker", "index", "ris", "console", "training", "bench"),
-    "models": ("dicom_node", "worker", "index", "ris", "console", "training", "phantoms", "imagedata", "bench"),
-    "imagedata": ("dicom_node", "worker", "index", "ris", "console", "training", "bench"),
-    "phantoms": ("dicom_node", "worker", "index", "ris", "console", "training", "imagedata", "bench"),
-    "training": ("dicom_node", "worker", "index", "ris", "console", "bench"),
-    "ris": ("worker", "console", "training", "bench"),
+    "dicom_node": ("worker", "index", "ris", "console", "model_training", "bench"),
+    "models": ("dicom_node", "worker", "index", "ris", "console", "model_training", "phantoms", "imagedata", "bench"),
+    "imagedata": ("dicom_node", "worker", "index", "ris", "console", "model_training", "bench"),
+    "phantoms": ("dicom_node", "worker", "index", "ris", "console", "model_training", "imagedata", "bench"),
+    "model_training": ("dicom_node", "worker", "index", "ris", "console", "bench"),
+    "ris": ("worker", "console", "model_training", "bench"),
     "index": ("worker", "ris", "console", "bench"),
     "console": ("bench",),
     "worker": ("bench",),  # bench imports the product (python -m bench), never the reverse
@@ -88,3 +88,23 @@ def test_layers_import_downwards_only(graph: grimp.ImportGraph, package: str) ->
         if chain:
             offenders.append(" -> ".join(chain))
     assert offenders == [], f"{package} reaches up into: {offenders}"
+
+
+def test_every_package_is_ours_wherever_the_command_runs(tmp_path) -> None:
+    """Each first-party package resolves to this repository from any working directory, as the
+    installed `medsam2-cxr` command imports it (sam2's sdist installs a top-level `training`)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    probe = ("import importlib.util, json, sys; "
+             "print(json.dumps({n: importlib.util.find_spec(n).origin for n in sys.argv[1:]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe, *PACKAGES], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    import json
+
+    origins = json.loads(out.stdout)
+    assert {n: o for n, o in origins.items() if not str(o).startswith(str(repo))} == {}

@@ -172,7 +172,7 @@ def test_thousands_of_reports_per_second_order(fn, phantom_cases):
 def openi_reports():
     if not OPENI.exists():
         pytest.skip(f"{OPENI} not present")
-    from training.openi import read_reports
+    from model_training.openi import read_reports
 
     return read_reports(OPENI)
 

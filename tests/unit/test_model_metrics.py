@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from model_training import metrics
 from models.labels import LABELS
-from training import metrics
 
 nan = np.nan
 

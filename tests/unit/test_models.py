@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from model_training.split import split_patients
+from model_training.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc
 from models import encoder as enc
 from models.boxhead import BoxHead, ood_score, pool_features
 from models.bundle import BundleError, load_bundle, write_bundle
@@ -16,8 +18,6 @@ from models.labels import LABELS
 from models.predictor import Predictor, to_input
 from models.preprocess import resize_for_model
 from models.tta import bl_tta, box_samples, linear_limit
-from training.split import split_patients
-from training.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from imagedata.manifest import TRAINING_COLUMNS, read_rows
+from model_training import openi
+from model_training.split import split_patients
 from models.labels import LABELS
-from training import openi
-from training.split import split_patients
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi"
 TGZ = DATA / "openi-reports-dev.tgz"
@@ -211,7 +211,7 @@ def test_images_resolved_and_manifest_read_by_training(tmp_path, reports, views)
         assert [row[k] for k in LABELS] == ([str(mesh[k]) for k in LABELS] if mesh else [""] * 14)
         assert row["report"] == r.text and row["split"] == openi.split_of(subset, 3)[r.id]
 
-    from training.data import training_items
+    from model_training.data import training_items
 
     items = training_items(out)
     img = items[1].load()

@@ -137,11 +137,11 @@ def test_accuracy_by_group_splits_the_urgent_columns_from_the_rest():
     p[:4, u] = 0.2  # 4 false alarms on each urgent label, none elsewhere
     p[:3, 0] = 0.9  # 3 false "No Finding" calls
     y[9, 1] = np.nan  # a masked cell counts nowhere
-    from training.measure import accuracy_by_group
+    from model_training.measure import accuracy_by_group
     got = accuracy_by_group(y, p, thr)
     assert got["elementwise_accuracy_urgent"] == pytest.approx(1 - 8 / 20)
     assert got["elementwise_accuracy_other"] == pytest.approx(1 - 3 / (12 * n - 1))
-    from training import metrics
+    from model_training import metrics
     total = metrics.elementwise_accuracy(y, p, thr)
     assert total == pytest.approx((20 * got["elementwise_accuracy_urgent"] + 119 * got["elementwise_accuracy_other"]) / 139)
 

@@ -15,7 +15,7 @@ app = typer.Typer()
 
 def _report_texts(path: Path) -> list[str]:
     """Report texts in a file: a text report, one Open-i XML (FINDINGS + IMPRESSION), or an Open-i archive."""
-    from training.openi import parse_report, read_reports
+    from model_training.openi import parse_report, read_reports
 
     if not path.is_file():
         raise typer.BadParameter(f"{path}: no such report file")
@@ -62,7 +62,7 @@ def label_eval(openi: Annotated[Path, typer.Option("--openi", help="Open-i ecgen
                repeats: Annotated[int, typer.Option(help="timing runs per extractor (best is kept)")] = 3) -> None:
     """Kappa between the two report labelers, their F1 against MeSH-derived labels, and their speed."""
     from index import label_eval as le
-    from training.openi import read_reports
+    from model_training.openi import read_reports
 
     logs.configure()
     metrics = le.evaluate(read_reports(openi), repeats=repeats)

@@ -19,7 +19,7 @@ def build_bundle(out: Annotated[Path, typer.Option("--out")], n: int = 400, seed
                  encoder: Annotated[str, typer.Option(help="t512 (MedSAM2) or tiny (tests)")] = "t512",
                  checkpoint: Annotated[Path | None, typer.Option(help="MedSAM2 checkpoint")] = None) -> None:
     """Train the phantom B5 bundle (what `up` builds on first start) into a folder."""
-    from training.default_bundle import build_default_bundle
+    from model_training.default_bundle import build_default_bundle
 
     logs.configure()
     card = build_default_bundle(out, n=n, seed=seed, spec=encoder, checkpoint=checkpoint)
@@ -43,7 +43,7 @@ _CACHE = Path.home() / ".cache" / "medsam2-cxr" / "features"
 
 
 def _dataset(data: str, render_size: int, n_ood: int, ood: list[str] | None, split_seed: int = 0):
-    from training.data import load_dataset
+    from model_training.data import load_dataset
 
     named = {}
     for spec in ood or []:
@@ -66,7 +66,7 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="bundle
     """Train one variant on frozen (cached) features and write a bundle whose card says how it was built."""
     import torch
 
-    from training.train import train_bundle
+    from model_training.train import train_bundle
 
     logs.configure()
     ds = _dataset(data, render_size, n_ood, ood, split_seed)
@@ -92,10 +92,10 @@ def evaluate(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="fol
     """Every variant over --seeds seeds: metrics.json, table.md (paper's Table 2 layout) and PNG plots."""
     import torch
 
+    from model_training.evaluate import EvalConfig, run_evaluation
+    from model_training.train import load_encoder
     from models.encoder import SPECS
     from models.features import FeatureExtractor
-    from training.evaluate import EvalConfig, run_evaluation
-    from training.train import load_encoder
 
     logs.configure()
     cfg = EvalConfig(seeds=seeds, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),

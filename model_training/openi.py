@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_training.split import split_patients
 from models.labels import LABELS, OPACITY_CHILDREN, PATHOLOGIES
-from training.split import split_patients
 
 SECTIONS = ("COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION")
 FRONTAL_VIEWS = frozenset({"PA", "AP"})

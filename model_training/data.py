@@ -35,9 +35,9 @@ from imagedata.manifest import (
     read_rows,
 )
 from imagedata.phantom_items import phantom_items as _phantom_items
+from model_training import augment
+from model_training.split import split_patients
 from models.digests import parts_digest
-from training import augment
-from training.split import split_patients
 
 TRAIN_SHIFT_RANGE = (0.3, 1.0)
 
@@ -110,7 +110,7 @@ def phantom_dataset(n: int, seed: int = 0, size: int = 512, n_ood: int = 0) -> D
 
 
 # ------------------------------------------------------------------------------------------
-# Manifest CSV (a site's own data, a phantoms folder, or Open-i exported by training.openi)
+# Manifest CSV (a site's own data, a phantoms folder, or Open-i exported by model_training.openi)
 # ------------------------------------------------------------------------------------------
 
 
@@ -148,9 +148,9 @@ def manifest_dataset(path: Path, ood: dict[str, OODSet] | None = None) -> Datase
 
 
 def openi_dataset(reports: Path, images: Path, views_csv: Path | None, workdir: Path, seed: int = 0) -> Dataset:
-    """Open-i as distributed: training.openi picks each report's frontal image, labels it from MeSH and
+    """Open-i as distributed: model_training.openi picks each report's frontal image, labels it from MeSH and
     splits by patient (seed); its manifest (written into workdir) is then read like any other."""
-    from training import openi
+    from model_training import openi
 
     views = openi.read_views(views_csv) if views_csv else {}
     summary = openi.export_manifest(openi.read_reports(reports), images, views, Path(workdir) / "openi-manifest.csv",

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model_training import metrics
+from model_training.variants import Variant
 from models import operating_points
 from models.boxhead import BoxHead, ood_score
 from models.labels import LABELS
 from models.tta import box_samples, linear_limit
-from training import metrics
-from training.variants import Variant
 
 
 @dataclass

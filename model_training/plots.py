@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from model_training import metrics  # noqa: E402
 from models.labels import LABELS  # noqa: E402
-from training import metrics  # noqa: E402
 
 _DPI = 110
 

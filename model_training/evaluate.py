@@ -27,12 +27,12 @@ import structlog
 from tqdm import tqdm
 
 from imagedata.item import Item
+from model_training import metrics, plots
+from model_training.data import TRAIN_SHIFT_RANGE, Dataset
+from model_training.measure import measure, public
+from model_training.train import VARIANTS, FeatureSet, build_description, calibrate, fit_head, text_features
 from models.features import FeatureExtractor
 from models.labels import LABELS
-from training import metrics, plots
-from training.data import TRAIN_SHIFT_RANGE, Dataset
-from training.measure import measure, public
-from training.train import VARIANTS, FeatureSet, build_description, calibrate, fit_head, text_features
 
 log = structlog.get_logger()
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from training.data import phantom_dataset
-from training.train import train_bundle
+from model_training.data import phantom_dataset
+from model_training.train import train_bundle
 
 
 def build_default_bundle(out: Path, n: int = 400, seed: int = 0, spec: str = "t512", checkpoint: Path | None = None,

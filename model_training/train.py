@@ -2,7 +2,7 @@
 
 Encoder features are computed once per image and cached on disk (models.features), keyed by the
 image's digest and the encoder checkpoint's digest, so every head variant and seed reuses them.
-Scoring and the test figures are in training.measure, the patient-level split in training.split.
+Scoring and the test figures are in model_training.measure, the patient-level split in model_training.split.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_training import metrics
+from model_training.measure import measure, public, score
+from model_training.variants import VARIANTS, Variant
 from models import operating_points
 from models.boxhead import BoxHead
 from models.calibration import fit_temperature
 from models.digests import bytes_digest
 from models.features import FeatureExtractor
 from models.labels import LABELS
-from training import metrics
-from training.measure import measure, public, score
-from training.variants import VARIANTS, Variant
 
 KL_WEIGHT = 0.01  # weight of the mean per-dimension box KL; see uniform_box_kl
 
@@ -228,15 +228,15 @@ def train_bundle(dataset, variant_name: str, seed: int, out: Path, spec: str = "
                  precision: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Split by patient, extract (cached) features, train one variant, calibrate, measure, write a bundle.
 
-    dataset: a training.data.Dataset. The card states how the variant was built and its measured
+    dataset: a model_training.data.Dataset. The card states how the variant was built and its measured
     test figures (macro-AUROC, elementwise accuracy, Brier, ECE, AUROC at shift 2 and the drop,
     OOD AUROC against the dataset's OOD sets). `card` entries override the defaults (name, ...).
     """
     import datetime as dt
 
+    from model_training import data as data_mod
     from models.bundle import write_bundle
     from models.encoder import SPECS
-    from training import data as data_mod
 
     if variant_name not in VARIANTS:
         raise ValueError(f"unknown variant {variant_name!r}; choose one of {sorted(VARIANTS)}")
@@ -304,7 +304,7 @@ def train_bundle(dataset, variant_name: str, seed: int, out: Path, spec: str = "
 
 def build_description(variant: Variant, seed: int, split_seed: int, epochs: int, shift_method: str) -> dict:
     """Exactly how a variant is built, for its model card and metrics.json."""
-    from training.data import TRAIN_SHIFT_RANGE
+    from model_training.data import TRAIN_SHIFT_RANGE
 
     d = {
         "variant": variant.name, "description": variant.description, "seed": seed, "split_seed": split_seed,
