@@ -84,7 +84,6 @@ def encode_ko(
         sop_instance_uid=uids.ko_instance,
         instance_number=1,
         manufacturer=codes.MANUFACTURER,
-        specific_character_set=header.character_set,
     )
     ko.SeriesDescription = series_description(model, "urgent")
     ko.ManufacturerModelName = model.name

@@ -279,7 +279,6 @@ def encode_pr(
         presentation_lut_transformation=hd.PresentationLUTTransformation(
             presentation_lut_shape=(hd.PresentationLUTShapeValues.INVERSE if inverse
                                     else hd.PresentationLUTShapeValues.IDENTITY)),
-        specific_character_set=header.character_set,
     )
     ps.SeriesDescription = series_description(model, "outlines")
     # Laterality is Type 2C in General Series: dciodvfy wants it absent for an unpaired body part,

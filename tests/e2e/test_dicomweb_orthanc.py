@@ -23,7 +23,7 @@ from tests.conftest import free_port, require_peer, stop_up, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-SR_3D, SC = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
+SR_3D, SC, GSPS = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 def _get(url: str):
@@ -96,13 +96,13 @@ def test_stow_in_to_the_node_and_results_by_stow_to_orthanc(orthanc, tiny_bundle
         stow_s = time.monotonic() - t0
         assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [str(source.SOPInstanceUID)]
         node.store_instances([source])  # a second post of the same image: stored and skipped
-        wait_for(lambda: len(_study_instances(orthanc, str(source.StudyInstanceUID))) >= 3, 180,
-                 lambda: f"the SR and SC in Orthanc's study; node log tail: {log.read_text()[-1500:]}")
+        wait_for(lambda: len(_study_instances(orthanc, str(source.StudyInstanceUID))) >= 4, 180,
+                 lambda: f"the SR, SC and GSPS in Orthanc's study; node log tail: {log.read_text()[-1500:]}")
         time.sleep(3)  # nothing more may come
         instances = _study_instances(orthanc, str(source.StudyInstanceUID))
         tags = [_get(f"{orthanc}/instances/{i}/simplified-tags") for i in instances]
         classes = sorted(t["SOPClassUID"] for t in tags)
-        assert classes == sorted([str(source.SOPClassUID), SR_3D, SC]), classes
+        assert classes == sorted([str(source.SOPClassUID), SR_3D, SC, GSPS]), classes
         assert {t["StudyInstanceUID"] for t in tags} == {str(source.StudyInstanceUID)}
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO, check=False)

@@ -139,14 +139,10 @@ class Orthanc:
         except Exception:  # noqa: BLE001
             return None
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        req = urllib.request.Request(self.base + "/tools/lookup", data=sop_instance_uid.encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return any(hit["Type"] == "Instance" for hit in json.loads(r.read()))
-
-    def count_instances(self) -> int:
-        with urllib.request.urlopen(self.base + "/statistics", timeout=10) as r:
-            return int(json.loads(r.read())["CountInstances"])
+    def instance_uids(self) -> list[str]:
+        """The SOP Instance UID of every instance Orthanc stores."""
+        with urllib.request.urlopen(self.base + "/instances?expand", timeout=60) as r:
+            return [i["MainDicomTags"]["SOPInstanceUID"] for i in json.loads(r.read())]
 
     def receptions(self) -> Counter:
         """How many times each SOP Instance UID arrived by C-STORE (stored or not)."""
@@ -296,25 +292,29 @@ class Node:
     def account(self, sources: list[Source], digest: str) -> dict[str, int]:
         """sent/delivered/lost/duplicates over the frontal sources the modality sent.
 
-        delivered: sources whose SR and SC (UIDs derived as the node derives them) are in
-        Orthanc. duplicates: results delivered more than once ("sent" audit records of a source
-        beyond the first) plus instances in Orthanc beyond one SR and one SC per source (a
-        second result under other UIDs). retransmitted: C-STOREs of a result the PACS received
-        again, as Orthanc's own log counts them: after a C-STORE the PACS took but never answered
-        (it died mid-operation) the node sends it again with the same UID and the PACS keeps one
-        copy, so it is counted apart.
+        delivered: sources whose SR, SC and GSPS (UIDs derived as the node derives them: every
+        result has these three; a text SR and a KOS come with an index and an urgent finding) are
+        in Orthanc. duplicates: results delivered more than once ("sent" audit records of a source
+        beyond the first) plus instances in Orthanc under any other UID (a second result under
+        other UIDs). retransmitted: C-STOREs of a result the PACS received again, as Orthanc's own
+        log counts them: after a C-STORE the PACS took but never answered (it died mid-operation)
+        the node sends it again with the same UID and the PACS keeps one copy, so it is counted apart.
         """
         receptions = self.orthanc.receptions()
+        stored = set(self.orthanc.instance_uids())
+        known: set[str] = set()
         delivered = retransmitted = 0
         for src in sources:
             uids = ResultUIDs.for_source(src.study_instance_uid, src.sop_instance_uid, digest)
-            expected = (uids.sr_instance, uids.sc_instance)
-            if all(self.orthanc.has_instance(u) for u in expected):
+            every = (uids.sr_instance, uids.sc_instance, uids.pr_instance)
+            results = (*every, uids.text_instance, uids.ko_instance)
+            known.update(results)
+            if stored.issuperset(every):
                 delivered += 1
-            retransmitted += sum(max(receptions[u] - 1, 0) for u in expected)
+            retransmitted += sum(max(receptions[u] - 1, 0) for u in results)
         sent_per_source = Counter(a["sop_instance_uid"] for a in self.audit() if a["event"] == "sent")
         duplicates = sum(n - 1 for n in sent_per_source.values() if n > 1)
-        duplicates += max(self.orthanc.count_instances() - 2 * len(sources), 0)
+        duplicates += len(stored - known)
         return {"sent": len(sources), "delivered": delivered, "lost": len(sources) - delivered,
                 "duplicates": duplicates, "retransmitted": retransmitted}
 

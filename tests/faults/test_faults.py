@@ -1,6 +1,6 @@
 """Nothing lost, nothing duplicated: a batch of 100 phantom CXRs through the real node while
 things break. Each scenario ends with the figure line and the same checks: every frontal image
-has exactly one SR and one SC in Orthanc, no result arrived twice, nothing is in flight, no
+has exactly one set of results (SR, SC, GSPS; a KOS when urgent) in Orthanc, no result arrived twice, nothing is in flight, no
 partial file is left, and no patient identifier is in any log line, audit or quarantine record.
 """
 
@@ -273,7 +273,9 @@ def test_permanent_destination_failure_dead_letter_then_resend(rig, batch, sourc
     assert len(dead) == len(few)
     for d in dead:
         folder = node.spool / "dead-letter" / d
-        assert sorted(p.name for p in folder.iterdir()) == ["reason.json", "sc.dcm", "sr.dcm"]
+        names = sorted(p.name for p in folder.iterdir())  # every result, and a KOS when the study is urgent
+        assert names in (["pr.dcm", "reason.json", "sc.dcm", "sr.dcm"], ["ko.dcm", "pr.dcm", "reason.json", "sc.dcm",
+                                                                         "sr.dcm"]), names
     audited = {a["job"] for a in node.audit() if a["event"] == "dead_letter"}
     assert audited == set(dead)
     node.orthanc.start()  # fixed

@@ -21,18 +21,11 @@ from dicom_node.sender import Destination
 from dicom_node.spool import Spool
 from models.prediction import ModelIdentity, Prediction
 from worker import decoding, pipeline
+from worker.clock import ManualClock
 
 pytestmark = pytest.mark.faults
 MODEL = ModelIdentity(name="m", version="1", digest="d" * 64, manufacturer="medsam2-cxr",
                       synthetic_training=True, training_data="phantoms", intended_use="tests")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _result_dataset() -> Dataset:
@@ -52,12 +45,11 @@ def _result(path: Path) -> None:
 
 @pytest.fixture
 def ctx(tmp_path):
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     spool = Spool(tmp_path / "spool")
-    jobs = JobStore(spool.root / "jobs.sqlite", clock=clock)
-    c = pipeline.Context(spool=spool, jobs=jobs, audit=AuditLog(spool.root / "audit.jsonl", clock=clock), lease_s=8.0)
-    c.clock = clock
-    return c
+    jobs = JobStore(spool.root / "jobs.sqlite", clock=clock.time)
+    audit = AuditLog(spool.root / "audit.jsonl", clock=clock.time)
+    return pipeline.Context(spool=spool, jobs=jobs, audit=audit, lease_s=8.0, clock=clock)
 
 
 def _inferred_job(ctx, job_id: str = "job1") -> str:

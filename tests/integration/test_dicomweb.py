@@ -11,6 +11,7 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
@@ -20,6 +21,9 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobState, JobStore
 from dicom_node.spool import Spool
 from dicom_node.stow import new_token
+from models.labels import LABELS
+from models.prediction import Finding, ModelIdentity, Prediction
+from models.urgency import assess
 from tests.conftest import free_port, require_peer
 
 pytestmark = pytest.mark.integration
@@ -246,7 +250,13 @@ def test_a_dicomweb_destination_retries_with_backoff_then_dead_letters(tmp_path)
                  study_instance_uid=generate_uid(), calling_aet="VNA", path=spool.relative(source),
                  state=JobState.QUEUED)
     ctx.jobs.claim("job1", JobState.QUEUED, JobState.INFERRING, 60.0)
-    for name in (pipeline.SR_FILE, pipeline.SC_FILE):
+    quiet = Prediction(findings=tuple(Finding(k, 0.05, 0.5, "low", 0.01) for k in LABELS), ood_score=0.1,
+                       ood_threshold=1.0, center=np.zeros(4), radius=np.ones(4), saliency={})
+    model = ModelIdentity(name="m", version="1", digest="d" * 64, manufacturer="medsam2-cxr",
+                          synthetic_training=True, training_data="phantoms", intended_use="tests")
+    pipeline.save_prediction(spool, spool.result_dir("job1"), quiet, model, assess(quiet))
+    results = [pipeline.SR_FILE, pipeline.SC_FILE, pipeline.PR_FILE]  # what deliver_job sends (not urgent)
+    for name in results:
         ds = pydicom.Dataset()
         ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid(), "1.2.3"
         ds.file_meta = pydicom.dataset.FileMetaDataset()
@@ -263,8 +273,7 @@ def test_a_dicomweb_destination_retries_with_backoff_then_dead_letters(tmp_path)
     assert sleeps == [1.0, 2.0, 3.0]
     job = ctx.jobs.get("job1")
     assert "CLOUD http://127.0.0.1" in job.reason and "ConnectionError" in job.reason
-    assert sorted(p.name for p in (spool.dead / "job1").iterdir()) == sorted(
-        [pipeline.SR_FILE, pipeline.SC_FILE, "reason.json"])
+    assert sorted(p.name for p in (spool.dead / "job1").iterdir()) == sorted([*results, "reason.json"])
 
 
 def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(tmp_path, phantom_dir):

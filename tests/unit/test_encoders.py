@@ -223,3 +223,28 @@ def test_result_uids_follow_the_site_operating_points() -> None:
     assert ResultUIDs.for_model("1.2.3", "1.2.3.4", own) == ResultUIDs.for_source("1.2.3", "1.2.3.4", own.digest)
     assert ResultUIDs.for_model("1.2.3", "1.2.3.4", site) == ResultUIDs.for_source("1.2.3", "1.2.3.4", results_key(site))
     assert ResultUIDs.for_model("1.2.3", "1.2.3.4", site).sr_instance != ResultUIDs.for_model("1.2.3", "1.2.3.4", own).sr_instance
+
+
+def test_every_result_of_a_japanese_study_keeps_its_character_set(tmp_path: Path) -> None:
+    """A Japanese PACS's ``\\ISO 2022 IR 87`` (empty first value: the default repertoire) and its
+    three-group name reach every object: SR, SC, GSPS and, for an urgent study, the KOS."""
+    from models.urgency import assess
+    from worker.pipeline import encode_results
+
+    source = _synthetic_dx()
+    source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    source.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    source.save_as(tmp_path / "src.dcm", enforce_file_format=True)
+    source = pydicom.dcmread(tmp_path / "src.dcm")  # as the node reads it from the spool
+    urgent = dataclasses.replace(_prediction(ood=False), findings=tuple(
+        dataclasses.replace(f, probability=0.95, tier="high") if f.label == "Pneumothorax" else f
+        for f in _prediction(ood=False).findings))
+    urgency = assess(urgent)
+    assert urgency.is_urgent
+    results = encode_results(source, read_image(source), urgent, _model(), NOW, None, "en", urgency)
+    assert [r.Modality for r in results] == ["SR", "OT", "PR", "KO"]
+    for r in results:
+        r.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / "r.dcm")
+        assert back.SpecificCharacterSet == ["", "ISO 2022 IR 87"], back.Modality
+        assert str(back.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう", back.Modality

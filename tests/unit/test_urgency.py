@@ -26,6 +26,7 @@ from models.prediction import NOT_VALIDATED, Finding, ModelIdentity, Prediction
 from models.urgency import DEFAULT_RULES, assess, check_rules, urgent_findings
 from worker import pipeline
 from worker.clock import ManualClock
+from worker.errors import ConfigError
 from worker.settings import Settings
 
 NOW = dt.datetime(2026, 12, 2, 8, 0, tzinfo=dt.UTC)
@@ -88,7 +89,7 @@ def test_rules_are_checked_in_the_configuration(tmp_path, monkeypatch) -> None:
     assert load_settings(cfg).urgent.rules == {"Pneumothorax": "high", "Consolidation": "medium"}
     for bad, what in (('{"Pneumothorx" = "high"}', "not a finding label"), ('{"Pneumothorax" = "low"}', "medium")):
         cfg.write_text(f"[urgent]\nrules = {bad}\n")
-        with pytest.raises(SystemExit, match=what):
+        with pytest.raises(ConfigError, match=what):
             load_settings(cfg)
     monkeypatch.setenv("MEDSAM2_CXR_URGENT__RULES", '{"Pleural Effusion": "high"}')
     assert Settings().urgent.rules == {"Pleural Effusion": "high"}
