@@ -147,7 +147,8 @@ def evaluate(reports: Sequence[OpenIReport], extractors: Sequence[str] = ("lexic
         "paper_kappa": PAPER_KAPPA,
         "policy": {"headline_uncertain_as": HEADLINE_UNCERTAIN_AS, "min_positives": MIN_POSITIVES,
                    "f1_target": F1_TARGET, "halves": "report id even (read while tuning) / odd (held out)"},
-        "mapping": [{"term": r.term, "qualifiers": sorted(r.qualifiers), "labels": list(r.labels)} for r in MESH_RULES],
+        "mapping": [{"term": r.term, "qualifiers": sorted(r.qualifiers), "also": sorted(r.also), "unless": sorted(r.unless),
+                     "labels": list(r.labels)} for r in MESH_RULES],
         "extractors": {},
     }
     if len(names) >= 2:
@@ -182,7 +183,12 @@ def mapping_table() -> list[str]:
     """The MeSH -> CheXpert mapping (:data:`training.openi.MESH_RULES`) as Markdown rows."""
     lines = ["| MeSH major term | only with a qualifier among | CheXpert labels |", "| --- | --- | --- |"]
     for r in MESH_RULES:
-        lines.append(f"| {r.term} | {', '.join(sorted(r.qualifiers)) or '(any)'} | {', '.join(r.labels)} |")
+        cond = ", ".join(sorted(r.qualifiers)) or "(any)"
+        if r.also:
+            cond += f"; and one of {', '.join(sorted(r.also))}"
+        if r.unless:
+            cond += f"; not with {', '.join(sorted(r.unless))}"
+        lines.append(f"| {r.term} | {cond} | {', '.join(r.labels)} |")
     return lines
 
 
