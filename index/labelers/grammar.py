@@ -44,8 +44,10 @@ Method (no phrase regexes: it reads words, not strings):
 
 The vocabulary here is written separately from extractor A's and decides the same questions the
 same way where the project has a stated convention (granulomas, bone lesions, pericardial
-effusions, bone densities excluded; nodules, calcified or not, included; congestion and heart failure are Edema; sternotomy wires,
-clips, stents, hardware and monitoring electrodes are Support Devices).
+effusions, bone densities excluded; nodules, calcified or not, included; congestion and heart failure are Edema;
+clips, stents, hardware and monitoring electrodes are Support Devices, sternotomy wires are not;
+old, granulomatous or tuberculous infection is not Pneumonia; "in the appropriate clinical setting"
+hedges).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ for _w in ("no", "not", "without", "nor", "negative"):
     _WORDS[_w] = ("NEG", _w)
 for _w in ("may", "might", "could", "possible", "possibly", "probable", "probably", "likely", "questionable",
            "suspect", "presumed", "presumably", "equivocal", "indeterminate", "differential",
-           "favor", "favored", "favour", "uncertain"):
+           "favor", "favored", "favour", "uncertain", "question", "alternatively", "consider", "exclude",
+           "correlate", "correlation"):
     _WORDS[_w] = ("HEDGE", _w)
 for _w in ("suspected", "questioned"):
     _WORDS[_w] = ("POSTHEDGE", _w)
@@ -120,7 +123,13 @@ _PHRASES: dict[tuple[str, ...], tuple[str, str]] = {
     ("cannot", "exclude"): ("HEDGE", ""), ("can", "not", "exclude"): ("HEDGE", ""),
     ("cannot", "rule", "out"): ("HEDGE", ""), ("rule", "out"): ("HEDGE", ""), ("question", "of"): ("HEDGE", ""),
     ("suspicious", "for"): ("HEDGE", ""), ("concerning", "for"): ("HEDGE", ""), ("worrisome", "for"): ("HEDGE", ""),
-    ("suspicious", "of"): ("HEDGE", ""),
+    ("suspicious", "of"): ("HEDGE", ""), ("concern", "for"): ("HEDGE", ""), ("raises", "concern", "for"): ("HEDGE", ""),
+    ("difficult", "to", "exclude"): ("HEDGE", ""), ("difficult", "to", "completely", "exclude"): ("HEDGE", ""),
+    ("evaluation", "of"): ("HEDGE", ""), ("evaluation", "for"): ("HEDGE", ""),
+    # "... compatible with pneumonia in the appropriate clinical setting": a hedge on either side
+    ("appropriate", "clinical", "setting"): ("VERSUS", ""), ("correct", "clinical", "setting"): ("VERSUS", ""),
+    ("proper", "clinical", "setting"): ("VERSUS", ""), ("right", "clinical", "setting"): ("VERSUS", ""),
+    ("age", "indeterminate"): ("NEUTRAL", ""), ("indeterminate", "age"): ("NEUTRAL", ""),
     ("raises", "the", "possibility", "of"): ("HEDGE", ""), ("differential", "diagnosis"): ("HEDGE", ""),
     ("cannot", "be", "excluded"): ("POSTHEDGE", ""), ("can", "not", "be", "excluded"): ("POSTHEDGE", ""),
     ("could", "not", "be", "excluded"): ("POSTHEDGE", ""), ("not", "be", "excluded"): ("POSTHEDGE", ""),
@@ -148,7 +157,8 @@ for _p, _v in sorted(_PHRASES.items(), key=lambda kv: -len(kv[0])):
 # NP heads that take an "of" complement into the same NP.
 _RELATIONAL = frozenset({"blunting", "enlargement", "widening", "thickening", "area", "areas", "evidence", "signs",
                          "sign", "xxxx", "foci", "focus", "amount", "degree", "component", "collapse", "loss",
-                         "opacification", "calcification", "calcifications", "findings", "finding", "volume"})
+                         "opacification", "calcification", "calcifications", "findings", "finding", "volume",
+                         "prominence"})
 
 # ---- NP meaning ---------------------------------------------------------------------------------
 
@@ -196,15 +206,19 @@ _add("opacity opacities", _h("Consolidation", needs=("consolidative",)))
 _add("disease process filling", _h("Lung Opacity", needs=("airspace",)))
 _add("glass", _h("Lung Opacity", needs=("ground",)))
 _add("consolidation consolidations", _h("Consolidation"))
-_add("pneumonia bronchopneumonia pneumonitis infection aspiration", _h("Pneumonia"))
-_add("process", _h("Pneumonia", needs=("infectious",)))
+# old or granulomatous infection is a healed process, not a pneumonia
+_OLD_INFECTION = ("granulomatous", "tuberculous", "tuberculosis", "histoplasmosis", "fungal", "mycobacterial", "prior",
+                  "previous", "old", "remote", "healed", "chronic")
+_add("pneumonia bronchopneumonia pneumonitis infection aspiration", _h("Pneumonia", cancels=_OLD_INFECTION))
+_add("process", _h("Pneumonia", needs=("infectious",), cancels=_OLD_INFECTION))
 _add("atelectasis atelectases", _h("Atelectasis"))
 _add("change changes", _h("Atelectasis", needs=("atelectatic",)))
 _add("collapse", _h("Atelectasis", needs=("lobe", "lobar", "lung", "lobes", "segmental", "lingula", "lingular")))
 _add("loss", _h("Atelectasis", needs=("volume",)))
 _add("edema", _h("Edema", cancels=("tissue", "subcutaneous", "soft")))
 _add("congestion", _h("Edema"))
-_add("engorgement redistribution prominence indistinctness", _h("Edema", needs=("vascular", "vasculature")))
+_add("engorgement redistribution prominence indistinctness", _h("Edema", needs=("vascular", "vasculature",
+                                                                           "vascularity")))
 _add("changes", _h("Edema", needs=("congestive",)))
 _add("failure", _h("Edema", needs=("heart", "congestive")))
 _add("chf kerley cephalization overload", _h("Edema"))
@@ -214,19 +228,24 @@ _add("mass masses", _h("Enlarged Cardiomediastinum", needs=("mediastinal",)))
 _add("disease", _h("Lung Lesion", needs=("metastatic",)))
 _add("lesion lesions", _h("Lung Lesion", cancels=("lytic", "blastic", "bone", "bony", "osseous", "skin", "sclerotic",
                                                   "expansile", "lucent")))
-_add("tumor tumors tumour neoplasm neoplasms carcinoma malignancy metastasis metastases cavitation", _h("Lung Lesion"))
+_add("tumor tumors tumour neoplasm neoplasms carcinoma malignancy metastasis metastases cavitation cavity cavities "
+     "cavitary masslike fibronodular", _h("Lung Lesion"))
 _add("thickening plaque plaques calcification calcifications scarring scar fibrosis",
      _h("Pleural Other", needs=("pleural", "pleura", "pleuroparenchymal")))
+# the fissures are pleura; apical thickening is an apical pleural cap
+_add("thickening", _h("Pleural Other", needs=("fissural", "fissure", "fissures", "apical", "biapical")))
 _add("fibrothorax", _h("Pleural Other"))
 _add("cap capping", _h("Pleural Other", needs=("apical",)))
-_add("fracture fractures fractured fx", _h("Fracture"))
+# a broken line or lead is a device fault, not a bone fracture
+_add("fracture fractures fractured fx", _h("Fracture", cancels=("catheter", "lead", "leads", "wire", "wires", "line")))
 _add("abnormality abnormalities injury injuries findings",
      _h("Fracture", needs=("osseous", "bony", "skeletal", "bone"), negonly=True))
 _add("tube tubes ett tracheostomy catheter catheters picc portacath pacemaker pacemakers pacer aicd icd "
-     "defibrillator lead leads electrode electrodes sternotomy clip clips stent stents hardware drain drains "
-     "coil coils screw screws cerclage stimulator stimulators", _h("Support Devices"))
+     "defibrillator lead leads electrode electrodes clip clips stent stents hardware drain drains "
+     "coil coils screw screws stimulator stimulators generator arthroplasty", _h("Support Devices"))
 _add("tip", _h("Support Devices", needs=("xxxx",)))
-_add("wire wires", _h("Support Devices", cancels=("guide",)))
+# sternotomy wires are a post-surgical change, not a support device (as the MeSH indexers read them)
+_add("wire wires", _h("Support Devices", cancels=("guide", "sternotomy", "sternal", "cerclage")))
 _add("line lines", _h("Support Devices", needs=_DEVICE_LINE))
 _add("port", _h("Support Devices", needs=("chest", "power", "infusion", "mediport", "venous", "right", "left")))
 _add("valve valves", _h("Support Devices", needs=("prosthetic", "mechanical", "replacement", "bioprosthetic")))
@@ -234,7 +253,6 @@ _add("replacement", _h("Support Devices", needs=("valve",)))
 _add("rod rods plate plates", _h("Support Devices", needs=("fixation", "fusion", "orthopedic", "spinal")))
 _add("device devices", _h("Support Devices", needs=("support", "medical", "closure", "occluder", "implanted", "cardiac",
                                                    "electronic", "monitoring")))
-_add("sutures xxxx", _h("Support Devices", needs=("sternotomy", "sternal")))
 
 # Anatomical subjects: class -> test on the NP's words (set) and its last word.
 _LUNG_GROUP = {"Lung Opacity": NEGATIVE, "Consolidation": NEGATIVE, "Pneumonia": NEGATIVE, "Edema": NEGATIVE}

@@ -32,8 +32,13 @@ Lesion (a mediastinal mass is Enlarged Cardiomediastinum); "density" of bone, br
 tissue is not Lung Opacity; pericardial or joint effusions are not Pleural Effusion; vascular
 congestion, Kerley lines, cephalization and heart failure are Edema; infection and aspiration are
 Pneumonia; Support Devices covers tubes, lines, catheters, ports, pacemakers/ICDs and leads,
-stimulators, monitoring electrodes, drains, stents, prosthetic valves, sternotomy wires, surgical
-clips and orthopaedic hardware; "borderline" and "upper limits of normal" are uncertain.
+stimulators, monitoring electrodes, drains, stents, prosthetic valves, surgical clips and orthopaedic
+hardware, but not sternotomy wires (a post-surgical change; the MeSH indexers do not tag them as a
+device); "borderline" and "upper limits of normal" are uncertain; old, granulomatous or
+tuberculous infection is not Pneumonia; a nodule or density given a benign explanation
+("consistent with granulomas / nipple shadows / a bone island") is negative; an air-fluid level
+in the pleural space is a (hydro)pneumothorax; fissural thickening is Pleural Other; "in the
+appropriate clinical setting", "concern for", "correlate for", "question" hedge.
 """
 
 from __future__ import annotations
@@ -97,13 +102,16 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"(?<!lytic )(?<!blastic )(?<!bone )(?<!bony )(?<!osseous )(?<!skin )(?<!sclerotic )(?<!expansile )"
          r"(?<!lucent )lesions?", "find"),
         (r"tumou?rs?|neoplasms?|carcinoma|malignan(?:cy|t)|metasta(?:sis|ses|tic)", "find"),
-        (r"cavitary (?:lesion|mass|nodule)|cavitation", "find"),
+        (r"cavitary (?:lesion|mass|nodule)|cavitation|cavit(?:y|ies)", "find"),
+        (r"mass ?like|fibro ?nodular", "find"),
     ],
     "Edema": [
         (r"(?<!tissue )(?<!subcutaneous )(?<!soft )edema", "find"),
         (r"(?:vascular|venous|pulmonary) congestion|congestion|congestive (?:heart )?failure|heart failure|\bchf\b", "find"),
         (r"kerley|cephalization|fluid overload", "find"),
         (r"(?:vascular|vasculature) (?:engorgement|redistribution|prominence|indistinctness|congestive changes?)", "find"),
+        (r"prominen(?:ce|t) (?:of )?(?:the )?(?:central )?(?:pulmonary )?(?:vascularity|vasculature|vessels)"
+         r"|central (?:pulmonary )?(?:vascular|vasculature) (?:prominence|congestion|engorgement)", "find"),
         (r"(?:prominent|increased|engorged|indistinct|congested) (?:pulmonary )?"
          r"(?:vascularity|vasculature|vascular markings|vessels)", "find"),
         (rf"(?:(?:pulmonary |lung )?(?:vascularity|vasculature)|pulmonary (?:vessels|xxxx)|vascular markings) (?:{_BE} )?"
@@ -113,6 +121,10 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"consolidat(?:ion|ions|ive|ed)", "find"),
     ],
     "Pneumonia": [
+        # old or granulomatous infection is a healed process, not a pneumonia: consumed, no vote
+        (r"(?:(?:prior|previous|old|remote|healed|past|chronic) (?:[a-z]+ ){0,3}?"
+         r"|(?:granulomatous|tuberculous|tuberculosis|histoplasmosis|fungal|mycobacterial) )"
+         r"(?:infection|infectious (?:process|disease)|pneumonia|disease|process)", "ignore"),
         (r"(?:broncho)?pneumonia|pneumonitis", "find"),
         (r"infect(?:ion|ious)(?: process)?|aspiration", "find"),
     ],
@@ -124,6 +136,9 @@ FINDINGS: dict[str, list[tuple]] = {
     ],
     "Pneumothorax": [
         (r"pneumothora(?:x|ces)", "find"),
+        # an air-fluid level in the pleural space is a hydropneumothorax
+        (r"(?:pleural (?:space|effusion)|effusion)(?: [a-z]+){0,3} air fluid levels?"
+         r"|air fluid levels?(?: [a-z]+){0,8} pleural (?:space|cavity)", "indirect"),
         (r"(?:hydro|hemo)pneumothora(?:x|ces)", "find", ("Pleural Effusion",)),
     ],
     "Pleural Effusion": [
@@ -137,9 +152,15 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"pleural (?:thickening|plaques?|calcifications?|scar(?:ring)?|fibrosis)", "find"),
         (r"thickening of the pleura|fibrothorax|calcified pleural plaques?", "find"),
         (r"(?:pleuroparenchymal|pleural parenchymal) (?:scar(?:ring)?|thickening|opacit(?:y|ies))", "find"),
-        (r"apical (?:pleural )?(?:cap|capping|thickening)", "find"),
+        (r"(?:bi)?apical (?:fibronodular |pleural |pleuroparenchymal )?(?:cap|capping|thickening)", "find"),
+        # the fissures are pleura: fissural thickening is pleural thickening
+        (r"(?:interlobar |minor |major |horizontal )?fissur(?:al|e) thickening"
+         r"|thickening of the (?:minor |major |interlobar |horizontal )?fissures?", "find"),
     ],
     "Fracture": [
+        # a broken line or lead is a device fault, not a bone fracture
+        (r"(?:(?<=catheter )|(?<=line )|(?<=lead )|(?<=wire )|(?<=xxxx ))fracture"
+         r"|fractured (?:[a-z]+ ){0,2}(?:lead|wire|catheter|line|xxxx)", "ignore"),
         (r"fractur(?:e|es|ed)|\bfx\b", "find"),
         (r"(?:acute )?(?:osseous|bony|skeletal|bone) (?:abnormalit(?:y|ies)|injur(?:y|ies)|findings?)", "negonly"),
     ],
@@ -148,9 +169,14 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"(?:central|venous|arterial|midline|dialysis|jugular|subclavian|swan ganz|\bij\b) (?:lines?|catheters?)", "find"),
         (r"pace(?:maker|r)s?|\b(?:aicd|icd)\b|defibrillator|loop recorder", "find"),
         (r"(?:pacing|pacer|transvenous|cardiac|ecg|ekg|monitor|monitoring|telemetry) (?:leads?|wires?|electrodes?)"
-         r"|electrodes?|(?:spinal |nerve )?stimulators?", "find"),
+         r"|electrodes?|(?:spinal |nerve )?stimulators?|(?:pulse |battery |cardiac (?:xxxx )?)?generator"
+         r"|(?:overlying |multiple |epicardial )leads", "find"),
+        (r"(?:prosthetic|prosthesis of the) (?:(?:right|left) )?(?:shoulder|hip|humeral head)|arthroplasty", "find"),
         (r"(?:chest |port |picc )?xxxx tip", "find"),
-        (r"(?:sternotomy|sternal|cerclage) (?:wires?|sutures?|xxxx)|sternotomy", "find"),
+        # sternotomy wires are a post-surgical change, not a support device: consumed, no vote (as
+        # the MeSH indexers, who tag lines, tubes and devices but not sternotomy wires)
+        (r"(?:median |midline |prior )?sternotomy(?: (?:wires?|sutures?|xxxx))?|(?:sternal|cerclage) (?:wires?|sutures?)",
+         "ignore"),
         (r"(?:surgical|vascular|cholecystectomy|axillary) clips?|clips?|stents?", "find"),
         (r"(?:prosthetic|mechanical|replacement|bioprosthetic) (?:aortic |mitral )?valves?"
          r"|valve (?:replacement|prosthesis)", "find"),
@@ -176,17 +202,25 @@ ANATOMY: list[tuple[str, tuple[str, ...]]] = [
 TRIGGERS: dict[str, str] = {
     # order matters: earlier groups win at the same start position (longer phrases first)
     "pseudo": r"no (?:significant |interval |appreciable |substantial )?(?:change|increase|decrease|worsening)"
+              r"|age indeterminate|of indeterminate age"
               r"|without (?:significant |interval )?change|not (?:necessarily|only)|gram negative",
     "unc_post": r"(?:(?:is|are) )?(?:cannot|can not|could not|not) be (?:entirely |completely )?(?:excluded|ruled out)"
                 r"|(?:(?:is|are) )?not (?:entirely |completely )?(?:excluded|ruled out)"
-                r"|(?:is|are) (?:suspected|questioned|possible|probable|likely|favou?red|a consideration|considered)",
+                r"|(?:is|are) (?:suspected|questioned|possible|probable|likely|favou?red|a consideration|considered)"
+                r"|may not be (?:demonstrated|seen|visible|detected|apparent)",
     "unc_pre": r"cannot (?:be )?exclude(?:d)?|can not exclude|cannot rule out|may(?: represent| be| reflect| indicate)?"
                r"|might|could(?: represent| be| reflect)?|possibl[ey]|probabl[ey]|likely|questionable|question of"
                r"|suspicious (?:for|of)|suspect(?:ed)?|concerning for|differential(?: diagnosis)?(?: includes?)?"
                r"|equivocal|indeterminate|presumed|presumably|worrisome for|raises? the possibility(?: of)?"
-               r"|favou?r(?:ed|s)?|rule out|r/o|uncertain",
+               r"|favou?r(?:ed|s)?|rule out|r/o|uncertain|(?:raises? )?concerns? (?:for|of)|question"
+               r"|(?:clinical(?:ly)? )?correlat(?:e|ion)(?: clinically)?|difficult to (?:completely |entirely )?exclude"
+               r"|alternatively|consider(?:ation)?|(?:to )?exclude|(?:for )?evaluat(?:e|ion) (?:of|for)",
     "border": r"borderline|upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
-    "both": r"versus|vs",
+    "both": r"versus|vs|in the (?:appropriate|correct|right|proper) clinical (?:setting|context)",
+    # a benign explanation given after a nodule or density: "nodular densities consistent with granulomas"
+    "benign": r"(?:(?:is|are) )?(?:(?:most )?(?:likely|probably) |consistent with |compatible with |representing |due to "
+              r"|related to |from )(?:a |an )?(?:small |tiny |old |chronic |prior )?(?:calcified )?"
+              r"(?:granulom[a-z]*|nipple (?:shadows?|markers?|xxxx)|nipples|bone islands?)",
     "weak": r"to suggest|suggest(?:s|ing|ive of)?|to indicate|indicating|to represent",
     "neg_post": r"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) (?:seen|identified|visualized|present|evident"
                 r"|demonstrated|appreciated|noted|visible|detected|apparent)"
@@ -200,7 +234,7 @@ TRIGGERS: dict[str, str] = {
             r"|there (?:is|are|was|were|has been|have been)|[;:]",
 }
 _PRE = {"unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
-_POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE}
+_POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE, "benign": NEGATIVE}
 _POST_WINDOW_WORDS = 6
 
 
@@ -338,7 +372,7 @@ def label_report(text: str) -> Labels:
     for m in _FIND_RE.finditer(doc.text):
         labels, kind = _FIND_GROUPS[cast(str, m.lastgroup)]
         value, touched = doc.polarity(m.start(), m.end())
-        if kind == "negonly" and not (touched and value == NEGATIVE):
+        if kind == "ignore" or (kind == "negonly" and not (touched and value == NEGATIVE)):
             continue
         sv = votes[doc.sentence_of(m.start())]
         for label in labels:

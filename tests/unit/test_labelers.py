@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from index.labelers.common import PATHOLOGIES, normalise, report_body, sections,
 from models.labels import LABELS
 from phantoms import manifest_label_value, sample_cases
 
-OPENI = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
+# ../shared/data beside the checkout (/work/main) or beside the worktrees' folder (/work/wt/<name>)
+OPENI = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
+                          for i in (3, 4)) if p.exists()),
+             Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz")
 BOTH = [lexicon.label_report, grammar.label_report]
 IDS = ["lexicon", "grammar"]
 
@@ -46,7 +50,13 @@ CASES = [
     ("Mild blunting of the right costophrenic XXXX.", {"Pleural Effusion": 1}),
     ("The costophrenic XXXX are sharp.", {"Pleural Effusion": 0}),
     ("There are no XXXX of a pleural effusion.", {"Pleural Effusion": 0}),
-    ("XXXX sternotomy XXXX are intact.", {"Support Devices": 1}),
+    ("XXXX sternotomy XXXX are intact.", {"Support Devices": None}),  # post-surgical, not a device
+    ("Right IJ central venous catheter with tip in the SVC.", {"Support Devices": 1}),
+    ("Residuals of prior granulomatous infection.", {"Pneumonia": None, "No Finding": 1}),
+    ("Opacity compatible with pneumonia in the appropriate clinical setting.", {"Pneumonia": -1}),
+    ("Left catheter fracture at the clavicle.", {"Fracture": None, "Support Devices": 1}),
+    ("Fissural thickening.", {"Pleural Other": 1}),
+    ("Right upper lobe cavity.", {"Lung Lesion": 1}),
     ("No pericardial effusion.", {"Pleural Effusion": None}),
     ("Calcified granuloma in the right upper lobe.", {"Lung Lesion": None, "No Finding": 1}),
     ("Pneumothorax is not seen.", {"Pneumothorax": 0}),
@@ -171,7 +181,10 @@ def test_thousands_of_reports_per_second_order(fn, phantom_cases):
 @pytest.fixture(scope="module")
 def openi_reports():
     if not OPENI.exists():
-        pytest.skip(f"{OPENI} not present")
+        message = f"{OPENI} not present (the shared Open-i development reports, ../shared/data/README.md)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)  # a CI run must not go green by skipping the real-report checks
+        pytest.skip(message)
     from training.openi import read_reports
 
     return read_reports(OPENI)
@@ -187,6 +200,48 @@ def test_real_openi_reports_against_mesh_and_each_other(openi_reports):
         assert s["micro"]["f1"] > 0.85, (e, s["micro"])
         for k in ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis"):
             assert s["per_label"][k]["f1"] > 0.75, (e, k, s["per_label"][k])
+
+
+# The labeler the node uses for second reads (the discrepancy flag of issue 15): lexicon, the default
+# of index.labelers.label_report and of the `label` command.
+SECOND_READ_LABELER = "lexicon"
+
+
+@pytest.fixture(scope="module")
+def openi_metrics(openi_reports):
+    from index.label_eval import evaluate
+
+    return evaluate(openi_reports, repeats=1)
+
+
+# Labels with enough cases that the second-read labeler does not yet bring to F1 0.90 (this
+# branch's figure on all tagged reports in the comment), each held to a floor just below it so that a
+# regression fails; test_..._target_not_yet_reached turns into a strict XPASS failure once all reach
+# 0.90, so this table must then be emptied.
+KNOWN_SHORT = {"Lung Lesion": 0.85, "Consolidation": 0.87, "Pneumonia": 0.82, "Pneumothorax": 0.85, "Fracture": 0.86}
+
+
+def test_second_read_labeler_reaches_f1_per_pathology_on_all_open_i_reports(openi_metrics):
+    """F1 >= 0.90 against MeSH (index.label_eval: uncertain as negative) for every label with enough
+    cases (>= 20 MeSH positives) on all tagged reports, except the KNOWN_SHORT ones, held to their floor."""
+    from index.label_eval import F1_TARGET, MIN_POSITIVES
+
+    m = openi_metrics
+    assert m["data"]["reports_with_mesh_labels"] > 2500
+    held = m["held_labels"]
+    assert all(m["mesh_positives"][k] >= MIN_POSITIVES for k in held)
+    assert {"Pneumonia", "Lung Lesion", "Pneumothorax"} <= set(held)
+    assert set(KNOWN_SHORT) <= set(held)
+    per = m["extractors"][SECOND_READ_LABELER]["vs_mesh"]["per_label"]
+    low = {k: round(per[k]["f1"], 3) for k in held if per[k]["f1"] < KNOWN_SHORT.get(k, F1_TARGET)}
+    assert low == {}, f"F1 below {F1_TARGET} (or below the KNOWN_SHORT floor) for {SECOND_READ_LABELER}"
+
+
+@pytest.mark.xfail(reason="not every held label reaches F1 0.90 yet: see KNOWN_SHORT", strict=True)
+def test_second_read_labeler_f1_target_not_yet_reached_for_every_label(openi_metrics):
+    from index.label_eval import shortfalls
+
+    assert shortfalls(openi_metrics, SECOND_READ_LABELER) == {}
 
 
 def test_cli_label_prints_one_json_per_report_in_order(tmp_path, openi_reports):
