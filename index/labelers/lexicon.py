@@ -9,9 +9,10 @@ polarity from the triggers around it inside its clause, as NegEx does:
   end it, so "no consolidation, effusion, or pneumothorax" negates all three;
 - the nearest *pre* trigger before the mention (or inside it: "heart is *not* enlarged") decides:
   negation ("no", "not", "without", "free of", "negative for", "no evidence of", "absence of",
-  "resolution of", "removal of") -> 0; uncertainty ("may", "possible", "probable", "likely",
+  "resolution of", "removal of") -> 0; uncertainty ("may", "possible", "question", "concern for",
   "questionable", "suspicious for", "concerning for", "cannot exclude", "versus",
-  "differential", "borderline", "upper limits of normal", ...) -> -1;
+  "differential", "borderline", "upper limits of normal", ...) -> -1; "probable", "likely" -> 1
+  (a near-certain reading, which the MeSH indexers tag as present);
 - weak uncertainty ("to suggest", "suggesting", "suggestive of", "to indicate") gives -1 only
   when no negation precedes it in the clause: "no opacity to suggest pneumonia" is negative;
 - *post* triggers within six words after the mention: "cannot be excluded", "is not excluded",
@@ -37,7 +38,8 @@ hardware, but not sternotomy wires (a post-surgical change; the MeSH indexers do
 device); "borderline" and "upper limits of normal" are uncertain; old, granulomatous or
 tuberculous infection is not Pneumonia; a nodule or density given a benign explanation
 ("consistent with granulomas / nipple shadows / a bone island") is negative; an air-fluid level
-in the pleural space is a (hydro)pneumothorax; fissural thickening is Pleural Other; "in the
+in the pleural space is a (hydro)pneumothorax; "probable", "probably", "likely", "most likely" assert
+the finding (1), as the MeSH indexers read them, while "possible", "may", "cannot exclude" hedge; fissural thickening is Pleural Other; "in the
 appropriate clinical setting", "concern for", "correlate for", "question" hedge.
 """
 
@@ -97,7 +99,7 @@ FINDINGS: dict[str, list[tuple]] = {
     ],
     "Lung Lesion": [
         (r"nodul(?:e|es)", "find"),
-        (r"nodular (?:densit(?:y|ies)|opacit(?:y|ies)|lesions?)", "find"),
+        (r"nodular (?:[a-z]+ ){0,4}?(?:densit(?:y|ies)|opacit(?:y|ies)|lesions?)", "find"),
         (r"(?<!tissue )mass(?:es)?(?! effect)", "find"),
         (r"(?<!lytic )(?<!blastic )(?<!bone )(?<!bony )(?<!osseous )(?<!skin )(?<!sclerotic )(?<!expansile )"
          r"(?<!lucent )lesions?", "find"),
@@ -152,7 +154,8 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"pleural (?:thickening|plaques?|calcifications?|scar(?:ring)?|fibrosis)", "find"),
         (r"thickening of the pleura|fibrothorax|calcified pleural plaques?", "find"),
         (r"(?:pleuroparenchymal|pleural parenchymal) (?:scar(?:ring)?|thickening|opacit(?:y|ies))", "find"),
-        (r"(?:bi)?apical (?:fibronodular |pleural |pleuroparenchymal )?(?:cap|capping|thickening)", "find"),
+        (r"(?:bi)?apical fibro ?nodular (?:pleural )?(?:thickening|scarring)", "find", ("Lung Lesion",)),
+        (r"(?:bi)?apical (?:pleural |pleuroparenchymal )?(?:cap|capping|thickening)", "find"),
         # the fissures are pleura: fissural thickening is pleural thickening
         (r"(?:interlobar |minor |major |horizontal )?fissur(?:al|e) thickening"
          r"|thickening of the (?:minor |major |interlobar |horizontal )?fissures?", "find"),
@@ -207,22 +210,24 @@ TRIGGERS: dict[str, str] = {
     "unc_post": r"(?:(?:is|are) )?(?:cannot|can not|could not|not) be (?:entirely |completely )?(?:excluded|ruled out)"
                 r"|(?:(?:is|are) )?not (?:entirely |completely )?(?:excluded|ruled out)"
                 r"|(?:is|are) (?:suspected|questioned|possible|probable|likely|favou?red|a consideration|considered)"
-                r"|may not be (?:demonstrated|seen|visible|detected|apparent)",
+                r"|may not be (?:demonstrated|seen|visible|detected|apparent)"
+                r"|(?:is|are) (?:another|also an?|an?) (?:consideration|possibility)",
     "unc_pre": r"cannot (?:be )?exclude(?:d)?|can not exclude|cannot rule out|may(?: represent| be| reflect| indicate)?"
-               r"|might|could(?: represent| be| reflect)?|possibl[ey]|probabl[ey]|likely|questionable|question of"
+               r"|might|could(?: represent| be| reflect)?|possibl[ey]|questionable|question of"
                r"|suspicious (?:for|of)|suspect(?:ed)?|concerning for|differential(?: diagnosis)?(?: includes?)?"
                r"|equivocal|indeterminate|presumed|presumably|worrisome for|raises? the possibility(?: of)?"
                r"|favou?r(?:ed|s)?|rule out|r/o|uncertain|(?:raises? )?concerns? (?:for|of)|question"
                r"|(?:clinical(?:ly)? )?correlat(?:e|ion)(?: clinically)?|difficult to (?:completely |entirely )?exclude"
                r"|alternatively|consider(?:ation)?|(?:to )?exclude|(?:for )?evaluat(?:e|ion) (?:of|for)",
     "border": r"borderline|upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
+    "prob": r"(?:most )?(?:probabl[ey]|likely)",
     "both": r"versus|vs|in the (?:appropriate|correct|right|proper) clinical (?:setting|context)",
-    # a benign explanation given after a nodule or density: "nodular densities consistent with granulomas"
+    # a benign explanation given after a density: "nodular densities consistent with nipple shadows"
+    # (not granulomas: a nodule read as a granuloma is still a nodule, as the MeSH indexers tag it)
     "benign": r"(?:(?:is|are) )?(?:(?:most )?(?:likely|probably) |consistent with |compatible with |representing |due to "
-              r"|related to |from )(?:a |an )?(?:small |tiny |old |chronic |prior )?(?:calcified )?"
-              r"(?:granulom[a-z]*|nipple (?:shadows?|markers?|xxxx)|nipples|bone islands?)",
+              r"|related to |from )(?:a |an |the )?(?:patient s )?(?:nipple (?:shadows?|markers?|xxxx)|nipples|bone islands?)",
     "weak": r"to suggest|suggest(?:s|ing|ive of)?|to indicate|indicating|to represent",
-    "neg_post": r"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) (?:seen|identified|visualized|present|evident"
+    "neg_post": r"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) (?:definitely |clearly |well )?(?:seen|identified|visualized|present|evident"
                 r"|demonstrated|appreciated|noted|visible|detected|apparent)"
                 r"|(?:has|have) (?:resolved|cleared)|resolved|(?:(?:is|are|has been|have been) )?removed|(?:(?:is|are) )?absent"
                 r"|(?:is|are|appears?) (?:within (?:the )?(?:normal limits|limits of normal)|normal)(?! in)",
@@ -233,7 +238,7 @@ TRIGGERS: dict[str, str] = {
     "term": r"but|however|although|though|except(?: for)?|aside from|apart from|which|whereas|while|yet"
             r"|there (?:is|are|was|were|has been|have been)|[;:]",
 }
-_PRE = {"unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
+_PRE = {"prob": POSITIVE, "unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
 _POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE, "benign": NEGATIVE}
 _POST_WINDOW_WORDS = 6
 
