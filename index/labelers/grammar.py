@@ -65,10 +65,10 @@ _TOKEN = re.compile(r"[a-z0-9]+|[,;:/]")
 _WORDS: dict[str, tuple[str, str]] = {}
 for _w in ("no", "not", "without", "nor", "negative"):
     _WORDS[_w] = ("NEG", _w)
-for _w in ("may", "might", "could", "possible", "possibly", "probable", "probably", "likely", "questionable",
+for _w in ("may", "might", "could", "possible", "possibly", "questionable",
            "suspect", "presumed", "presumably", "equivocal", "indeterminate", "differential",
            "favor", "favored", "favour", "uncertain", "question", "alternatively", "consider", "exclude",
-           "correlate", "correlation"):
+           "correlate", "correlation", "potential"):
     _WORDS[_w] = ("HEDGE", _w)
 for _w in ("suspected", "questioned"):
     _WORDS[_w] = ("POSTHEDGE", _w)
@@ -107,7 +107,9 @@ for _w in ("in", "at", "on", "to", "of", "over", "along", "from", "for", "by", "
     _WORDS[_w] = ("PREP", _w)
 for _w in ("again", "also", "still", "now", "otherwise", "currently", "well", "bilaterally", "mildly", "slightly",
            "minimally", "moderately", "markedly", "severely", "significantly", "grossly", "essentially",
-           "stably", "somewhat", "very", "quite", "definitely", "clearly", "definite", "definitive"):
+           "stably", "somewhat", "very", "quite", "definitely", "clearly", "definite", "definitive",
+           # a near-certain reading asserts the finding, as the MeSH indexers read it
+           "probable", "probably", "likely", "most"):
     _WORDS[_w] = ("SKIP", _w)
 
 _PHRASES: dict[tuple[str, ...], tuple[str, str]] = {
@@ -127,8 +129,10 @@ _PHRASES: dict[tuple[str, ...], tuple[str, str]] = {
     ("difficult", "to", "exclude"): ("HEDGE", ""), ("difficult", "to", "completely", "exclude"): ("HEDGE", ""),
     ("evaluation", "of"): ("HEDGE", ""), ("evaluation", "for"): ("HEDGE", ""),
     # "... compatible with pneumonia in the appropriate clinical setting": a hedge on either side
-    ("appropriate", "clinical", "setting"): ("VERSUS", ""), ("correct", "clinical", "setting"): ("VERSUS", ""),
-    ("proper", "clinical", "setting"): ("VERSUS", ""), ("right", "clinical", "setting"): ("VERSUS", ""),
+    ("appropriate", "clinical", "setting"): ("SETTING", ""), ("correct", "clinical", "setting"): ("SETTING", ""),
+    ("proper", "clinical", "setting"): ("SETTING", ""), ("right", "clinical", "setting"): ("SETTING", ""),
+    ("evaluate", "for"): ("HEDGE", ""), ("another", "consideration"): ("POSTHEDGE", ""),
+    ("also", "a", "consideration"): ("POSTHEDGE", ""), ("a", "consideration"): ("POSTHEDGE", ""),
     ("age", "indeterminate"): ("NEUTRAL", ""), ("indeterminate", "age"): ("NEUTRAL", ""),
     ("raises", "the", "possibility", "of"): ("HEDGE", ""), ("differential", "diagnosis"): ("HEDGE", ""),
     ("cannot", "be", "excluded"): ("POSTHEDGE", ""), ("can", "not", "be", "excluded"): ("POSTHEDGE", ""),
@@ -336,6 +340,11 @@ class Item:
     np: NP | None = None
 
 
+# A density explained by one of these is not a lung finding (not granulomas: a nodule read as a
+# granuloma is still a nodule, as the MeSH indexers tag it).
+_BENIGN = frozenset({"nipple", "nipples", "island", "islands"})
+
+
 def _chunk(tokens: list[str]) -> list[Item]:
     items: list[Item] = []
     words: list[str] = []
@@ -406,7 +415,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
     nps: list[NP] = []
     pending: list[NP] = []  # NPs since the last predicate: the subjects of the next one
     prestate: tuple[str, bool] | None = None
-    neg = hedge = weak = versus_next = False
+    neg = hedge = weak = versus_next = setting = False
     state_neg_at: set[int] = set()
 
     def apply_state(np_: NP, state: str, negated: bool) -> None:
@@ -433,12 +442,13 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                 continue
             neg = True
         elif k == "HEDGE":
-            if j > 0 and clause[j - 1].kind == "COP" and pending:
+            if j > 0 and clause[j - 1].kind == "COP" and pending:  # "X is likely", "it would be difficult to exclude Y"
                 for p in pending:
                     p.post = UNCERTAIN
                 pending = []
-            else:
-                hedge = True
+            hedge = True
+        elif k == "SETTING":  # "in the appropriate clinical setting": every finding of the clause hedged
+            setting = True
         elif k == "POSTHEDGE":
             for p in pending:
                 p.post = UNCERTAIN
@@ -482,6 +492,10 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                 np_.versus, versus_next = True, False
             if np_.anatomy and prestate is not None:
                 apply_state(np_, *prestate)
+            if _BENIGN & set(np_.words) and nps:  # "nodular densities consistent with nipple shadows"
+                for prev in nps:
+                    if prev.post is None and any(lb in ("Lung Lesion", "Lung Opacity") for lb, _ in prev.findings):
+                        prev.post = NEGATIVE
             nps.append(np_)
             pending.append(np_)
         elif k == "COP":
@@ -492,7 +506,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
         for label, head in np_.findings:
             if np_.pre is not None:
                 value = np_.pre
-            elif np_.post == UNCERTAIN or np_.versus:
+            elif np_.post == UNCERTAIN or np_.versus or (setting and np_.post is None):
                 value = UNCERTAIN
             elif np_.post is not None:
                 value = np_.post
@@ -519,10 +533,21 @@ def label_report(text: str) -> Labels:
     per_sentence = []
     for s in report_sentences(text):
         votes = SentenceVotes()
-        for clause in _clauses(_chunk(tokens(s))):
+        toks = tokens(s)
+        for clause in _clauses(_chunk(toks)):
             _read_clause(clause, votes)
+        if _air_fluid_in_pleura(toks):
+            votes.add("Pneumothorax", POSITIVE, indirect=True)
         per_sentence.append(votes.resolved())
     return finalize(per_sentence)
+
+
+def _air_fluid_in_pleura(toks: list[str]) -> bool:
+    """An air-fluid level in the pleural space (or in a pleural effusion) is a hydropneumothorax."""
+    at = [i for i in range(len(toks) - 2) if toks[i:i + 3] == ["air", "fluid", "level"]]
+    if not at or "no" in toks or "not" in toks:
+        return False
+    return "pleural" in toks and ("effusion" in toks or "space" in toks)
 
 
 def label_reports(texts: list[str]) -> list[Labels]:
