@@ -91,7 +91,9 @@ for _w in ("clear", "intact", "sharp"):
 for _w in ("enlarged", "widened", "wide", "blunted", "prominent", "increased", "large", "engorged", "congested",
            "indistinct"):
     _WORDS[_w] = ("STATE", _w)
-_WORDS["borderline"] = ("STATE", "border")
+# "borderline cardiomegaly" grades a finding (MeSH: Cardiomegaly/borderline); "upper limits of
+# normal" hedges between normal and not
+_WORDS["borderline"] = ("STATE", "borderline")
 for _w in ("and", "or", ",", "/", "plus"):
     _WORDS[_w] = ("CONJ", _w)
 _WORDS["there"] = ("EXIST", "there")
@@ -265,16 +267,18 @@ _NO_PLEURAL = {"Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}
 STATE_TABLE: dict[str, dict[str, dict[str, int]]] = {
     "heart": {"normal": {"Cardiomegaly": NEGATIVE}, "enlarged": {"Cardiomegaly": POSITIVE},
               "large": {"Cardiomegaly": POSITIVE}, "increased": {"Cardiomegaly": POSITIVE},
-              "border": {"Cardiomegaly": UNCERTAIN}},
+              "border": {"Cardiomegaly": UNCERTAIN}, "borderline": {"Cardiomegaly": POSITIVE}},
     "cardiomediastinal": {"normal": {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE},
                           "enlarged": {"Enlarged Cardiomediastinum": POSITIVE},
                           "widened": {"Enlarged Cardiomediastinum": POSITIVE},
-                          "border": {"Cardiomegaly": UNCERTAIN, "Enlarged Cardiomediastinum": UNCERTAIN}},
+                          "border": {"Cardiomegaly": UNCERTAIN, "Enlarged Cardiomediastinum": UNCERTAIN},
+                          "borderline": {"Cardiomegaly": POSITIVE}},
     "mediastinum": {"normal": {"Enlarged Cardiomediastinum": NEGATIVE},
                     "enlarged": {"Enlarged Cardiomediastinum": POSITIVE},
                     "widened": {"Enlarged Cardiomediastinum": POSITIVE},
                     "wide": {"Enlarged Cardiomediastinum": POSITIVE},
-                    "border": {"Enlarged Cardiomediastinum": UNCERTAIN}},
+                    "border": {"Enlarged Cardiomediastinum": UNCERTAIN},
+                    "borderline": {"Enlarged Cardiomediastinum": POSITIVE}},
     "lungs": {"normal": _LUNG_GROUP, "clear": _LUNG_GROUP},
     "pleura": {"normal": _NO_PLEURAL, "clear": _NO_PLEURAL},
     "costophrenic": {"normal": _NO_EFFUSION, "clear": _NO_EFFUSION, "sharp": _NO_EFFUSION,
@@ -474,7 +478,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                     apply_state(p, it.value, negated)
                 pending = []
                 prestate = None
-            elif j > 0 and clause[j - 1].kind == "STATE" and prestate and prestate[0] == "border":
+            elif j > 0 and clause[j - 1].kind == "STATE" and prestate and prestate[0] in ("border", "borderline"):
                 pass  # "borderline enlarged heart" stays borderline
             else:
                 prestate = (it.value, negated)
@@ -492,7 +496,8 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                 np_.versus, versus_next = True, False
             if np_.anatomy and prestate is not None:
                 apply_state(np_, *prestate)
-            if _BENIGN & set(np_.words) and nps:  # "nodular densities consistent with nipple shadows"
+            if (_BENIGN & set(np_.words) and nps and j > 0 and clause[j - 1].kind == "PREP"
+                    and clause[j - 1].value == "with"):  # "nodular densities consistent with nipple shadows"
                 for prev in nps:
                     if prev.post is None and any(lb in ("Lung Lesion", "Lung Opacity") for lb, _ in prev.findings):
                         prev.post = NEGATIVE

@@ -35,7 +35,8 @@ congestion, Kerley lines, cephalization and heart failure are Edema; infection a
 Pneumonia; Support Devices covers tubes, lines, catheters, ports, pacemakers/ICDs and leads,
 stimulators, monitoring electrodes, drains, stents, prosthetic valves, surgical clips and orthopaedic
 hardware, but not sternotomy wires (a post-surgical change; the MeSH indexers do not tag them as a
-device); "borderline" and "upper limits of normal" are uncertain; old, granulomatous or
+device); "borderline" grades a finding (positive: "borderline cardiomegaly", as MeSH tags it) while
+"upper limits of normal" is uncertain; old, granulomatous or
 tuberculous infection is not Pneumonia; a nodule or density given a benign explanation
 ("consistent with granulomas / nipple shadows / a bone island") is negative; an air-fluid level
 in the pleural space is a (hydro)pneumothorax; "probable", "probably", "likely", "most likely" assert
@@ -87,7 +88,7 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"cardiac (?:enlargement|silhouette enlargement)", "find"),
         (r"enlarge(?:d|ment of)(?: the)? (?:heart|cardiac(?: (?:silhouette|shadow|size|contours?))?)", "find"),
         (rf"(?:heart(?: (?:size|silhouette|shadow|contours?))?|cardiac (?:silhouette|shadow|size|contours?)) "
-         rf"(?:{_BE} )?(?:{_INT} )*"
+         rf"(?:(?:{_BE}|xxxx) )*(?:{_INT} )*"
          rf"(?:enlarged|increased(?: in size)?|large)", "find"),
     ],
     "Lung Opacity": [
@@ -219,7 +220,10 @@ TRIGGERS: dict[str, str] = {
                r"|favou?r(?:ed|s)?|rule out|r/o|uncertain|(?:raises? )?concerns? (?:for|of)|question"
                r"|(?:clinical(?:ly)? )?correlat(?:e|ion)(?: clinically)?|difficult to (?:completely |entirely )?exclude"
                r"|alternatively|consider(?:ation)?|(?:to )?exclude|(?:for )?evaluat(?:e|ion) (?:of|for)",
-    "border": r"borderline|upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
+    # "borderline cardiomegaly" grades a finding (the MeSH indexers tag Cardiomegaly/borderline);
+    # "upper limits of normal" says normal-or-not, a hedge
+    "degree": r"borderline",
+    "border": r"upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
     "prob": r"(?:most )?(?:probabl[ey]|likely)",
     "both": r"versus|vs|in the (?:appropriate|correct|right|proper) clinical (?:setting|context)",
     # a benign explanation given after a density: "nodular densities consistent with nipple shadows"
@@ -238,7 +242,7 @@ TRIGGERS: dict[str, str] = {
     "term": r"but|however|although|though|except(?: for)?|aside from|apart from|which|whereas|while|yet"
             r"|there (?:is|are|was|were|has been|have been)|[;:]",
 }
-_PRE = {"prob": POSITIVE, "unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
+_PRE = {"prob": POSITIVE, "degree": POSITIVE, "unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
 _POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE, "benign": NEGATIVE}
 _POST_WINDOW_WORDS = 6
 
@@ -354,13 +358,13 @@ class _Doc:
         for t in self.triggers:
             if t.start >= hi:
                 break
-            if t.end <= lo or not (t.kind in ("normal", "border") or
+            if t.end <= lo or not (t.kind in ("normal", "border", "degree") or
                                    (t.kind == "neg_post" and "normal" in self.text[t.start:t.end])):
                 continue
             d = start - t.end if t.end <= start else t.start - end
             if d < 0:
                 continue
-            v = UNCERTAIN if t.kind == "border" else NEGATIVE
+            v = UNCERTAIN if t.kind == "border" else POSITIVE if t.kind == "degree" else NEGATIVE
             if best is None or d < best[0]:
                 best = (d, v)
         return None if best is None else best[1]

@@ -31,7 +31,11 @@ CASES = [
     ("The heart is not enlarged.", {"Cardiomegaly": 0}),
     ("Normal heart size and mediastinal contours.", {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0}),
     ("The heart is enlarged.", {"Cardiomegaly": 1, "No Finding": None}),
-    ("Borderline heart size.", {"Cardiomegaly": -1}),
+    ("Borderline heart size.", {"Cardiomegaly": 1}),  # a grade, as MeSH tags it (Cardiomegaly/borderline)
+    ("The heart is borderline enlarged.", {"Cardiomegaly": 1}),
+    ("Heart size upper limits of normal.", {"Cardiomegaly": -1}),
+    ("Probable right lower lobe pneumonia.", {"Pneumonia": 1}),
+    ("Possible right lower lobe pneumonia.", {"Pneumonia": -1}),
     ("Cannot exclude small left effusion.", {"Pleural Effusion": -1}),
     ("Small left effusion cannot be excluded.", {"Pleural Effusion": -1}),
     ("Linear opacity at the left base may represent atelectasis.", {"Atelectasis": -1, "Lung Opacity": 1}),
