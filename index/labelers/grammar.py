@@ -241,6 +241,9 @@ _add("thickening plaque plaques calcification calcifications scarring scar fibro
 # the fissures are pleura; apical thickening is an apical pleural cap
 _add("thickening", _h("Pleural Other", needs=("fissural", "fissure", "fissures", "apical", "biapical")))
 _add("fibrothorax", _h("Pleural Other"))
+# a pleural abnormality that is not fluid (MeSH: Pleura/abnormal, Opacity/pleura)
+_add("abnormality abnormalities", _h("Pleural Other", needs=("pleural",)))
+_add("opacity opacities", _h("Pleural Other", needs=("pleural",), cancels=("parenchymal", "pleuroparenchymal")))
 _add("cap capping", _h("Pleural Other", needs=("apical",)))
 # a broken line or lead is a device fault, not a bone fracture
 _add("fracture fractures fractured fx", _h("Fracture", cancels=("catheter", "lead", "leads", "wire", "wires", "line")))

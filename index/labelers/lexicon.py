@@ -140,7 +140,7 @@ FINDINGS: dict[str, list[tuple]] = {
     "Pneumothorax": [
         (r"pneumothora(?:x|ces)", "find"),
         # an air-fluid level in the pleural space is a hydropneumothorax
-        (r"(?:pleural (?:space|effusion)|effusion)(?: [a-z]+){0,3} air fluid levels?"
+        (r"(?:(?<=effusion )|(?<=effusions ))(?:[a-z]+ ){0,3}?air fluid levels?"
          r"|air fluid levels?(?: [a-z]+){0,8} pleural (?:space|cavity)", "indirect"),
         (r"(?:hydro|hemo)pneumothora(?:x|ces)", "find", ("Pleural Effusion",)),
     ],
@@ -154,6 +154,8 @@ FINDINGS: dict[str, list[tuple]] = {
     "Pleural Other": [
         (r"pleural (?:thickening|plaques?|calcifications?|scar(?:ring)?|fibrosis)", "find"),
         (r"thickening of the pleura|fibrothorax|calcified pleural plaques?", "find"),
+        # a pleural abnormality that is not fluid (MeSH: Pleura/abnormal, Opacity/pleura)
+        (r"pleural (?:abnormalit(?:y|ies)|opacit(?:y|ies))", "find"),
         (r"(?:pleuroparenchymal|pleural parenchymal) (?:scar(?:ring)?|thickening|opacit(?:y|ies))", "find"),
         (r"(?:bi)?apical fibro ?nodular (?:pleural )?(?:thickening|scarring)", "find", ("Lung Lesion",)),
         (r"(?:bi)?apical (?:pleural |pleuroparenchymal )?(?:cap|capping|thickening)", "find"),
