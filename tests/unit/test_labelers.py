@@ -219,7 +219,7 @@ SECOND_READ_LABELER = "lexicon"
 def openi_metrics(openi_reports):
     from index.label_eval import evaluate
 
-    return evaluate(openi_reports, repeats=1)
+    return evaluate(openi_reports, extractors=(SECOND_READ_LABELER,), repeats=1)
 
 
 def test_second_read_labeler_reaches_f1_per_pathology_on_all_open_i_reports(openi_metrics):
