@@ -13,12 +13,27 @@ Figures (``metrics.json`` and ``table.md`` from :func:`write`):
   uncertain extraction counted as positive (``u_ones``, the headline) and as negative
   (``u_zeros``); "not mentioned" and negative are negative. Micro F1 pools all cells of the 14
   labels; macro F1 averages the labels that have at least one MeSH positive.
+- Headline (``vs_mesh``): uncertain counted as *negative* (:data:`HEADLINE_UNCERTAIN_AS`): the
+  MeSH indexers tag what a report asserts ("Cardiomegaly/borderline" for "borderline cardiomegaly")
+  and leave hedges untagged ("may represent pneumonia" gets no Pneumonia tag), so a hedge is not a
+  positive of this reference. Both policies are in the output.
+- "Enough cases": a label is held to the F1 target (:data:`F1_TARGET`, 0.90) only when the MeSH
+  reference of all tagged reports with text has at least :data:`MIN_POSITIVES` (20) positives;
+  Enlarged Cardiomediastinum (17) is reported but not held to it.
+- Split: every figure is also given on reports with an even and an odd id (``halves``). The
+  vocabularies were tuned by reading the errors on the *even* half only (this branch's rules);
+  the odd half shows whether the rules generalise (earlier vocabulary work read all 2,637).
+- The MeSH -> CheXpert mapping used is :data:`model_training.openi.MESH_RULES`, written into the
+  table (:func:`mapping_table`).
 - Throughput: reports per second of each extractor over all reports, best of ``repeats`` runs
   (one process, one core), the clock passed in.
 
-Caveat: both vocabularies were corrected after reading the two extractors' disagreements and
-their differences from MeSH on the 2,637 development reports, so figures on those reports are
-optimistic; the 1,318 reports kept aside (``../shared/data/README.md``) are the fair test.
+Caveat: both vocabularies were first corrected after reading the two extractors' disagreements
+and their differences from MeSH on all 2,637 development reports; the later rules (issue 15:
+hedges, "probable", "borderline", old infection, nipple shadows, fissures, devices) were written
+from the errors of the even-id half only, so the odd-id half is the less optimistic figure, and
+the 1,318 reports kept aside (``../shared/data/README.md``) are the fair test. Halves have 9-16
+positives for Pneumothorax, Pneumonia and Consolidation: one report moves their F1 by 0.03-0.06.
 """
 
 from __future__ import annotations
@@ -33,10 +48,17 @@ from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 
 from index.labelers import Extractor, get_extractor
 from index.labelers.common import Labels, binarize
-from model_training.openi import OpenIReport, mesh_labels
+from model_training.openi import MESH_RULES, OpenIReport, mesh_labels
 from models.labels import LABELS
 
 PAPER_KAPPA = 0.702
+MIN_POSITIVES = 20  # "enough cases": MeSH positives a label needs to be held to F1_TARGET
+F1_TARGET = 0.90
+HEADLINE_UNCERTAIN_AS = 0  # MeSH tags assertions, not hedges (module docstring)
+HALVES: dict[str, Callable[[OpenIReport], bool]] = {
+    "even": lambda r: r.id.isdigit() and int(r.id) % 2 == 0,  # the half read while tuning
+    "odd": lambda r: not (r.id.isdigit() and int(r.id) % 2 == 0),  # held out from tuning
+}
 _CODE = {1: 1, 0: 0, -1: 2, None: 3}  # 4 classes
 
 
@@ -82,9 +104,21 @@ def against_reference(rows: Sequence[Labels], reference: Sequence[dict[str, int]
                "predicted": int(p[:, i].sum())} for i, k in enumerate(LABELS)}
     mp, mr, mf, _ = precision_recall_fscore_support(y, p, average="micro", zero_division=0)
     with_support = [k for k in LABELS if per[k]["support"] > 0]
-    return {"per_label": per, "micro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
+    return {"per_label": per, "uncertain_as": uncertain_as, "micro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
             "macro_f1": float(np.mean([per[k]["f1"] for k in with_support])) if with_support else float("nan"),
             "labels_in_macro": len(with_support)}
+
+
+def held_labels(mesh_positives: dict[str, int], min_positives: int = MIN_POSITIVES) -> list[str]:
+    """The labels with enough cases (>= ``min_positives`` MeSH positives), in LABELS order."""
+    return [k for k in LABELS if mesh_positives.get(k, 0) >= min_positives]
+
+
+def shortfalls(m: dict, extractor: str, part: str = "all") -> dict[str, float]:
+    """Held labels whose headline F1 is below F1_TARGET: label -> F1 (empty when all are reached)."""
+    x = m["extractors"][extractor]
+    s = x["vs_mesh"] if part == "all" else x["halves"][part]["vs_mesh"]
+    return {k: s["per_label"][k]["f1"] for k in m["held_labels"] if s["per_label"][k]["f1"] < F1_TARGET}
 
 
 def throughput(fn: Callable[[str], Labels], texts: Sequence[str], repeats: int = 3,
@@ -108,11 +142,16 @@ def evaluate(reports: Sequence[OpenIReport], extractors: Sequence[str] = ("lexic
     outputs = {e: [get_extractor(e)(t) for t in texts] for e in names}
     ref_idx = [i for i, r in enumerate(with_text) if mesh_labels(r) is not None]
     reference = [ref for i in ref_idx if (ref := mesh_labels(with_text[i])) is not None]
+    half_of = {h: [j for j, i in enumerate(ref_idx) if sel(with_text[i])] for h, sel in HALVES.items()}
     out: dict = {
         "data": {"reports": len(reports), "reports_with_text": len(with_text),
                  "reports_with_mesh_labels": len(ref_idx),
                  "text": "FINDINGS + IMPRESSION (INDICATION and COMPARISON are not read)"},
         "paper_kappa": PAPER_KAPPA,
+        "policy": {"headline_uncertain_as": HEADLINE_UNCERTAIN_AS, "min_positives": MIN_POSITIVES,
+                   "f1_target": F1_TARGET, "halves": "report id even (read while tuning) / odd (held out)"},
+        "mapping": [{"term": r.term, "qualifiers": sorted(r.qualifiers), "also": sorted(r.also), "unless": sorted(r.unless),
+                     "labels": list(r.labels)} for r in MESH_RULES],
         "extractors": {},
     }
     if len(names) >= 2:
@@ -120,6 +159,10 @@ def evaluate(reports: Sequence[OpenIReport], extractors: Sequence[str] = ("lexic
     for e in names:
         rows = [outputs[e][i] for i in ref_idx]
         out["extractors"][e] = {
+            "vs_mesh": against_reference(rows, reference, uncertain_as=HEADLINE_UNCERTAIN_AS),
+            "halves": {h: {"reports": len(js), "vs_mesh": against_reference(
+                [rows[j] for j in js], [reference[j] for j in js], uncertain_as=HEADLINE_UNCERTAIN_AS)}
+                for h, js in half_of.items()},
             "vs_mesh_u_ones": against_reference(rows, reference, uncertain_as=1),
             "vs_mesh_u_zeros": against_reference(rows, reference, uncertain_as=0),
             "throughput": throughput(get_extractor(e), texts, repeats=repeats, clock=clock),
@@ -127,6 +170,11 @@ def evaluate(reports: Sequence[OpenIReport], extractors: Sequence[str] = ("lexic
         }
     mesh_pos = np.array([[r[k] for k in LABELS] for r in reference]).sum(0) if reference else np.zeros(len(LABELS))
     out["mesh_positives"] = {k: int(v) for k, v in zip(LABELS, mesh_pos)}
+    out["held_labels"] = held_labels(out["mesh_positives"])
+    out["mesh_positives_halves"] = {h: {k: int(sum(reference[j][k] for j in js)) for k in LABELS}
+                                    for h, js in half_of.items()}
+    for e in names:
+        out["extractors"][e]["shortfalls"] = shortfalls(out, e)
     return out
 
 
@@ -134,8 +182,22 @@ def _f(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
 
 
+def mapping_table() -> list[str]:
+    """The MeSH -> CheXpert mapping (:data:`model_training.openi.MESH_RULES`) as Markdown rows."""
+    lines = ["| MeSH major term | only with a qualifier among | CheXpert labels |", "| --- | --- | --- |"]
+    for r in MESH_RULES:
+        cond = ", ".join(sorted(r.qualifiers)) or "(any)"
+        if r.also:
+            cond += f"; and one of {', '.join(sorted(r.also))}"
+        if r.unless:
+            cond += f"; not with {', '.join(sorted(r.unless))}"
+        lines.append(f"| {r.term} | {cond} | {', '.join(r.labels)} |")
+    return lines
+
+
 def table(m: dict) -> str:
     names = list(m["extractors"])
+    pol = m["policy"]
     lines = [f"# Report labelers on Open-i ({m['data']['reports_with_text']} reports with text, "
              f"{m['data']['reports_with_mesh_labels']} with MeSH labels)", ""]
     if "agreement" in m:
@@ -144,30 +206,35 @@ def table(m: dict) -> str:
                   f"4-class {_f(a['kappa_4class'])} (paper: {m['paper_kappa']}), positive-or-uncertain vs rest "
                   f"{_f(a['kappa_binary'])}, mentioned vs not {_f(a['kappa_mention'])}; without No Finding: "
                   f"4-class {_f(a['kappa_4class_13'])}, binary {_f(a['kappa_binary_13'])}.", ""]
-    head = "| Label | MeSH positives |"
-    sep = "| --- | ---: |"
-    for e in names:
-        head += f" {e} P | {e} R | {e} F1 |"
-        sep += " ---: | ---: | ---: |"
-    if "agreement" in m:
-        head += " kappa (4-class) |"
-        sep += " ---: |"
-    lines += ["Against MeSH-derived labels (uncertain counted as positive):", "", head, sep]
-    for k in LABELS:
-        row = f"| {k} | {m['mesh_positives'][k]} |"
-        for e in names:
-            s = m["extractors"][e]["vs_mesh_u_ones"]["per_label"][k]
-            row += f" {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} |"
-        if "agreement" in m:
-            row += f" {_f(m['agreement']['per_label_kappa_4class'][k])} |"
-        lines.append(row)
-    lines.append("")
+    unc = "negative" if pol["headline_uncertain_as"] == 0 else "positive"
+    lines += [f"Against MeSH-derived labels (mapping below), uncertain counted as {unc}. n = MeSH positives. "
+              f"Enough cases = n >= {pol['min_positives']}: those labels (marked *) are held to F1 >= "
+              f"{pol['f1_target']:.2f}. Halves: {pol['halves']}.", ""]
     for e in names:
         x = m["extractors"][e]
-        lines.append(f"- {e}: micro F1 {_f(x['vs_mesh_u_ones']['micro']['f1'])}, macro F1 "
-                     f"{_f(x['vs_mesh_u_ones']['macro_f1'])} over {x['vs_mesh_u_ones']['labels_in_macro']} labels "
-                     f"(uncertain as negative: micro {_f(x['vs_mesh_u_zeros']['micro']['f1'])}, macro "
-                     f"{_f(x['vs_mesh_u_zeros']['macro_f1'])}); {x['throughput']['reports_per_second']:.0f} reports/s.")
+        lines += [f"## {e}", "", "| Label | n | P | R | F1 | F1 even | F1 odd | F1 (uncertain as positive) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k in LABELS:
+            s = x["vs_mesh"]["per_label"][k]
+            held = "*" if k in m["held_labels"] else ""
+            ev, od = (x["halves"][h]["vs_mesh"]["per_label"][k] for h in ("even", "odd"))
+            lines.append(f"| {k}{held} | {s['support']} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | "
+                         f"{_f(ev['f1'])} (n={ev['support']}) | {_f(od['f1'])} (n={od['support']}) | "
+                         f"{_f(x['vs_mesh_u_ones']['per_label'][k]['f1'])} |")
+        short = x["shortfalls"]
+        lines += ["", f"- micro F1 {_f(x['vs_mesh']['micro']['f1'])}, macro F1 {_f(x['vs_mesh']['macro_f1'])} over "
+                  f"{x['vs_mesh']['labels_in_macro']} labels (uncertain as positive: micro "
+                  f"{_f(x['vs_mesh_u_ones']['micro']['f1'])}, macro {_f(x['vs_mesh_u_ones']['macro_f1'])}); "
+                  f"{x['throughput']['reports_per_second']:.0f} reports/s.",
+                  "- below the F1 target: " + (", ".join(f"{k} {_f(v)}" for k, v in short.items()) or "none"), ""]
+    if "agreement" in m:
+        lines += ["Per-label 4-class kappa between the extractors: " + ", ".join(
+            f"{k} {_f(m['agreement']['per_label_kappa_4class'][k])}" for k in LABELS), ""]
+    lines += ["## MeSH -> CheXpert mapping (training.openi.MESH_RULES)", "",
+              "A tagged report's label is 1 when a rule reaches it, else 0; Lung Opacity is also 1 when "
+              "Lung Lesion, Edema, Consolidation, Pneumonia or Atelectasis is 1; No Finding is 1 when no "
+              "pathology (all but Support Devices) is 1; reports tagged No Indexing are left out.", "",
+              *mapping_table()]
     return "\n".join(lines) + "\n"
 
 

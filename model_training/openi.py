@@ -23,9 +23,12 @@ and ``<n>_IM-....png``, common re-packagings) or DICOM (``<n>_IM-....dcm`` as in
 ``filename``, or ``CXR<n>_IM-....dcm``), found anywhere under one folder. The images are not on
 the development machines; tests make small files with these names.
 
-Labels from MeSH (:func:`mesh_labels`, table :data:`MESH_RULES`): a major tag is ``Term`` or
-``Term/qualifier/...``; a rule maps a term, optionally only with one of some qualifiers, to
-labels. Every label of a tagged report that no rule reaches is 0 (MeSH lists what is there, so a
+Labels from MeSH (:func:`mesh_labels`, table :data:`MESH_RULES`, the one mapping; ``label-eval``
+prints it): a major tag is ``Term`` or ``Term/qualifier/...``; a rule maps a term, optionally only
+with one of some qualifiers (and one of a second set, and none of a third), to labels. It follows
+CheXpert's own vocabulary and hierarchy: Lung Lesion includes nodular opacities (MeSH
+``Opacity|Density/<lung>/round``), Edema includes vascular congestion and heart failure,
+``Lung/hypoinflation`` (low lung volumes) and ``Lung/hyperdistention`` are no CheXpert label. Every label of a tagged report that no rule reaches is 0 (MeSH lists what is there, so a
 missing tag means absent); Lung Opacity is also set by its CheXpert children (Edema,
 Consolidation, Pneumonia, Atelectasis, Lung Lesion), and No Finding is 1 exactly when no
 pathology label (all but Support Devices) is 1, as for the report labelers. Reports tagged
@@ -217,10 +220,17 @@ class MeshRule:
     term: str  # the part before the first "/", exactly as in the XML
     labels: tuple[str, ...]
     qualifiers: frozenset[str] = frozenset()  # if given, one of them must be present
+    also: frozenset[str] = frozenset()  # if given, one of these must be present too
+    unless: frozenset[str] = frozenset()  # if one of these is present, the rule does not apply
+
+    def applies(self, quals: set[str]) -> bool:
+        return ((not self.qualifiers or bool(quals & self.qualifiers)) and (not self.also or bool(quals & self.also))
+                and not quals & self.unless)
 
 
-def _r(term: str, labels, qualifiers=()) -> MeshRule:
-    return MeshRule(term, (labels,) if isinstance(labels, str) else tuple(labels), frozenset(qualifiers))
+def _r(term: str, labels, qualifiers=(), also=(), unless=()) -> MeshRule:
+    return MeshRule(term, (labels,) if isinstance(labels, str) else tuple(labels), frozenset(qualifiers),
+                    frozenset(also), frozenset(unless))
 
 
 _LUNGISH = ("lung", "retrocardiac", "costophrenic angle", "pulmonary alveoli", "base", "lower lobe", "upper lobe",
@@ -234,6 +244,10 @@ MESH_RULES: tuple[MeshRule, ...] = (
     _r("Infiltrate", "Lung Opacity"),
     _r("Airspace Disease", "Lung Opacity"),
     _r("Density", "Lung Opacity", _LUNGISH),
+    # "nodular opacity / density" is Lung Lesion in CheXpert's vocabulary; the indexers write it
+    # Opacity|Density/<lung site>/round (a reticulonodular, interstitial pattern is not a lesion)
+    _r("Opacity", "Lung Lesion", _LUNGISH, ("round",), ("interstitial", "reticular")),
+    _r("Density", "Lung Lesion", _LUNGISH, ("round",), ("interstitial", "reticular")),
     _r("Nodule", "Lung Lesion"),
     _r("Mass", "Lung Lesion"),
     _r("Lung Neoplasms", "Lung Lesion"),
@@ -241,6 +255,7 @@ MESH_RULES: tuple[MeshRule, ...] = (
     _r("Pulmonary Edema", "Edema"),
     _r("Edema", "Edema"),
     _r("Pulmonary Congestion", "Edema"),
+    _r("Heart Failure", "Edema"),  # CheXpert counts heart failure / CHF as Edema
     _r("Consolidation", "Consolidation"),
     _r("Pneumonia", "Pneumonia"),
     _r("Pulmonary Atelectasis", "Atelectasis"),
@@ -280,7 +295,7 @@ def mesh_labels(report: OpenIReport) -> dict[str, int] | None:
         term = parts[0].strip().lower()
         quals = {q.strip().lower() for q in parts[1:]}
         for rule in _RULES_BY_TERM.get(term, ()):
-            if rule.qualifiers and not (quals & rule.qualifiers):
+            if not rule.applies(quals):
                 continue
             for label in rule.labels:
                 out[label] = 1

@@ -44,8 +44,10 @@ Method (no phrase regexes: it reads words, not strings):
 
 The vocabulary here is written separately from extractor A's and decides the same questions the
 same way where the project has a stated convention (granulomas, bone lesions, pericardial
-effusions, bone densities excluded; nodules, calcified or not, included; congestion and heart failure are Edema; sternotomy wires,
-clips, stents, hardware and monitoring electrodes are Support Devices).
+effusions, bone densities excluded; nodules, calcified or not, included; congestion and heart failure are Edema;
+clips, stents, hardware and monitoring electrodes are Support Devices, sternotomy wires are not;
+old, granulomatous or tuberculous infection is not Pneumonia; "in the appropriate clinical setting"
+hedges).
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ _TOKEN = re.compile(r"[a-z0-9]+|[,;:/]")
 _WORDS: dict[str, tuple[str, str]] = {}
 for _w in ("no", "not", "without", "nor", "negative"):
     _WORDS[_w] = ("NEG", _w)
-for _w in ("may", "might", "could", "possible", "possibly", "probable", "probably", "likely", "questionable",
+for _w in ("may", "might", "could", "possible", "possibly", "questionable",
            "suspect", "presumed", "presumably", "equivocal", "indeterminate", "differential",
-           "favor", "favored", "favour", "uncertain"):
+           "favor", "favored", "favour", "uncertain", "question", "alternatively", "consider", "exclude",
+           "correlate", "correlation", "potential"):
     _WORDS[_w] = ("HEDGE", _w)
 for _w in ("suspected", "questioned"):
     _WORDS[_w] = ("POSTHEDGE", _w)
@@ -88,7 +91,9 @@ for _w in ("clear", "intact", "sharp"):
 for _w in ("enlarged", "widened", "wide", "blunted", "prominent", "increased", "large", "engorged", "congested",
            "indistinct"):
     _WORDS[_w] = ("STATE", _w)
-_WORDS["borderline"] = ("STATE", "border")
+# "borderline cardiomegaly" grades a finding (MeSH: Cardiomegaly/borderline); "upper limits of
+# normal" hedges between normal and not
+_WORDS["borderline"] = ("STATE", "borderline")
 for _w in ("and", "or", ",", "/", "plus"):
     _WORDS[_w] = ("CONJ", _w)
 _WORDS["there"] = ("EXIST", "there")
@@ -104,7 +109,9 @@ for _w in ("in", "at", "on", "to", "of", "over", "along", "from", "for", "by", "
     _WORDS[_w] = ("PREP", _w)
 for _w in ("again", "also", "still", "now", "otherwise", "currently", "well", "bilaterally", "mildly", "slightly",
            "minimally", "moderately", "markedly", "severely", "significantly", "grossly", "essentially",
-           "stably", "somewhat", "very", "quite", "definitely", "clearly", "definite", "definitive"):
+           "stably", "somewhat", "very", "quite", "definitely", "clearly", "definite", "definitive",
+           # a near-certain reading asserts the finding, as the MeSH indexers read it
+           "probable", "probably", "likely", "most"):
     _WORDS[_w] = ("SKIP", _w)
 
 _PHRASES: dict[tuple[str, ...], tuple[str, str]] = {
@@ -120,7 +127,15 @@ _PHRASES: dict[tuple[str, ...], tuple[str, str]] = {
     ("cannot", "exclude"): ("HEDGE", ""), ("can", "not", "exclude"): ("HEDGE", ""),
     ("cannot", "rule", "out"): ("HEDGE", ""), ("rule", "out"): ("HEDGE", ""), ("question", "of"): ("HEDGE", ""),
     ("suspicious", "for"): ("HEDGE", ""), ("concerning", "for"): ("HEDGE", ""), ("worrisome", "for"): ("HEDGE", ""),
-    ("suspicious", "of"): ("HEDGE", ""),
+    ("suspicious", "of"): ("HEDGE", ""), ("concern", "for"): ("HEDGE", ""), ("raises", "concern", "for"): ("HEDGE", ""),
+    ("difficult", "to", "exclude"): ("HEDGE", ""), ("difficult", "to", "completely", "exclude"): ("HEDGE", ""),
+    ("evaluation", "of"): ("HEDGE", ""), ("evaluation", "for"): ("HEDGE", ""),
+    # "... compatible with pneumonia in the appropriate clinical setting": a hedge on either side
+    ("appropriate", "clinical", "setting"): ("SETTING", ""), ("correct", "clinical", "setting"): ("SETTING", ""),
+    ("proper", "clinical", "setting"): ("SETTING", ""), ("right", "clinical", "setting"): ("SETTING", ""),
+    ("evaluate", "for"): ("HEDGE", ""), ("another", "consideration"): ("POSTHEDGE", ""),
+    ("also", "a", "consideration"): ("POSTHEDGE", ""), ("a", "consideration"): ("POSTHEDGE", ""),
+    ("age", "indeterminate"): ("NEUTRAL", ""), ("indeterminate", "age"): ("NEUTRAL", ""),
     ("raises", "the", "possibility", "of"): ("HEDGE", ""), ("differential", "diagnosis"): ("HEDGE", ""),
     ("cannot", "be", "excluded"): ("POSTHEDGE", ""), ("can", "not", "be", "excluded"): ("POSTHEDGE", ""),
     ("could", "not", "be", "excluded"): ("POSTHEDGE", ""), ("not", "be", "excluded"): ("POSTHEDGE", ""),
@@ -148,7 +163,8 @@ for _p, _v in sorted(_PHRASES.items(), key=lambda kv: -len(kv[0])):
 # NP heads that take an "of" complement into the same NP.
 _RELATIONAL = frozenset({"blunting", "enlargement", "widening", "thickening", "area", "areas", "evidence", "signs",
                          "sign", "xxxx", "foci", "focus", "amount", "degree", "component", "collapse", "loss",
-                         "opacification", "calcification", "calcifications", "findings", "finding", "volume"})
+                         "opacification", "calcification", "calcifications", "findings", "finding", "volume",
+                         "prominence"})
 
 # ---- NP meaning ---------------------------------------------------------------------------------
 
@@ -196,15 +212,19 @@ _add("opacity opacities", _h("Consolidation", needs=("consolidative",)))
 _add("disease process filling", _h("Lung Opacity", needs=("airspace",)))
 _add("glass", _h("Lung Opacity", needs=("ground",)))
 _add("consolidation consolidations", _h("Consolidation"))
-_add("pneumonia bronchopneumonia pneumonitis infection aspiration", _h("Pneumonia"))
-_add("process", _h("Pneumonia", needs=("infectious",)))
+# old or granulomatous infection is a healed process, not a pneumonia
+_OLD_INFECTION = ("granulomatous", "tuberculous", "tuberculosis", "histoplasmosis", "fungal", "mycobacterial", "prior",
+                  "previous", "old", "remote", "healed", "chronic")
+_add("pneumonia bronchopneumonia pneumonitis infection aspiration", _h("Pneumonia", cancels=_OLD_INFECTION))
+_add("process", _h("Pneumonia", needs=("infectious",), cancels=_OLD_INFECTION))
 _add("atelectasis atelectases", _h("Atelectasis"))
 _add("change changes", _h("Atelectasis", needs=("atelectatic",)))
 _add("collapse", _h("Atelectasis", needs=("lobe", "lobar", "lung", "lobes", "segmental", "lingula", "lingular")))
 _add("loss", _h("Atelectasis", needs=("volume",)))
 _add("edema", _h("Edema", cancels=("tissue", "subcutaneous", "soft")))
 _add("congestion", _h("Edema"))
-_add("engorgement redistribution prominence indistinctness", _h("Edema", needs=("vascular", "vasculature")))
+_add("engorgement redistribution prominence indistinctness", _h("Edema", needs=("vascular", "vasculature",
+                                                                           "vascularity")))
 _add("changes", _h("Edema", needs=("congestive",)))
 _add("failure", _h("Edema", needs=("heart", "congestive")))
 _add("chf kerley cephalization overload", _h("Edema"))
@@ -214,19 +234,27 @@ _add("mass masses", _h("Enlarged Cardiomediastinum", needs=("mediastinal",)))
 _add("disease", _h("Lung Lesion", needs=("metastatic",)))
 _add("lesion lesions", _h("Lung Lesion", cancels=("lytic", "blastic", "bone", "bony", "osseous", "skin", "sclerotic",
                                                   "expansile", "lucent")))
-_add("tumor tumors tumour neoplasm neoplasms carcinoma malignancy metastasis metastases cavitation", _h("Lung Lesion"))
+_add("tumor tumors tumour neoplasm neoplasms carcinoma malignancy metastasis metastases cavitation cavity cavities "
+     "cavitary masslike fibronodular", _h("Lung Lesion"))
 _add("thickening plaque plaques calcification calcifications scarring scar fibrosis",
      _h("Pleural Other", needs=("pleural", "pleura", "pleuroparenchymal")))
+# the fissures are pleura; apical thickening is an apical pleural cap
+_add("thickening", _h("Pleural Other", needs=("fissural", "fissure", "fissures", "apical", "biapical")))
 _add("fibrothorax", _h("Pleural Other"))
+# a pleural abnormality that is not fluid (MeSH: Pleura/abnormal, Opacity/pleura)
+_add("abnormality abnormalities", _h("Pleural Other", needs=("pleural",)))
+_add("opacity opacities", _h("Pleural Other", needs=("pleural",), cancels=("parenchymal", "pleuroparenchymal")))
 _add("cap capping", _h("Pleural Other", needs=("apical",)))
-_add("fracture fractures fractured fx", _h("Fracture"))
+# a broken line or lead is a device fault, not a bone fracture
+_add("fracture fractures fractured fx", _h("Fracture", cancels=("catheter", "lead", "leads", "wire", "wires", "line")))
 _add("abnormality abnormalities injury injuries findings",
      _h("Fracture", needs=("osseous", "bony", "skeletal", "bone"), negonly=True))
 _add("tube tubes ett tracheostomy catheter catheters picc portacath pacemaker pacemakers pacer aicd icd "
-     "defibrillator lead leads electrode electrodes sternotomy clip clips stent stents hardware drain drains "
-     "coil coils screw screws cerclage stimulator stimulators", _h("Support Devices"))
+     "defibrillator lead leads electrode electrodes clip clips stent stents hardware drain drains "
+     "coil coils screw screws stimulator stimulators generator arthroplasty", _h("Support Devices"))
 _add("tip", _h("Support Devices", needs=("xxxx",)))
-_add("wire wires", _h("Support Devices", cancels=("guide",)))
+# sternotomy wires are a post-surgical change, not a support device (as the MeSH indexers read them)
+_add("wire wires", _h("Support Devices", cancels=("guide", "sternotomy", "sternal", "cerclage")))
 _add("line lines", _h("Support Devices", needs=_DEVICE_LINE))
 _add("port", _h("Support Devices", needs=("chest", "power", "infusion", "mediport", "venous", "right", "left")))
 _add("valve valves", _h("Support Devices", needs=("prosthetic", "mechanical", "replacement", "bioprosthetic")))
@@ -234,7 +262,6 @@ _add("replacement", _h("Support Devices", needs=("valve",)))
 _add("rod rods plate plates", _h("Support Devices", needs=("fixation", "fusion", "orthopedic", "spinal")))
 _add("device devices", _h("Support Devices", needs=("support", "medical", "closure", "occluder", "implanted", "cardiac",
                                                    "electronic", "monitoring")))
-_add("sutures xxxx", _h("Support Devices", needs=("sternotomy", "sternal")))
 
 # Anatomical subjects: class -> test on the NP's words (set) and its last word.
 _LUNG_GROUP = {"Lung Opacity": NEGATIVE, "Consolidation": NEGATIVE, "Pneumonia": NEGATIVE, "Edema": NEGATIVE}
@@ -243,16 +270,18 @@ _NO_PLEURAL = {"Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}
 STATE_TABLE: dict[str, dict[str, dict[str, int]]] = {
     "heart": {"normal": {"Cardiomegaly": NEGATIVE}, "enlarged": {"Cardiomegaly": POSITIVE},
               "large": {"Cardiomegaly": POSITIVE}, "increased": {"Cardiomegaly": POSITIVE},
-              "border": {"Cardiomegaly": UNCERTAIN}},
+              "border": {"Cardiomegaly": UNCERTAIN}, "borderline": {"Cardiomegaly": POSITIVE}},
     "cardiomediastinal": {"normal": {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE},
                           "enlarged": {"Enlarged Cardiomediastinum": POSITIVE},
                           "widened": {"Enlarged Cardiomediastinum": POSITIVE},
-                          "border": {"Cardiomegaly": UNCERTAIN, "Enlarged Cardiomediastinum": UNCERTAIN}},
+                          "border": {"Cardiomegaly": UNCERTAIN, "Enlarged Cardiomediastinum": UNCERTAIN},
+                          "borderline": {"Cardiomegaly": POSITIVE}},
     "mediastinum": {"normal": {"Enlarged Cardiomediastinum": NEGATIVE},
                     "enlarged": {"Enlarged Cardiomediastinum": POSITIVE},
                     "widened": {"Enlarged Cardiomediastinum": POSITIVE},
                     "wide": {"Enlarged Cardiomediastinum": POSITIVE},
-                    "border": {"Enlarged Cardiomediastinum": UNCERTAIN}},
+                    "border": {"Enlarged Cardiomediastinum": UNCERTAIN},
+                    "borderline": {"Enlarged Cardiomediastinum": POSITIVE}},
     "lungs": {"normal": _LUNG_GROUP, "clear": _LUNG_GROUP},
     "pleura": {"normal": _NO_PLEURAL, "clear": _NO_PLEURAL},
     "costophrenic": {"normal": _NO_EFFUSION, "clear": _NO_EFFUSION, "sharp": _NO_EFFUSION,
@@ -316,6 +345,11 @@ class Item:
     kind: str
     value: str = ""
     np: NP | None = None
+
+
+# A density explained by one of these is not a lung finding (not granulomas: a nodule read as a
+# granuloma is still a nodule, as the MeSH indexers tag it).
+_BENIGN = frozenset({"nipple", "nipples", "island", "islands"})
 
 
 def _chunk(tokens: list[str]) -> list[Item]:
@@ -388,7 +422,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
     nps: list[NP] = []
     pending: list[NP] = []  # NPs since the last predicate: the subjects of the next one
     prestate: tuple[str, bool] | None = None
-    neg = hedge = weak = versus_next = False
+    neg = hedge = weak = versus_next = setting = False
     state_neg_at: set[int] = set()
 
     def apply_state(np_: NP, state: str, negated: bool) -> None:
@@ -415,12 +449,13 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                 continue
             neg = True
         elif k == "HEDGE":
-            if j > 0 and clause[j - 1].kind == "COP" and pending:
+            if j > 0 and clause[j - 1].kind == "COP" and pending:  # "X is likely", "it would be difficult to exclude Y"
                 for p in pending:
                     p.post = UNCERTAIN
                 pending = []
-            else:
-                hedge = True
+            hedge = True
+        elif k == "SETTING":  # "in the appropriate clinical setting": every finding of the clause hedged
+            setting = True
         elif k == "POSTHEDGE":
             for p in pending:
                 p.post = UNCERTAIN
@@ -446,7 +481,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                     apply_state(p, it.value, negated)
                 pending = []
                 prestate = None
-            elif j > 0 and clause[j - 1].kind == "STATE" and prestate and prestate[0] == "border":
+            elif j > 0 and clause[j - 1].kind == "STATE" and prestate and prestate[0] in ("border", "borderline"):
                 pass  # "borderline enlarged heart" stays borderline
             else:
                 prestate = (it.value, negated)
@@ -464,6 +499,11 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
                 np_.versus, versus_next = True, False
             if np_.anatomy and prestate is not None:
                 apply_state(np_, *prestate)
+            if (_BENIGN & set(np_.words) and nps and j > 0 and clause[j - 1].kind == "PREP"
+                    and clause[j - 1].value == "with"):  # "nodular densities consistent with nipple shadows"
+                for prev in nps:
+                    if prev.post is None and any(lb in ("Lung Lesion", "Lung Opacity") for lb, _ in prev.findings):
+                        prev.post = NEGATIVE
             nps.append(np_)
             pending.append(np_)
         elif k == "COP":
@@ -474,7 +514,7 @@ def _read_clause(clause: list[Item], votes: SentenceVotes) -> None:
         for label, head in np_.findings:
             if np_.pre is not None:
                 value = np_.pre
-            elif np_.post == UNCERTAIN or np_.versus:
+            elif np_.post == UNCERTAIN or np_.versus or (setting and np_.post is None):
                 value = UNCERTAIN
             elif np_.post is not None:
                 value = np_.post
@@ -501,10 +541,21 @@ def label_report(text: str) -> Labels:
     per_sentence = []
     for s in report_sentences(text):
         votes = SentenceVotes()
-        for clause in _clauses(_chunk(tokens(s))):
+        toks = tokens(s)
+        for clause in _clauses(_chunk(toks)):
             _read_clause(clause, votes)
+        if _air_fluid_in_pleura(toks):
+            votes.add("Pneumothorax", POSITIVE, indirect=True)
         per_sentence.append(votes.resolved())
     return finalize(per_sentence)
+
+
+def _air_fluid_in_pleura(toks: list[str]) -> bool:
+    """An air-fluid level in the pleural space (or in a pleural effusion) is a hydropneumothorax."""
+    at = [i for i in range(len(toks) - 2) if toks[i:i + 3] == ["air", "fluid", "level"]]
+    if not at or "no" in toks or "not" in toks:
+        return False
+    return "pleural" in toks and ("effusion" in toks or "space" in toks)
 
 
 def label_reports(texts: list[str]) -> list[Labels]:

@@ -9,9 +9,10 @@ polarity from the triggers around it inside its clause, as NegEx does:
   end it, so "no consolidation, effusion, or pneumothorax" negates all three;
 - the nearest *pre* trigger before the mention (or inside it: "heart is *not* enlarged") decides:
   negation ("no", "not", "without", "free of", "negative for", "no evidence of", "absence of",
-  "resolution of", "removal of") -> 0; uncertainty ("may", "possible", "probable", "likely",
+  "resolution of", "removal of") -> 0; uncertainty ("may", "possible", "question", "concern for",
   "questionable", "suspicious for", "concerning for", "cannot exclude", "versus",
-  "differential", "borderline", "upper limits of normal", ...) -> -1;
+  "differential", "borderline", "upper limits of normal", ...) -> -1; "probable", "likely" -> 1
+  (a near-certain reading, which the MeSH indexers tag as present);
 - weak uncertainty ("to suggest", "suggesting", "suggestive of", "to indicate") gives -1 only
   when no negation precedes it in the clause: "no opacity to suggest pneumonia" is negative;
 - *post* triggers within six words after the mention: "cannot be excluded", "is not excluded",
@@ -32,8 +33,15 @@ Lesion (a mediastinal mass is Enlarged Cardiomediastinum); "density" of bone, br
 tissue is not Lung Opacity; pericardial or joint effusions are not Pleural Effusion; vascular
 congestion, Kerley lines, cephalization and heart failure are Edema; infection and aspiration are
 Pneumonia; Support Devices covers tubes, lines, catheters, ports, pacemakers/ICDs and leads,
-stimulators, monitoring electrodes, drains, stents, prosthetic valves, sternotomy wires, surgical
-clips and orthopaedic hardware; "borderline" and "upper limits of normal" are uncertain.
+stimulators, monitoring electrodes, drains, stents, prosthetic valves, surgical clips and orthopaedic
+hardware, but not sternotomy wires (a post-surgical change; the MeSH indexers do not tag them as a
+device); "borderline" grades a finding (positive: "borderline cardiomegaly", as MeSH tags it) while
+"upper limits of normal" is uncertain; old, granulomatous or
+tuberculous infection is not Pneumonia; a nodule or density given a benign explanation
+("consistent with granulomas / nipple shadows / a bone island") is negative; an air-fluid level
+in the pleural space is a (hydro)pneumothorax; "probable", "probably", "likely", "most likely" assert
+the finding (1), as the MeSH indexers read them, while "possible", "may", "cannot exclude" hedge; fissural thickening is Pleural Other; "in the
+appropriate clinical setting", "concern for", "correlate for", "question" hedge.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"cardiac (?:enlargement|silhouette enlargement)", "find"),
         (r"enlarge(?:d|ment of)(?: the)? (?:heart|cardiac(?: (?:silhouette|shadow|size|contours?))?)", "find"),
         (rf"(?:heart(?: (?:size|silhouette|shadow|contours?))?|cardiac (?:silhouette|shadow|size|contours?)) "
-         rf"(?:{_BE} )?(?:{_INT} )*"
+         rf"(?:(?:{_BE}|xxxx) )*(?:{_INT} )*"
          rf"(?:enlarged|increased(?: in size)?|large)", "find"),
     ],
     "Lung Opacity": [
@@ -92,18 +100,21 @@ FINDINGS: dict[str, list[tuple]] = {
     ],
     "Lung Lesion": [
         (r"nodul(?:e|es)", "find"),
-        (r"nodular (?:densit(?:y|ies)|opacit(?:y|ies)|lesions?)", "find"),
+        (r"nodular (?:[a-z]+ ){0,4}?(?:densit(?:y|ies)|opacit(?:y|ies)|lesions?)", "find"),
         (r"(?<!tissue )mass(?:es)?(?! effect)", "find"),
         (r"(?<!lytic )(?<!blastic )(?<!bone )(?<!bony )(?<!osseous )(?<!skin )(?<!sclerotic )(?<!expansile )"
          r"(?<!lucent )lesions?", "find"),
         (r"tumou?rs?|neoplasms?|carcinoma|malignan(?:cy|t)|metasta(?:sis|ses|tic)", "find"),
-        (r"cavitary (?:lesion|mass|nodule)|cavitation", "find"),
+        (r"cavitary (?:lesion|mass|nodule)|cavitation|cavit(?:y|ies)", "find"),
+        (r"mass ?like|fibro ?nodular", "find"),
     ],
     "Edema": [
         (r"(?<!tissue )(?<!subcutaneous )(?<!soft )edema", "find"),
         (r"(?:vascular|venous|pulmonary) congestion|congestion|congestive (?:heart )?failure|heart failure|\bchf\b", "find"),
         (r"kerley|cephalization|fluid overload", "find"),
         (r"(?:vascular|vasculature) (?:engorgement|redistribution|prominence|indistinctness|congestive changes?)", "find"),
+        (r"prominen(?:ce|t) (?:of )?(?:the )?(?:central )?(?:pulmonary )?(?:vascularity|vasculature|vessels)"
+         r"|central (?:pulmonary )?(?:vascular|vasculature) (?:prominence|congestion|engorgement)", "find"),
         (r"(?:prominent|increased|engorged|indistinct|congested) (?:pulmonary )?"
          r"(?:vascularity|vasculature|vascular markings|vessels)", "find"),
         (rf"(?:(?:pulmonary |lung )?(?:vascularity|vasculature)|pulmonary (?:vessels|xxxx)|vascular markings) (?:{_BE} )?"
@@ -113,6 +124,10 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"consolidat(?:ion|ions|ive|ed)", "find"),
     ],
     "Pneumonia": [
+        # old or granulomatous infection is a healed process, not a pneumonia: consumed, no vote
+        (r"(?:(?:prior|previous|old|remote|healed|past|chronic) (?:[a-z]+ ){0,3}?"
+         r"|(?:granulomatous|tuberculous|tuberculosis|histoplasmosis|fungal|mycobacterial) )"
+         r"(?:infection|infectious (?:process|disease)|pneumonia|disease|process)", "ignore"),
         (r"(?:broncho)?pneumonia|pneumonitis", "find"),
         (r"infect(?:ion|ious)(?: process)?|aspiration", "find"),
     ],
@@ -124,6 +139,9 @@ FINDINGS: dict[str, list[tuple]] = {
     ],
     "Pneumothorax": [
         (r"pneumothora(?:x|ces)", "find"),
+        # an air-fluid level in the pleural space is a hydropneumothorax
+        (r"(?:(?<=effusion )|(?<=effusions ))(?:[a-z]+ ){0,3}?air fluid levels?"
+         r"|air fluid levels?(?: [a-z]+){0,8} pleural (?:space|cavity)", "indirect"),
         (r"(?:hydro|hemo)pneumothora(?:x|ces)", "find", ("Pleural Effusion",)),
     ],
     "Pleural Effusion": [
@@ -136,10 +154,19 @@ FINDINGS: dict[str, list[tuple]] = {
     "Pleural Other": [
         (r"pleural (?:thickening|plaques?|calcifications?|scar(?:ring)?|fibrosis)", "find"),
         (r"thickening of the pleura|fibrothorax|calcified pleural plaques?", "find"),
+        # a pleural abnormality that is not fluid (MeSH: Pleura/abnormal, Opacity/pleura)
+        (r"pleural (?:abnormalit(?:y|ies)|opacit(?:y|ies))", "find"),
         (r"(?:pleuroparenchymal|pleural parenchymal) (?:scar(?:ring)?|thickening|opacit(?:y|ies))", "find"),
-        (r"apical (?:pleural )?(?:cap|capping|thickening)", "find"),
+        (r"(?:bi)?apical fibro ?nodular (?:pleural )?(?:thickening|scarring)", "find", ("Lung Lesion",)),
+        (r"(?:bi)?apical (?:pleural |pleuroparenchymal )?(?:cap|capping|thickening)", "find"),
+        # the fissures are pleura: fissural thickening is pleural thickening
+        (r"(?:interlobar |minor |major |horizontal )?fissur(?:al|e) thickening"
+         r"|thickening of the (?:minor |major |interlobar |horizontal )?fissures?", "find"),
     ],
     "Fracture": [
+        # a broken line or lead is a device fault, not a bone fracture
+        (r"(?:(?<=catheter )|(?<=line )|(?<=lead )|(?<=wire )|(?<=xxxx ))fracture"
+         r"|fractured (?:[a-z]+ ){0,2}(?:lead|wire|catheter|line|xxxx)", "ignore"),
         (r"fractur(?:e|es|ed)|\bfx\b", "find"),
         (r"(?:acute )?(?:osseous|bony|skeletal|bone) (?:abnormalit(?:y|ies)|injur(?:y|ies)|findings?)", "negonly"),
     ],
@@ -148,9 +175,14 @@ FINDINGS: dict[str, list[tuple]] = {
         (r"(?:central|venous|arterial|midline|dialysis|jugular|subclavian|swan ganz|\bij\b) (?:lines?|catheters?)", "find"),
         (r"pace(?:maker|r)s?|\b(?:aicd|icd)\b|defibrillator|loop recorder", "find"),
         (r"(?:pacing|pacer|transvenous|cardiac|ecg|ekg|monitor|monitoring|telemetry) (?:leads?|wires?|electrodes?)"
-         r"|electrodes?|(?:spinal |nerve )?stimulators?", "find"),
+         r"|electrodes?|(?:spinal |nerve )?stimulators?|(?:pulse |battery |cardiac (?:xxxx )?)?generator"
+         r"|(?:overlying |multiple |epicardial )leads", "find"),
+        (r"(?:prosthetic|prosthesis of the) (?:(?:right|left) )?(?:shoulder|hip|humeral head)|arthroplasty", "find"),
         (r"(?:chest |port |picc )?xxxx tip", "find"),
-        (r"(?:sternotomy|sternal|cerclage) (?:wires?|sutures?|xxxx)|sternotomy", "find"),
+        # sternotomy wires are a post-surgical change, not a support device: consumed, no vote (as
+        # the MeSH indexers, who tag lines, tubes and devices but not sternotomy wires)
+        (r"(?:median |midline |prior )?sternotomy(?: (?:wires?|sutures?|xxxx))?|(?:sternal|cerclage) (?:wires?|sutures?)",
+         "ignore"),
         (r"(?:surgical|vascular|cholecystectomy|axillary) clips?|clips?|stents?", "find"),
         (r"(?:prosthetic|mechanical|replacement|bioprosthetic) (?:aortic |mitral )?valves?"
          r"|valve (?:replacement|prosthesis)", "find"),
@@ -176,19 +208,32 @@ ANATOMY: list[tuple[str, tuple[str, ...]]] = [
 TRIGGERS: dict[str, str] = {
     # order matters: earlier groups win at the same start position (longer phrases first)
     "pseudo": r"no (?:significant |interval |appreciable |substantial )?(?:change|increase|decrease|worsening)"
+              r"|age indeterminate|of indeterminate age"
               r"|without (?:significant |interval )?change|not (?:necessarily|only)|gram negative",
     "unc_post": r"(?:(?:is|are) )?(?:cannot|can not|could not|not) be (?:entirely |completely )?(?:excluded|ruled out)"
                 r"|(?:(?:is|are) )?not (?:entirely |completely )?(?:excluded|ruled out)"
-                r"|(?:is|are) (?:suspected|questioned|possible|probable|likely|favou?red|a consideration|considered)",
+                r"|(?:is|are) (?:suspected|questioned|possible|probable|likely|favou?red|a consideration|considered)"
+                r"|may not be (?:demonstrated|seen|visible|detected|apparent)"
+                r"|(?:is|are) (?:another|also an?|an?) (?:consideration|possibility)",
     "unc_pre": r"cannot (?:be )?exclude(?:d)?|can not exclude|cannot rule out|may(?: represent| be| reflect| indicate)?"
-               r"|might|could(?: represent| be| reflect)?|possibl[ey]|probabl[ey]|likely|questionable|question of"
+               r"|might|could(?: represent| be| reflect)?|possibl[ey]|questionable|question of"
                r"|suspicious (?:for|of)|suspect(?:ed)?|concerning for|differential(?: diagnosis)?(?: includes?)?"
                r"|equivocal|indeterminate|presumed|presumably|worrisome for|raises? the possibility(?: of)?"
-               r"|favou?r(?:ed|s)?|rule out|r/o|uncertain",
-    "border": r"borderline|upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
-    "both": r"versus|vs",
+               r"|favou?r(?:ed|s)?|rule out|r/o|uncertain|(?:raises? )?concerns? (?:for|of)|question"
+               r"|(?:clinical(?:ly)? )?correlat(?:e|ion)(?: clinically)?|difficult to (?:completely |entirely )?exclude"
+               r"|alternatively|consider(?:ation)?|(?:to )?exclude|(?:for )?evaluat(?:e|ion) (?:of|for)",
+    # "borderline cardiomegaly" grades a finding (the MeSH indexers tag Cardiomegaly/borderline);
+    # "upper limits of normal" says normal-or-not, a hedge
+    "degree": r"borderline",
+    "border": r"upper limits? of normal|top (?:of )?normal|high normal|upper normal|upper range of normal",
+    "prob": r"(?:most )?(?:probabl[ey]|likely)",
+    "both": r"versus|vs|in the (?:appropriate|correct|right|proper) clinical (?:setting|context)",
+    # a benign explanation given after a density: "nodular densities consistent with nipple shadows"
+    # (not granulomas: a nodule read as a granuloma is still a nodule, as the MeSH indexers tag it)
+    "benign": r"(?:(?:is|are) )?(?:(?:most )?(?:likely|probably) |consistent with |compatible with |representing |due to "
+              r"|related to |from )(?:a |an |the )?(?:patient s )?(?:nipple (?:shadows?|markers?|xxxx)|nipples|bone islands?)",
     "weak": r"to suggest|suggest(?:s|ing|ive of)?|to indicate|indicating|to represent",
-    "neg_post": r"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) (?:seen|identified|visualized|present|evident"
+    "neg_post": r"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) (?:definitely |clearly |well )?(?:seen|identified|visualized|present|evident"
                 r"|demonstrated|appreciated|noted|visible|detected|apparent)"
                 r"|(?:has|have) (?:resolved|cleared)|resolved|(?:(?:is|are|has been|have been) )?removed|(?:(?:is|are) )?absent"
                 r"|(?:is|are|appears?) (?:within (?:the )?(?:normal limits|limits of normal)|normal)(?! in)",
@@ -199,8 +244,8 @@ TRIGGERS: dict[str, str] = {
     "term": r"but|however|although|though|except(?: for)?|aside from|apart from|which|whereas|while|yet"
             r"|there (?:is|are|was|were|has been|have been)|[;:]",
 }
-_PRE = {"unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
-_POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE}
+_PRE = {"prob": POSITIVE, "degree": POSITIVE, "unc_pre": UNCERTAIN, "border": UNCERTAIN, "both": UNCERTAIN, "neg_pre": NEGATIVE, "weak": UNCERTAIN}
+_POST = {"unc_post": UNCERTAIN, "both": UNCERTAIN, "neg_post": NEGATIVE, "benign": NEGATIVE}
 _POST_WINDOW_WORDS = 6
 
 
@@ -315,13 +360,13 @@ class _Doc:
         for t in self.triggers:
             if t.start >= hi:
                 break
-            if t.end <= lo or not (t.kind in ("normal", "border") or
+            if t.end <= lo or not (t.kind in ("normal", "border", "degree") or
                                    (t.kind == "neg_post" and "normal" in self.text[t.start:t.end])):
                 continue
             d = start - t.end if t.end <= start else t.start - end
             if d < 0:
                 continue
-            v = UNCERTAIN if t.kind == "border" else NEGATIVE
+            v = UNCERTAIN if t.kind == "border" else POSITIVE if t.kind == "degree" else NEGATIVE
             if best is None or d < best[0]:
                 best = (d, v)
         return None if best is None else best[1]
@@ -338,7 +383,7 @@ def label_report(text: str) -> Labels:
     for m in _FIND_RE.finditer(doc.text):
         labels, kind = _FIND_GROUPS[cast(str, m.lastgroup)]
         value, touched = doc.polarity(m.start(), m.end())
-        if kind == "negonly" and not (touched and value == NEGATIVE):
+        if kind == "ignore" or (kind == "negonly" and not (touched and value == NEGATIVE)):
             continue
         sv = votes[doc.sentence_of(m.start())]
         for label in labels:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from index.labelers.common import PATHOLOGIES, normalise, report_body, sections,
 from models.labels import LABELS
 from phantoms import manifest_label_value, sample_cases
 
-OPENI = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
+# ../shared/data beside the checkout (/work/main) or beside the worktrees' folder (/work/wt/<name>)
+OPENI = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
+                          for i in (3, 4)) if p.exists()),
+             Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz")
 BOTH = [lexicon.label_report, grammar.label_report]
 IDS = ["lexicon", "grammar"]
 
@@ -27,7 +31,11 @@ CASES = [
     ("The heart is not enlarged.", {"Cardiomegaly": 0}),
     ("Normal heart size and mediastinal contours.", {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0}),
     ("The heart is enlarged.", {"Cardiomegaly": 1, "No Finding": None}),
-    ("Borderline heart size.", {"Cardiomegaly": -1}),
+    ("Borderline heart size.", {"Cardiomegaly": 1}),  # a grade, as MeSH tags it (Cardiomegaly/borderline)
+    ("The heart is borderline enlarged.", {"Cardiomegaly": 1}),
+    ("Heart size upper limits of normal.", {"Cardiomegaly": -1}),
+    ("Probable right lower lobe pneumonia.", {"Pneumonia": 1}),
+    ("Possible right lower lobe pneumonia.", {"Pneumonia": -1}),
     ("Cannot exclude small left effusion.", {"Pleural Effusion": -1}),
     ("Small left effusion cannot be excluded.", {"Pleural Effusion": -1}),
     ("Linear opacity at the left base may represent atelectasis.", {"Atelectasis": -1, "Lung Opacity": 1}),
@@ -46,7 +54,17 @@ CASES = [
     ("Mild blunting of the right costophrenic XXXX.", {"Pleural Effusion": 1}),
     ("The costophrenic XXXX are sharp.", {"Pleural Effusion": 0}),
     ("There are no XXXX of a pleural effusion.", {"Pleural Effusion": 0}),
-    ("XXXX sternotomy XXXX are intact.", {"Support Devices": 1}),
+    ("XXXX sternotomy XXXX are intact.", {"Support Devices": None}),  # post-surgical, not a device
+    ("Right IJ central venous catheter with tip in the SVC.", {"Support Devices": 1}),
+    ("Residuals of prior granulomatous infection.", {"Pneumonia": None, "No Finding": 1}),
+    ("Opacity compatible with pneumonia in the appropriate clinical setting.", {"Pneumonia": -1}),
+    ("Left catheter fracture at the clavicle.", {"Fracture": None, "Support Devices": 1}),
+    ("Fissural thickening.", {"Pleural Other": 1}),
+    ("Right upper lobe cavity.", {"Lung Lesion": 1}),
+    ("Chronic appearing bibasilar pleural abnormality.", {"Pleural Other": 1, "Pleural Effusion": None}),
+    ("Moderate right pleural effusion with air-fluid level.", {"Pneumothorax": 1, "Pleural Effusion": 1}),
+    ("Nodular densities projecting over the ribs are consistent with nipple shadows.", {"Lung Lesion": 0}),
+    ("Atypical infection is another consideration.", {"Pneumonia": -1}),
     ("No pericardial effusion.", {"Pleural Effusion": None}),
     ("Calcified granuloma in the right upper lobe.", {"Lung Lesion": None, "No Finding": 1}),
     ("Pneumothorax is not seen.", {"Pneumothorax": 0}),
@@ -171,7 +189,10 @@ def test_thousands_of_reports_per_second_order(fn, phantom_cases):
 @pytest.fixture(scope="module")
 def openi_reports():
     if not OPENI.exists():
-        pytest.skip(f"{OPENI} not present")
+        message = f"{OPENI} not present (the shared Open-i development reports, ../shared/data/README.md)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)  # a CI run must not go green by skipping the real-report checks
+        pytest.skip(message)
     from model_training.openi import read_reports
 
     return read_reports(OPENI)
@@ -187,6 +208,35 @@ def test_real_openi_reports_against_mesh_and_each_other(openi_reports):
         assert s["micro"]["f1"] > 0.85, (e, s["micro"])
         for k in ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis"):
             assert s["per_label"][k]["f1"] > 0.75, (e, k, s["per_label"][k])
+
+
+# The labeler the node uses for second reads (the discrepancy flag of issue 15): lexicon, the default
+# of index.labelers.label_report and of the `label` command.
+SECOND_READ_LABELER = "lexicon"
+
+
+@pytest.fixture(scope="module")
+def openi_metrics(openi_reports):
+    from index.label_eval import evaluate
+
+    return evaluate(openi_reports, extractors=(SECOND_READ_LABELER,), repeats=1)
+
+
+def test_second_read_labeler_reaches_f1_per_pathology_on_all_open_i_reports(openi_metrics):
+    """F1 >= 0.90 against MeSH (index.label_eval: uncertain as negative) for every label with enough
+    cases (>= 20 MeSH positives) on all tagged development reports, not only overall."""
+    from index.label_eval import F1_TARGET, MIN_POSITIVES
+
+    m = openi_metrics
+    assert m["data"]["reports_with_mesh_labels"] > 2500
+    held = m["held_labels"]
+    assert all(m["mesh_positives"][k] >= MIN_POSITIVES for k in held)
+    assert {"Pneumonia", "Lung Lesion", "Pneumothorax"} <= set(held)  # the weakest ones of issue 15
+    assert "Enlarged Cardiomediastinum" not in held  # 17 MeSH positives: reported, not held
+    per = m["extractors"][SECOND_READ_LABELER]["vs_mesh"]["per_label"]
+    low = {k: round(per[k]["f1"], 4) for k in held if per[k]["f1"] < F1_TARGET}
+    assert low == {}, f"{SECOND_READ_LABELER}: F1 below {F1_TARGET} against MeSH"
+    assert m["extractors"][SECOND_READ_LABELER]["shortfalls"] == {}
 
 
 def test_cli_label_prints_one_json_per_report_in_order(tmp_path, openi_reports):
