@@ -203,3 +203,109 @@ def test_reports_over_tls(tmp_path):
         with pytest.raises(mllp.MllpUnavailable):  # plain MLLP to the TLS port gets no ACK
             _send(node, _oru("MSG8", ["No acute disease."]), "MSG8")
     assert node.reports.counts()["reports"] == 1
+
+
+def _pacs_text_sr(path: Path, study: str, accession: str, text: dict[str, str]) -> Path:
+    """A first reader's report as a PACS stores it: a Basic Text SR with Findings and Impression containers."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from dicom_node.sop import BASIC_TEXT_SR
+
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        c = Dataset()
+        c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
+        return c
+
+    def item(kind: str, concept: Dataset, **values) -> Dataset:
+        i = Dataset()
+        i.RelationshipType, i.ValueType, i.ConceptNameCodeSequence = "CONTAINS", kind, [concept]
+        for k, v in values.items():
+            setattr(i, k, v)
+        return i
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.Modality, ds.Manufacturer, ds.AccessionNumber = "SR", "Reporting Co", accession
+    ds.PatientName, ds.PatientID = "Suzuki^Taro", "PID-99"
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.ConceptNameCodeSequence = [code("18748-4", "LN", "Diagnostic Imaging Report")]
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "VERIFIED"
+    sections = []
+    for (value, meaning), body in zip((("121070", "Findings"), ("121072", "Impressions")), text.values()):
+        c = item("CONTAINER", code(value, "DCM", meaning), ContinuityOfContent="SEPARATE")
+        c.ContentSequence = [item("TEXT", code(value, "DCM", meaning[:-1] if meaning.endswith("s") else meaning),
+                                  TextValue=body)]
+        sections.append(c)
+    ds.ContentSequence = sections
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_basic_text_sr_from_the_pacs_goes_to_report_intake(tmp_path):
+    storescu = require_peer("storescu")
+    from dicom_node.listener import start_listener
+    from worker.cli.serve import _sr_intake
+
+    node = _node(tmp_path)
+    reader = node.second_reader()
+    assert reader is not None
+    _inferred_job(node, "job6")
+    port = free_port()
+    server = start_listener(node.listener_config(host="127.0.0.1", port=port, network_timeout=10), node.spool,
+                            node.jobs, node.audit, lambda job_id: None, on_report=_sr_intake(reader))
+    try:
+        sr = _pacs_text_sr(tmp_path / "report.dcm", STUDY, ACCESSION,
+                           {"findings": "Large right pleural effusion.", "impression": "Effusion. Heart normal."})
+        done = subprocess.run([storescu, "-aec", "MEDSAM2CXR", "127.0.0.1", str(port), str(sr)], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+    (report,) = node.reports.for_study(STUDY, None)
+    assert report.source == "sr" and report.status == "F" and "FINDINGS:" in report.text
+    # the report has the effusion; it is silent on the cardiomegaly the model calls at medium
+    assert [d.label for d in node.reports.discrepancies()] == ["Cardiomegaly"]
+    assert [j.state for j in node.jobs.search() if j.sop_class_uid != "1.2.840.10008.5.1.4.1.1.1.1"] == [
+        JobState.SKIPPED]  # the SR itself is stored and skipped, as before
+
+
+def test_discrepancies_to_a_hook(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204 if len(posts) == 1 else 500)
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        node = _node(tmp_path)
+        node.settings.second_read.notify.webhook_url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+        reader = node.second_reader()
+        assert reader is not None
+        _inferred_job(node, "job7")
+        _inferred_job(node, "job8", study="1.2.3.9", accession="ACC-2")
+        from ris.report_in import IncomingReport
+
+        reader.receive(IncomingReport("hl7", "M1", STUDY, "", "F", "FINDINGS: No acute disease."))
+        reader.receive(IncomingReport("hl7", "M2", "1.2.3.9", "", "F", "FINDINGS: No acute disease."))
+    finally:
+        httpd.shutdown()
+    assert [sorted(d["label"] for d in p["discrepancies"]) for p in posts] == [["Cardiomegaly", "Pleural Effusion"]] * 2
+    assert "ACC" not in json.dumps(posts) and posts[0]["study_instance_uid"] == STUDY
+    notified = {d.job_id: d.notified for d in node.reports.discrepancies()}
+    assert notified["job7"] == "sent" and notified["job8"].startswith("failed: hook") and "HTTP 500" in notified["job8"]
