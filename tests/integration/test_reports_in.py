@@ -309,3 +309,33 @@ def test_discrepancies_to_a_hook(tmp_path):
     assert "ACC" not in json.dumps(posts) and posts[0]["study_instance_uid"] == STUDY
     notified = {d.job_id: d.notified for d in node.reports.discrepancies()}
     assert notified["job7"] == "sent" and notified["job8"].startswith("failed: hook") and "HTTP 500" in notified["job8"]
+
+
+def test_the_pipeline_compares_a_new_prediction_with_the_report_that_came_first(tmp_path, tiny_bundle, phantom_dir):
+    import pydicom
+
+    from models.bundle import load_bundle
+    from models.predictor import Predictor
+    from ris.report_in import IncomingReport
+
+    node = _node(tmp_path)
+    node.settings.second_read.tiers = ["medium", "high", "not validated"]  # a phantom-trained bundle
+    reader = node.second_reader()
+    assert reader is not None
+    ds = pydicom.dcmread(sorted((phantom_dir / "images").glob("*.dcm"))[0])
+    reader.keep(IncomingReport("hl7", "EARLY", str(ds.StudyInstanceUID), "", "F", "FINDINGS: No acute disease."))
+    ctx = node.context()
+    assert ctx.second_read is not None
+    path = ctx.spool.incoming_path("jobp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    ctx.jobs.add(job_id="jobp", sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                 study_instance_uid=ds.StudyInstanceUID, calling_aet="PACS", path=ctx.spool.relative(path),
+                 state=JobState.QUEUED)
+    assert pipeline.infer_jobs(["jobp"], ctx, Predictor(load_bundle(tiny_bundle), device="cpu"), lambda j: None) == ["jobp"]
+    assert node.reports.counts()["comparisons"] == 1 and node.reports.compared(1, "jobp")
+    prediction = node.load_prediction("jobp")
+    assert prediction is not None
+    called = {f.label for f in prediction.findings
+              if f.present and f.label != "No Finding" and f.tier in ("medium", "high", "not validated")}
+    assert {d.label for d in node.reports.discrepancies()} == (set() if prediction.out_of_distribution else called)
