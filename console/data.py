@@ -37,6 +37,14 @@ def job_json(job: Job) -> dict:
             "received": iso(job.created_at), "updated": iso(job.updated_at)}
 
 
+def discrepancy_json(d) -> dict:
+    """A second read's discrepancy (ris.reportstore.StoredDiscrepancy) as the console lists it: ids,
+    the study's UID, the finding, the model's call and the report's reading; no report text."""
+    return {"id": d.id, "report": d.report_id, "job": d.job_id, "study_instance_uid": d.study_instance_uid,
+            "label": d.label, "direction": d.direction, "tier": d.tier, "probability": round(d.probability, 4),
+            "report_state": d.report_state, "found": iso(d.created_at), "notified": d.notified}
+
+
 def iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 

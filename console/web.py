@@ -1,7 +1,7 @@
 """The console's pages and JSON API as one FastAPI router (console/app.py includes it).
 
 Pages: today, jobs (filters; one job: timeline, findings, draft, SC preview), failures and dead
-letters (resend), the model card, sites, the configuration (secrets redacted), login. The JSON
+letters (resend), second reads (the discrepancies with the first readers' reports, ris/intake.py), the model card, sites, the configuration (secrets redacted), login. The JSON
 API under /api/ says the same (FastAPI's OpenAPI description at the app's /openapi.json).
 
 Jobs are shown by UIDs and job ids only. An operator finds a study by its Accession Number or
@@ -40,6 +40,7 @@ from console.auth import (
 )
 from dicom_node.jobstore import FINAL_FAILURES, JobState
 from dicom_node.lookup import keyed_hash
+from models.labels import LABELS
 
 log = structlog.get_logger()
 HERE = Path(__file__).resolve().parent
@@ -198,6 +199,14 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
                 "dead_letter_reason": data.dead_letter_reason(ctx, job_id),
                 "sc_preview": f"/jobs/{job_id}/sc.png" if data.result_file(ctx, job_id, "sc.dcm") else None}
 
+    reports = node.reports
+
+    def second_reads(label: str | None, limit: int, offset: int) -> dict:
+        if label and label not in LABELS:
+            raise HTTPException(422, f"label: one of {', '.join(LABELS)}")
+        return {"counts": reports.counts(), "enabled": settings.second_read.enabled,
+                "discrepancies": [data.discrepancy_json(d) for d in reports.discrepancies(limit, offset, label or None)]}
+
     def failures() -> list[dict]:
         out = []
         for job in ctx.jobs.recent(FINAL_FAILURES, 500):
@@ -243,6 +252,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     SinceQ = Annotated[str | None, Query(max_length=40, description="received at or after (ISO 8601, UTC if no zone)")]
     UntilQ = Annotated[str | None, Query(max_length=40, description="received before (ISO 8601, UTC if no zone)")]
     LimitQ = Annotated[int, Query(ge=1, le=1000)]
+    LabelQ = Annotated[str | None, Query(max_length=40, description="a finding label")]
     OffsetQ = Annotated[int, Query(ge=0, le=1_000_000)]
 
     # -- login ---------------------------------------------------------------------------------
@@ -352,6 +362,12 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         return page(request, "failures.html", session, failures=failures(), nav="failures",
                     can_resend=role_allows(session.role, "operator"))
 
+    @router.get("/second-reads", response_class=HTMLResponse, tags=["pages"])
+    def second_reads_page(request: Request, session: ViewerPage, label: LabelQ = None, limit: LimitQ = 200,
+                          offset: OffsetQ = 0):
+        return page(request, "second_reads.html", session, nav="second-reads", labels=LABELS, label=label or "",
+                    **second_reads(label, limit, offset))
+
     @router.get("/model", response_class=HTMLResponse, tags=["pages"])
     def model_page(request: Request, session: ViewerPage):
         return page(request, "model.html", session, card=card(), path=str(settings.bundle_path), nav="model")
@@ -413,6 +429,11 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     @router.get("/api/failures", tags=["api"])
     def api_failures(session: Viewer) -> list[dict]:
         return failures()
+
+    @router.get("/api/discrepancies", tags=["api"])
+    def api_discrepancies(session: Viewer, label: LabelQ = None, limit: LimitQ = 200, offset: OffsetQ = 0) -> dict:
+        """The second read's discrepancies, the newest first, and the report store's counts."""
+        return second_reads(label, limit, offset)
 
     @router.get("/api/model-card", tags=["api"])
     def api_card(session: Viewer) -> dict:

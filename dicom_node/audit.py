@@ -30,6 +30,9 @@ A5 = {
     "resent": ("DICOM Instances Transferred", "110104", "R", 0),
     "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
     "report_sent": ("Export", "110106", "R", 0),  # a report to the RIS (HL7) or a FHIR server (ris/delivery.py)
+    # a first reader's report kept for the second read (ris/intake.py), and a finding it leaves out
+    "report_received": ("Import", "110107", "C", 0),
+    "discrepancy": ("Patient Record", "110110", "C", 0),
     "refused": ("Security Alert", "110113", "E", 4),
     "quarantined": ("Security Alert", "110113", "E", 4),
     "application_start": ("Application Activity", "110100", "E", 0),

@@ -53,6 +53,8 @@ from dicom_node.sop import (  # noqa: F401 - CR_IMAGE, DX_*: this module's vocab
 
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT"})
 FRONTAL_VIEW_POSITIONS = frozenset({"PA", "AP"})
+OWN_RESULT = "own result (no loop)"  # the reason of a skipped result of ours (the listener's report intake reads it)
+
 # View Code Sequence codes meaning a lateral projection (SNOMED CT and the legacy SRT ids).
 LATERAL_VIEW_CODES = frozenset({
     "399067008", "399173006", "399198007", "399352003", "399012007", "399197002",
@@ -159,7 +161,7 @@ def classify(ds: Dataset, own_manufacturer: str = MANUFACTURER) -> Decision:
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
 
     if _is_own(ds, sop_class, own_manufacturer):
-        return Decision(False, "own result (no loop)")
+        return Decision(False, OWN_RESULT)
     if not sop_class:
         return Decision(False, "no SOP Class UID")
     if sop_class not in PROCESSED_CLASSES:

@@ -58,6 +58,7 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_accession ON jobs (accession_hash);
 CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_hash);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 """
 _COLUMNS = ("id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path, state, reason, attempts, "
             "created_at, updated_at, lease_until, accession_hash, patient_hash")
@@ -301,6 +302,16 @@ class JobStore:
         sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
         with self._tx() as db:
             rows = db.execute(sql, (*args, max(0, int(limit)), max(0, int(offset)))).fetchall()
+        return [j for j in map(self._row, rows) if j is not None]
+
+    def for_study(self, study_instance_uid: str, accession_hash: str | None) -> list[Job]:
+        """Jobs of a study, by its UID or the keyed hash of its accession number, skipped ones left
+        out (a first reader's report matches the images that were inferred), the oldest first."""
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state!=? AND ((study_instance_uid=? AND study_instance_uid!='') "
+                "OR (accession_hash=? AND accession_hash IS NOT NULL)) ORDER BY created_at",
+                (JobState.SKIPPED, study_instance_uid, accession_hash)).fetchall()
         return [j for j in map(self._row, rows) if j is not None]
 
     def callers(self) -> list[tuple[str, int, float]]:

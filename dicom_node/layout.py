@@ -5,6 +5,7 @@ builds a path inside it asks a :class:`SpoolLayout` instead of joining names its
 newcomer reads the layout here and a rename happens in one place::
 
     jobs.sqlite                  the job table (dicom_node.jobstore): the source of truth
+    reports.sqlite               first readers' reports, comparisons, discrepancies (ris.reportstore)
     audit.jsonl                  the audit trail (dicom_node.audit)
     incoming/ results/ dead-letter/ quarantine/ tmp/
                                  received instances, results owed, given up, refused, partial writes
@@ -41,6 +42,10 @@ class SpoolLayout:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs.sqlite"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports.sqlite"
 
     @property
     def audit(self) -> Path:

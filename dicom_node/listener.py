@@ -41,12 +41,12 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import require_configured
-from dicom_node.filters import classify
+from dicom_node.filters import OWN_RESULT, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
 from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks
-from dicom_node.sop import IMAGE_STORAGE, STORED_AND_SKIPPED, TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.sop import BASIC_TEXT_SR, IMAGE_STORAGE, STORED_AND_SKIPPED, TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.spool import OutOfSpace, Spool
 
 log = structlog.get_logger(__name__)
@@ -122,6 +122,9 @@ class Intake:
     new_id: Callable[[], str]
     lookup_key: bytes = field(default=b"", repr=False)
     ae_label: metrics.AeLabels = field(default_factory=metrics.AeLabels)  # calling AE -> metric label (a bounded set)
+    # a Basic Text SR (not our own) is also a first reader's report: the second read's intake
+    # (ris.intake via worker.cli.serve); None: stored and skipped like any SR
+    on_report: Callable[[Dataset], None] | None = None
 
 
 def _calling_aet(event: evt.Event) -> str:
@@ -275,6 +278,11 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
     log.info("instance received" if queued else "instance skipped", state=str(job.state), **fields)
     (metrics.INSTANCES_RECEIVED if queued else metrics.INSTANCES_SKIPPED).labels(calling_aet=ae).inc()
 
+    if deps.on_report is not None and sop_class == BASIC_TEXT_SR and decision.reason != OWN_RESULT:
+        try:
+            deps.on_report(ds)
+        except Exception as exc:  # noqa: BLE001 - the instance is stored; the report can be sent again
+            log.error("report intake failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
     if queued:
         try:
             deps.enqueue(job.id)
@@ -318,6 +326,7 @@ def start_listener(
     audit: AuditLog,
     enqueue: Callable[[str], None],
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    on_report: Callable[[Dataset], None] | None = None,
 ) -> GuardedServer:
     """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop.
 
@@ -338,7 +347,7 @@ def start_listener(
     ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
 
     deps = Intake(cfg, spool, jobs, audit, enqueue, new_id, cfg.lookup_key or spool_secret(spool.root, "lookup"),
-                 metrics.AeLabels(cfg.allowed_calling_aets))
+                 on_report=on_report, ae_label=metrics.AeLabels(cfg.allowed_calling_aets))
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),

@@ -76,6 +76,16 @@ PREDICTIONS_URGENT = Counter("medsam2_predictions_urgent", "Predictions that mad
                              "([urgent] rules: a Key Object Selection, C-STORE priority HIGH)", ["model"])
 POSITIVES = Counter("medsam2_findings_positive", "Predictions with the finding present (above its threshold)",
                     ["model", "label"])
+# ---------------------------------------------------------------- the second read (ris/intake.py)
+
+REPORTS_RECEIVED = Counter("medsam2_reports_received", "First readers' reports kept for the second read (HL7 "
+                           "ORU^R01 over MLLP, or a Basic Text SR from the PACS)", ["source"])
+REPORTS_REFUSED = Counter("medsam2_reports_refused", "HL7 messages answered AE: not readable as a report "
+                          "(the ACK names why)", ["reason"])
+DISCREPANCIES = Counter("medsam2_discrepancies", "Findings the model and the first reader's report disagree on "
+                        "([second_read]: the model calls it present at a confident tier, the report is negative "
+                        "or silent; and the other way round when configured)", ["label"])
+
 MODEL_LOADED = Gauge("medsam2_model_loaded", "GPU worker processes with the model loaded", ["model", "device"],
                      multiprocess_mode="livesum")
 GPU_MEMORY_ALLOCATED = Gauge("medsam2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ["device"],

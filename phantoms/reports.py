@@ -203,7 +203,10 @@ def _negative_sentences(lab, r, view) -> list[str]:
 
 
 def write_report(lab: dict, unc, f: dict, r: np.random.Generator, view: str = "frontal",
-                 kind: str = "chest", part: str = "HAND") -> str:
+                 kind: str = "chest", part: str = "HAND", left_out: frozenset[str] = frozenset()) -> str:
+    """The report of a case. ``left_out``: positive labels the report is silent on (no positive
+    sentence, and no negation either), as a first reader who missed them writes it (bench.second_read);
+    leaving out every opacity child also needs "Lung Opacity" left out, or the opacity is still named."""
     if kind == "nonchest":
         what = "hand" if part == "HAND" else "pelvis"
         return ("FINDINGS: Radiograph of the " + what + ". " +
@@ -211,8 +214,9 @@ def write_report(lab: dict, unc, f: dict, r: np.random.Generator, view: str = "f
                           "Alignment is normal."]) +
                 " No acute osseous abnormality.\nIMPRESSION: Negative " + what + " radiograph.")
     unc = set(unc)
-    pos, imp = _positive_sentences(lab, unc, f, r, view)
-    neg = _negative_sentences(lab, r, view)
+    shown = {k: (0 if k in left_out else v) for k, v in lab.items()}
+    pos, imp = _positive_sentences(shown, unc, f, r, view)
+    neg = _negative_sentences(lab, r, view)  # negations only of labels that are 0: a left-out finding stays silent
     head = _pick(r, ["PA view of the chest.", "Frontal view of the chest.", "Single frontal radiograph of the chest."]) \
         if view == "frontal" else "Lateral view of the chest."
     body = pos + neg

@@ -32,6 +32,10 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from dicom_node.listener import ListenerConfig
     from dicom_node.sender import ResultDestination
+    from models.prediction import Prediction
+    from ris.inbound import ReportListener
+    from ris.intake import SecondReader
+    from ris.reportstore import ReportStore
     from worker.pipeline import Context, Reporter
 
 
@@ -139,6 +143,58 @@ class Node:
         s = self.settings.sender
         return retry_window_s(s.attempts, s.backoff_s, s.max_backoff_s, s.timeout_s) + delivery.window_s(self.settings)
 
+    # -- the second read ---------------------------------------------------------------------------
+    @cached_property
+    def reports(self) -> ReportStore:
+        from ris.reportstore import ReportStore
+
+        return ReportStore(self.layout.reports, clock=self.clock.time)
+
+    def load_prediction(self, job_id: str) -> Prediction | None:
+        """A job's saved prediction, None while it has none (worker.pipeline.load_prediction)."""
+        from worker.pipeline import PREDICTION, load_prediction
+
+        folder = self.spool.result_dir(job_id)
+        if not (folder / PREDICTION).exists():
+            return None
+        return load_prediction(folder)[0]
+
+    def second_reader(self) -> SecondReader | None:
+        """[second_read] as ris.intake takes it; None when it is off."""
+        from dicom_node.tls import client_context
+        from ris.intake import SecondReader
+        from ris.notify import Notifier
+
+        s = self.settings
+        sr = s.second_read
+        if not sr.enabled:
+            return None
+        n = sr.notify
+        tls = client_context(n.tls.ca, n.tls.cert or None, n.tls.key or None, n.tls.check_hostname) if n.tls.ca else None
+        notifier = Notifier(sending_application=s.node.ae_title, hl7_host=n.hl7_host, hl7_port=n.hl7_port,
+                            receiving_application=n.receiving_application, hl7_tls=tls, webhook_url=n.webhook_url,
+                            webhook_verify=n.webhook_ca or True, timeout_s=n.timeout_s)
+        clock = self.clock
+        return SecondReader(store=self.reports, jobs=self.jobs, audit=self.audit,
+                            lookup_key=self.secret("lookup", s.node.lookup_secret),
+                            load_prediction=lambda job: self.load_prediction(job.id),
+                            notify=(lambda rows: notifier(rows, clock.now())) if notifier.configured else None,
+                            tiers=sr.tiers, also_report_positive=sr.also_report_positive_model_negative)
+
+    def report_listener(self, reader: SecondReader, **overrides: Any) -> ReportListener | None:
+        """The MLLP listener of [second_read.inbound], not started; None when its port is 0."""
+        from dicom_node.tls import server_context
+        from ris.inbound import ReportListener
+
+        i = self.settings.second_read.inbound
+        port = overrides.get("port", i.port)
+        if not port:
+            return None
+        t = i.tls
+        tls = server_context(t.cert, t.key, t.ca or None, t.require_client_cert) if t.cert else None
+        return ReportListener(host=overrides.get("host", i.host), port=port, keep=lambda r: reader.keep(r)[0],
+                              after=reader.match_report, application=self.settings.node.ae_title, tls=tls)
+
     # -- the pipeline -----------------------------------------------------------------------------
     def reporter(self) -> Reporter | None:
         """The similar-cases drafter, opened on its first draft; None when there is no index."""
@@ -156,8 +212,10 @@ class Node:
         from worker.pipeline import Context
 
         s = self.settings
+        reader = self.second_reader()
         return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
                        clock=self.clock, urgent_rules=s.urgent.rules,
                        reports=delivery.from_settings(s, self.jobs.path,
-                                                      urgency=lambda p: assess(p, s.urgent.rules).is_urgent))
+                                                      urgency=lambda p: assess(p, s.urgent.rules).is_urgent),
+                       second_read=reader.job_inferred if reader is not None else None)

@@ -85,6 +85,8 @@ class Context:
     language: str = "en"  # of the draft and the notices in the results ([report] language)
     reports: Reports | None = None  # RIS (HL7) and FHIR targets of the routes (ris.delivery); None: the PACS only
     urgent_rules: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULES))  # [urgent] rules
+    # the second read (ris.intake.SecondReader.job_inferred): a new prediction against its study's reports
+    second_read: Callable[[Job], object] | None = None
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
@@ -313,6 +315,11 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
                              present=[f.label for f in pred.findings if f.present], urgent=urgency.labels)
             metrics.record_prediction(model.digest, pred, urgency.is_urgent)
             done.append(job.id)
+            if ctx.second_read is not None:
+                try:
+                    ctx.second_read(job)
+                except Exception as exc:  # noqa: BLE001 - the results go out all the same; the report stays kept
+                    log.error("second read failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
             _enqueue(enqueue_send, job.id)
     if transient:
         raise transient[0]

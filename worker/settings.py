@@ -232,6 +232,46 @@ class Dicomweb(Section):
     clients: list[DicomwebClient] = []
 
 
+class ReportInbound(Section):
+    # MLLP listener for the first readers' reports (HL7 v2 ORU^R01, ris/inbound.py); port 0: none.
+    host: str = "0.0.0.0"
+    port: int = 0
+    tls: NodeTls = Field(default_factory=NodeTls)  # cert empty: plain MLLP
+
+
+class SecondReadNotify(Section):
+    # Where each discrepancy goes (ris/notify.py): an ORU^R01 to an MLLP target and/or a JSON POST to a hook.
+    hl7_host: str = ""  # empty: no HL7 notification
+    hl7_port: int = 2575
+    receiving_application: str = ""  # MSH-5
+    tls: DestinationTls = Field(default_factory=DestinationTls)  # ca empty: plain MLLP
+    webhook_url: str = ""  # empty: no hook
+    webhook_ca: str = ""  # PEM CA bundle an https hook must chain to; empty: the system's CAs
+    timeout_s: float = 10.0
+
+
+class SecondRead(Section):
+    # The node as second reader (ris/intake.py, ris/second_read.py): each first reader's report
+    # (HL7 over [second_read.inbound], or a Basic Text SR from the PACS) is compared with the model's findings.
+    enabled: bool = False
+    # Confidence tiers at which a finding the report leaves out is a discrepancy; "not validated" adds
+    # the findings of a bundle not validated on real images (a phantom-trained one).
+    tiers: list[str] = ["medium", "high"]
+    # Also flag a finding both report labelers read as positive that the model calls absent.
+    also_report_positive_model_negative: bool = False
+    inbound: ReportInbound = Field(default_factory=ReportInbound)
+    notify: SecondReadNotify = Field(default_factory=SecondReadNotify)
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, value: list[str]) -> list[str]:
+        from models.prediction import ALL_TIERS
+
+        if not value or any(t not in ALL_TIERS for t in value):
+            raise ValueError(f"[second_read] tiers {value}: choose from {list(ALL_TIERS)} (at least one)")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -247,6 +287,7 @@ class Settings(BaseSettings):
     urgent: Urgent = Field(default_factory=Urgent)
     console: Console = Field(default_factory=Console)
     dicomweb: Dicomweb = Field(default_factory=Dicomweb)
+    second_read: SecondRead = Field(default_factory=SecondRead)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -21,9 +21,9 @@ def test_records_carry_the_a5_event_code_action_and_outcome(tmp_path):
     assert sent["dicom_event"] == "DICOM Instances Transferred" and sent["event_id"] == "110104"
     assert sent["event_outcome"] == 0 and sent["time"] == 12.0
     # DCM codes of PS3.16 CID 400: Application Activity, Instances Accessed, Instances Transferred,
-    # Export, Patient Record, Query, Security Alert, User Authentication
+    # Export, Import, Patient Record, Query, Security Alert, User Authentication
     known = {"110100": "Application Activity", "110103": "DICOM Instances Accessed",
-             "110104": "DICOM Instances Transferred", "110106": "Export", "110110": "Patient Record",
+             "110104": "DICOM Instances Transferred", "110106": "Export", "110107": "Import", "110110": "Patient Record",
              "110112": "Query", "110113": "Security Alert", "110114": "User Authentication"}
     assert all(known.get(code) == name for name, code, _, _ in A5.values())
     with pytest.raises(ValueError, match="unknown audit event"):

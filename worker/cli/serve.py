@@ -98,7 +98,12 @@ def serve(node: Node, launch: Launch | None = None,
         signal.signal(sig, lambda *_: stop.set())
     enqueue_infer, enqueue_send = enqueuers(make_app(settings))
     audit, jobs = node.audit, node.jobs
-    server = start_listener(node.listener_config(), node.spool, jobs, audit, enqueue_infer)
+    reader = node.second_reader()
+    server = start_listener(node.listener_config(), node.spool, jobs, audit, enqueue_infer,
+                            on_report=_sr_intake(reader) if reader is not None else None)
+    reports = node.report_listener(reader) if reader is not None else None
+    if reports is not None:
+        reports.start()
     if start_gpu is not None:
         _release_claims(jobs, "start")  # left by an `up` that was killed: its workers are gone
     audit.record("application_start", ae_title=settings.node.ae_title, port=settings.node.port, pid=os.getpid())
@@ -132,6 +137,8 @@ def serve(node: Node, launch: Launch | None = None,
         t0 = time.monotonic()
         log.info("up.stopping")
         server.shutdown()
+        if reports is not None:
+            reports.shutdown()
         stop_children(([builder] if builder is not None else []) + workers)
         if builder is not None and (model_build.read_progress(settings.spool) or {}).get("state") == "building":
             model_build.mark(settings.spool, "interrupted",
@@ -140,6 +147,22 @@ def serve(node: Node, launch: Launch | None = None,
             _release_claims(jobs, "stop")
         audit.record("application_stop", ae_title=settings.node.ae_title, pid=os.getpid())
         log.info("up.stopped", seconds=round(time.monotonic() - t0, 1))
+
+
+def _sr_intake(reader):
+    """The DICOM listener's hook for a Basic Text SR from the PACS: kept and compared as a report
+    (ris.report_in.from_text_sr); one that is no report is logged, the instance stays stored."""
+    from ris.report_in import ReportUnreadable, from_text_sr
+
+    def on_report(ds) -> None:
+        try:
+            report = from_text_sr(ds)
+        except ReportUnreadable as exc:
+            log.info("text SR is no report", reason=str(exc))
+            return
+        reader.receive(report)
+
+    return on_report
 
 
 def _release_claims(jobs: JobStore, when: str) -> None:
