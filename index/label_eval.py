@@ -230,7 +230,7 @@ def table(m: dict) -> str:
     if "agreement" in m:
         lines += ["Per-label 4-class kappa between the extractors: " + ", ".join(
             f"{k} {_f(m['agreement']['per_label_kappa_4class'][k])}" for k in LABELS), ""]
-    lines += ["## MeSH -> CheXpert mapping (training.openi.MESH_RULES)", "",
+    lines += ["## MeSH -> CheXpert mapping (model_training.openi.MESH_RULES)", "",
               "A tagged report's label is 1 when a rule reaches it, else 0; Lung Opacity is also 1 when "
               "Lung Lesion, Edema, Consolidation, Pneumonia or Atelectasis is 1; No Finding is 1 when no "
               "pathology (all but Support Devices) is 1; reports tagged No Indexing are left out.", "",
