@@ -104,6 +104,8 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     templates.env.filters["num"] = lambda v, digits=3: ("–" if v is None else f"{v:.{digits}f}"
                                                          if isinstance(v, float) else v)
     echoes = data.EchoCache(settings, echo)
+    mode = node.mode()  # live, or shadow and its QA destination: on every page (base.html) and in /api/today
+    templates.env.globals["node_mode"] = mode
 
     def enqueuers() -> tuple[Callable[[str], None], Callable[[str], None]]:
         return enqueue or node.enqueuers
@@ -162,7 +164,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
 
     def today_summary() -> dict:
         dests = [{**d, "paused": pauses.get(d["ae_title"], d["host"], d["port"])} for d in echoes()]
-        return data.today(ctx, card(), clock(), dests)
+        return {**data.today(ctx, card(), clock(), dests), "mode": mode}
 
     def pause(target: str, session: Session, request: Request, paused: bool) -> dict:
         d = data.destination(settings, target)
@@ -374,7 +376,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     # -- JSON API --------------------------------------------------------------------------
     @router.get("/api/today", tags=["api"])
     def api_today(session: Viewer) -> dict:
-        """Counts per state, throughput and latency per hour, OOD rate, positive rates, destinations."""
+        """Counts per state, throughput and latency per hour, OOD rate, positive rates, destinations, the mode."""
         return today_summary()
 
     @router.get("/api/jobs", tags=["api"])

@@ -70,6 +70,8 @@ DEAD_LETTERS = Counter("medsam2_dead_letters", "Jobs whose results went to the d
                        "last send attempt", ["destination"])
 SEND_ATTEMPTS_FAILED = Counter("medsam2_send_attempts_failed", "Send attempts that failed (each retry counts)",
                                ["destination"])
+SHADOW_JOBS = Counter("medsam2_jobs_shadow", "Jobs done in shadow mode ([node] mode = \"shadow\"): results kept "
+                      "in the spool, sent to no PACS, RIS or FHIR server (qa: the QA destination, or none)", ["qa"])
 PREDICTIONS = Counter("medsam2_predictions", "Images the model predicted", ["model"])
 PREDICTIONS_OOD = Counter("medsam2_predictions_ood", "Predictions flagged out of distribution", ["model"])
 PREDICTIONS_URGENT = Counter("medsam2_predictions_urgent", "Predictions that made their study urgent "

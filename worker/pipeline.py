@@ -2,7 +2,8 @@
 
 infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
 deliver_job: prediction -> SR + SC (+ a text SR with the draft report when a similar cases index is
-configured; deterministic UIDs) -> C-STORE -> done or dead letter.
+configured; deterministic UIDs) -> C-STORE -> done or dead letter. In shadow mode the results stay
+in the spool (or go to the QA destination only) and the job ends done with reason "shadow".
 Each step claims its job in the job store first, so a duplicate message does nothing.
 An error that will not go away (worker.failures) ends the job at once in FAILED, with its reason,
 audited and logged; a transient one gives the job back for the reconciler to retry.
@@ -85,6 +86,10 @@ class Context:
     language: str = "en"  # of the draft and the notices in the results ([report] language)
     reports: Reports | None = None  # RIS (HL7) and FHIR targets of the routes (ris.delivery); None: the PACS only
     urgent_rules: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULES))  # [urgent] rules
+    # [node] mode = "shadow": results are encoded and kept in the spool, never sent to the PACS, RIS or FHIR
+    # server; only qa_destination ([node.qa_destination]), when given, receives the DICOM results.
+    shadow: bool = False
+    qa_destination: ResultDestination | None = None
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
@@ -418,6 +423,8 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))
         stage = "send"
+        if ctx.shadow:
+            return _shadow(ctx, job, files, urgency, send)
         dest = destination_for(job.calling_aet)
         if urgency.is_urgent and isinstance(dest, Destination):  # every result of the study goes first at
             dest = dataclasses.replace(dest, priority=Priority.HIGH)  # the PACS (STOW-RS has no priority)
@@ -447,6 +454,44 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
                      seconds=round(sent_s, 3), since_received=round(since_received, 3), urgent=urgency.labels)
+    return JobState.DONE
+
+
+SHADOW_REASON = "shadow"  # the reason of a job done in shadow mode (the console and status show it)
+
+
+def _shadow(ctx: Context, job: Job, files: list[Path], urgency: Urgency,
+            send: Callable[[list[Path], ResultDestination], None]) -> JobState | None:
+    """Shadow mode's end of a claimed job whose results are in the spool: nothing to the PACS, RIS
+    or FHIR server; the DICOM results to the QA destination when one is configured (a refusal after
+    the last retry dead-letters them, as for the PACS). Done with reason "shadow", audited "shadow"."""
+    qa = ctx.qa_destination
+    t0 = time.perf_counter()
+    if qa is not None:
+        if urgency.is_urgent and isinstance(qa, Destination):
+            qa = dataclasses.replace(qa, priority=Priority.HIGH)
+        try:
+            send(files, qa)
+        except DeliveryFailed as exc:
+            where = ctx.spool.dead_letter(job.id, files, str(exc))
+            ctx.jobs.advance(job.id, JobState.SENDING, JobState.DEAD, reason=str(exc))
+            metrics.DEAD_LETTERS.labels(destination=metrics.destination_label(qa)).inc()
+            ctx.audit.record("dead_letter", job=job.id, sop_instance_uid=job.sop_instance_uid,
+                             destination=qa.ae_title, reason=str(exc), folder=str(where), shadow=True)
+            log.error("deliver.dead_letter", job=job.id, destination=qa.ae_title, shadow=True)
+            return JobState.DEAD
+    reason = SHADOW_REASON + (f": results to the QA destination {qa.ae_title}" if qa is not None else
+                              ": results kept in the spool")
+    results = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    kept = [ctx.spool.relative(f) for f in files]
+    if not ctx.jobs.advance(job.id, JobState.SENDING, JobState.DONE, reason=reason):
+        log.warning("deliver.shadow_not_ours", job=job.id)
+        return None
+    metrics.SHADOW_JOBS.labels(qa="none" if qa is None else metrics.destination_label(qa)).inc()
+    ctx.audit.record("shadow", job=job.id, sop_instance_uid=job.sop_instance_uid, results=results, files=kept,
+                     qa_destination=None if qa is None else qa.ae_title,
+                     seconds=round(time.perf_counter() - t0, 3), urgent=urgency.labels)
+    log.info("deliver.shadow", job=job.id, results=len(files), qa_destination=None if qa is None else qa.ae_title)
     return JobState.DONE
 
 
