@@ -129,6 +129,14 @@ class Node:
         qa = self.settings.node.qa_destination
         return None if qa is None else destination(qa)
 
+    def site_labels(self) -> Callable[[str], str]:
+        """Calling AE title -> the `site` label of the drift metrics, bounded (dicom_node.metrics.AeLabels):
+        with an allow list, its titles and the DICOMweb clients' names are their own labels."""
+        from dicom_node.metrics import AeLabels
+
+        allowed = self.settings.node.allowed_calling_aets
+        return AeLabels([*allowed, *(c.name for c in self.settings.dicomweb.clients)] if allowed else ())
+
     def mode(self) -> dict:
         """The node's mode as `status` and the console show it."""
         qa = self.settings.node.qa_destination
@@ -179,6 +187,6 @@ class Node:
         return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
                        clock=self.clock, urgent_rules=s.urgent.rules, shadow=self.shadow,
-                       qa_destination=self.qa_destination(),
+                       qa_destination=self.qa_destination(), site_label=self.site_labels(),
                        reports=delivery.from_settings(s, self.jobs.path,
                                                       urgency=lambda p: assess(p, s.urgent.rules).is_urgent))

@@ -45,6 +45,7 @@ from dicom_node.jobstore import FINAL_FAILURES, Job, JobState, JobStore
 from dicom_node.sender import DeliveryFailed, Destination, Priority, ResultDestination
 from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
+from models import drift
 from models.prediction import ModelIdentity, Prediction
 from models.preprocess import read_image
 from models.urgency import DEFAULT_RULES, Urgency, assess
@@ -90,6 +91,9 @@ class Context:
     # server; only qa_destination ([node.qa_destination]), when given, receives the DICOM results.
     shadow: bool = False
     qa_destination: ResultDestination | None = None
+    # calling AE title -> the bounded `site` label of the drift metrics ([node] allowed_calling_aets and the
+    # DICOMweb clients are their own labels; without an allow list the first 64 titles are)
+    site_label: Callable[[str], str] = field(default_factory=metrics.AeLabels)
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
@@ -313,10 +317,13 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
                 fail_job(ctx, job, JobState.INFERRING, "infer", "cannot save prediction", exc)
             continue
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
+            figures = drift.image_figures(pred)  # the console's daily drift figures read them back (models.drift)
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
-                             present=[f.label for f in pred.findings if f.present], urgent=urgency.labels)
+                             present=figures["present"], urgent=urgency.labels, calling_aet=job.calling_aet,
+                             mean_radius=round(figures["mean_radius"], 6))
             metrics.record_prediction(model.digest, pred, urgency.is_urgent)
+            metrics.record_drift(model.digest, ctx.site_label(job.calling_aet), pred)
             done.append(job.id)
             _enqueue(enqueue_send, job.id)
     if transient:

@@ -1,0 +1,124 @@
+"""Drift figures (models/drift.py) on synthetic numbers, the card's validation range, the per-site
+counters and the range the HTTP app exports from the card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from models import drift
+from models.labels import LABELS
+from models.prediction import Finding, Prediction
+
+DAY = dt.datetime(2026, 11, 28, tzinfo=dt.UTC).timestamp()
+
+
+def _validation(n: int = 400, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    rates = np.linspace(0.0, 0.5, len(LABELS))  # "No Finding" never present on this split
+    present = rng.random((n, len(LABELS))) < rates
+    ood = rng.random(n) < 0.01
+    radius = rng.normal(0.1, 0.01, n)
+    return present, ood, radius
+
+
+def test_the_range_holds_the_validation_figure_and_is_as_wide_as_a_day_of_images():
+    present, ood, radius = _validation()
+    ref = drift.reference(present, ood, radius, day_images=50, resamples=2000)
+    for i, k in enumerate(LABELS):
+        lo, hi = ref["positive_rate"][k]
+        rate = present[:, i].mean()
+        assert lo <= rate <= hi
+        sd = np.sqrt(max(rate, 1 / 402) * (1 - rate) / 50)  # binomial sd of a 50-image day
+        assert 2 * sd < hi - lo < 8 * sd, (k, lo, hi, sd)
+    assert ref["positive_rate"]["No Finding"][0] == 0.0 < ref["positive_rate"]["No Finding"][1]  # not [0, 0]
+    lo, hi = ref["mean_radius"]
+    assert lo < radius.mean() < hi and hi - lo < 0.02
+    assert ref["n_validation"] == 400 and ref["day_images"] == 50
+    again = drift.reference(present, ood, radius, day_images=50, resamples=2000)
+    assert again == ref  # seeded: the card is reproducible
+    with pytest.raises(ValueError, match="n > 0"):
+        drift.reference(present[:0], ood[:0], radius[:0])
+
+
+def _records(site: str, day: float, n: int, present_every: int, ood_every: int, radius: float) -> list[dict]:
+    return [{"time": day + 60 * i, "site": site, "present": ["Cardiomegaly"] if i % present_every == 0 else [],
+             "out_of_distribution": i % ood_every == 0, "mean_radius": radius} for i in range(n)]
+
+
+def test_daily_figures_per_site_and_utc_day():
+    records = (_records("A", DAY, 60, 4, 30, 0.1) + _records("A", DAY + 86400, 8, 2, 100, 0.3)
+               + _records("B", DAY + 3600, 60, 2, 3, 0.2))
+    days = drift.daily(records)
+    assert [(d.site, d.day, d.images) for d in days] == [("A", "2026-11-28", 60), ("A", "2026-11-29", 8),
+                                                          ("B", "2026-11-28", 60)]
+    a, a2, b = days
+    assert a.positive_rate["Cardiomegaly"] == 15 / 60 and a.ood_rate == 2 / 60 and a.mean_radius == pytest.approx(0.1)
+    assert b.positive_rate["Cardiomegaly"] == 30 / 60 and b.ood_rate == 20 / 60
+    assert a.positive_rate["Edema"] == 0.0
+    ref = {"day_images": 50, "positive_rate": {"Cardiomegaly": [0.1, 0.4]}, "ood_rate": [0.0, 0.06],
+           "mean_radius": [0.08, 0.12]}
+    out = drift.excursions(days, ref)
+    # A's first day is inside; its second has too few images; B leaves every range
+    assert [(e.site, e.statistic, e.label) for e in out] == [("B", "positive_rate", "Cardiomegaly"),
+                                                             ("B", "ood_rate", ""), ("B", "mean_radius", "")]
+    assert out[0].value == 0.5 and (out[0].low, out[0].high) == (0.1, 0.4)
+
+
+def test_an_old_card_without_the_range_and_overridden_labels():
+    with pytest.raises(drift.DriftReferenceMissing, match="rebuild the bundle"):
+        drift.card_reference({"name": "old"})
+    present, ood, radius = _validation(100)
+    card = {"drift": drift.reference(present, ood, radius)}
+    assert set(drift.card_reference(card)["positive_rate"]) == set(LABELS)
+    assert "Cardiomegaly" not in drift.card_reference(card, ["Cardiomegaly"])["positive_rate"]
+    everything = drift.card_reference(card, ["*"])
+    assert everything["positive_rate"] == {} and everything["ood_rate"] == card["drift"]["ood_rate"]
+
+
+def _prediction(present: set[str], ood: bool, radius: float) -> Prediction:
+    findings = tuple(Finding(k, 0.9 if k in present else 0.1, 0.5, "low", 0.0) for k in LABELS)
+    return Prediction(findings, ood_score=1.0 if ood else -1.0, ood_threshold=0.0, center=np.zeros(4),
+                      radius=np.full(4, radius))
+
+
+def test_the_per_site_counters():
+    from dicom_node import metrics
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, {"model": "d1f7c0ffee00", **labels}) or 0.0
+
+    before = (value("medsam2_drift_images_total", site="SITE_X"),
+              value("medsam2_drift_positive_total", site="SITE_X", label="Edema"),
+              value("medsam2_drift_ood_total", site="SITE_X"), value("medsam2_drift_radius_total", site="SITE_X"))
+    metrics.record_drift("d1f7c0ffee00" + "0" * 52, "SITE_X", _prediction({"Edema"}, True, 0.25))
+    metrics.record_drift("d1f7c0ffee00" + "0" * 52, "SITE_X", _prediction(set(), False, 0.05))
+    after = (value("medsam2_drift_images_total", site="SITE_X"),
+             value("medsam2_drift_positive_total", site="SITE_X", label="Edema"),
+             value("medsam2_drift_ood_total", site="SITE_X"), value("medsam2_drift_radius_total", site="SITE_X"))
+    assert np.subtract(after, before) == pytest.approx([2, 1, 1, 0.3])
+    assert value("medsam2_drift_positive_total", site="SITE_X", label="Fracture") == 0.0  # exists, at 0
+    assert drift.image_figures(_prediction({"Edema"}, True, 0.25)) == {"present": ["Edema"], "out_of_distribution": True,
+                                                                       "mean_radius": 0.25}
+
+
+def test_a_new_bundle_carries_the_range_and_the_app_exports_it(tiny_bundle):
+    from console.app import drift_range_metrics
+
+    card = json.loads((tiny_bundle / "model_card.json").read_text())
+    ref = card["drift"]
+    assert set(ref["positive_rate"]) == set(LABELS) and ref["n_validation"] == card["validation"]["n_images"]
+    assert all(lo <= ref["validation"]["positive_rate"][k] <= hi for k, (lo, hi) in ref["positive_rate"].items())
+    got = {m.name: m for m in drift_range_metrics(card, "m", overridden=["Edema"])}
+    assert got["medsam2_model_card_drift_recorded"].samples[0].value == 1.0
+    lows = {(s.labels["statistic"], s.labels["label"]): s.value for s in got["medsam2_model_card_drift_low"].samples}
+    assert lows[("mean_radius", "")] == ref["mean_radius"][0] and ("positive_rate", "Edema") not in lows
+    assert len(lows) == len(LABELS) - 1 + 2
+    assert got["medsam2_model_card_drift_day_images"].samples[0].value == ref["day_images"]
+    old = {m.name: m for m in drift_range_metrics({"name": "old"}, "m")}
+    assert list(old) == ["medsam2_model_card_drift_recorded"] and old[
+        "medsam2_model_card_drift_recorded"].samples[0].value == 0.0
