@@ -358,6 +358,15 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     def model_page(request: Request, session: ViewerPage):
         return page(request, "model.html", session, card=card(), path=str(settings.bundle_path), nav="model")
 
+    def drift_summary() -> dict:
+        return data.drift_summary(ctx, card(), clock(), settings.model.operating_points)
+
+    @router.get("/drift", response_class=HTMLResponse, tags=["pages"])
+    def drift_page(request: Request, session: ViewerPage):
+        summary = drift_summary()
+        return page(request, "drift.html", session, d=summary, plots=data.drift_plots(summary), nav="drift",
+                    title="Drift")
+
     @router.get("/sites", response_class=HTMLResponse, tags=["pages"])
     def sites_page(request: Request, session: ViewerPage):
         return page(request, "sites.html", session, sites=data.sites(ctx, settings), nav="sites")
@@ -422,6 +431,12 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         if c is None:
             raise HTTPException(404, f"no readable model card in {settings.bundle_path}")
         return c
+
+    @router.get("/api/drift", tags=["api"])
+    def api_drift(session: Viewer) -> dict:
+        """Each site's label rates, OOD rate and mean box radius per UTC day, the model card's validation
+        range (models.drift) and the days outside it."""
+        return drift_summary()
 
     @router.get("/api/sites", tags=["api"])
     def api_sites(session: Viewer) -> list[dict]:

@@ -122,3 +122,75 @@ def test_a_new_bundle_carries_the_range_and_the_app_exports_it(tiny_bundle):
     old = {m.name: m for m in drift_range_metrics({"name": "old"}, "m")}
     assert list(old) == ["medsam2_model_card_drift_recorded"] and old[
         "medsam2_model_card_drift_recorded"].samples[0].value == 0.0
+
+
+def test_the_console_drift_page(tmp_path, tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    from dicom_node.audit import AuditLog
+    from dicom_node.jobstore import JobStore
+    from dicom_node.spool import Spool
+    from tests.console_helpers import console_app, users_toml
+    from tests.unit.test_console import _login
+    from worker.pipeline import Context
+    from worker.settings import load_settings
+
+    card = json.loads((tiny_bundle / "model_card.json").read_text())
+    ref = card["drift"]
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[paths]\nspool = "{tmp_path / "var"}"\n[model]\nbundle = "{tiny_bundle}"\n'
+                   '[console]\nsession_secret = "s"\n' + users_toml())
+    spool = tmp_path / "var"
+    t = [DAY]
+    audit = AuditLog(spool / "audit.jsonl", clock=lambda: t[0])
+    ctx = Context(spool=Spool(spool), jobs=JobStore(spool / "jobs.sqlite"), audit=audit)
+    high_radius = ref["mean_radius"][1] * 2
+    for i in range(ref["day_images"]):  # one full day at SITE_B, every image out of range in radius
+        t[0] = DAY + 60 * i
+        audit.record("inferred", job=f"j{i}", calling_aet="SITE_B", present=[], out_of_distribution=False,
+                     mean_radius=high_radius)
+    t[0] = DAY + 86400
+    audit.record("inferred", job="k", calling_aet="SITE_A", present=["Edema"], out_of_distribution=True,
+                 mean_radius=ref["validation"]["mean_radius"])
+    client = TestClient(console_app(load_settings(cfg), ctx=ctx, echo=lambda d: (True, ""), clock=lambda: DAY + 86400))
+    _login(client, "viewer")
+    got = client.get("/api/drift").json()
+    assert [(d["site"], d["day"], d["images"]) for d in got["days"]] == [("SITE_A", "2026-11-29", 1),
+                                                                          ("SITE_B", "2026-11-28", ref["day_images"])]
+    # no label present all day: below the range of each label whose validation range starts above 0
+    want = {("positive_rate", k) for k, (lo, _) in ref["positive_rate"].items() if lo > 0} | {("mean_radius", "")}
+    want |= {("ood_rate", "")} if ref["ood_rate"][0] > 0 else set()  # nor flagged
+    assert {(e["statistic"], e["label"]) for e in got["excursions"]} == want
+    assert {e["site"] for e in got["excursions"]} == {"SITE_B"} and got["reference_missing"] is None
+    assert [e["value"] for e in got["excursions"] if e["statistic"] == "mean_radius"] == [pytest.approx(high_radius)]
+    page = client.get("/drift").text
+    assert page.count("<svg") == 2 + len(LABELS) and 'data-figure="mean_radius"' in page and "SITE_B" in page
+
+
+def test_a_device_shift_moves_the_drift_figures_out_of_the_validation_range(tiny_bundle, tmp_path):
+    """The same phantom cases from the same devices at shift 0 and at twice the strongest training
+    shift (phantoms/devices.py), and other cases at shift 0 as the control: the shifted site's
+    mean radius and OOD rate leave the card's range, the unshifted sites' mean radius stays in it."""
+    from models.bundle import load_bundle
+    from models.predictor import Predictor
+    from phantoms import generate
+    from worker.decoding import model_input
+
+    predictor = Predictor(load_bundle(tiny_bundle), device="cpu")
+    ref = predictor.bundle.card["drift"]
+
+    def day(site: str, seed: int, shift: float) -> drift.DayFigures:
+        out = generate(24, tmp_path / site, seed=seed, shift=shift, size=256).parent
+        images = [model_input(str(p), predictor.bundle.image_size) for p in sorted((out / "images").glob("*.dcm"))]
+        records = [{"time": DAY, "site": site, **drift.image_figures(p)} for p in predictor.predict(images)]
+        (figures,) = drift.daily(records)
+        return figures
+
+    same, control, shifted = day("A", 21, 0.0), day("A2", 22, 0.0), day("B", 21, 2.0)
+    for d in (same, control):  # (the tiny bundle's OOD range, from 8 validation images, is too coarse to hold them to)
+        assert ref["mean_radius"][0] <= d.mean_radius <= ref["mean_radius"][1], d
+    assert shifted.mean_radius > ref["mean_radius"][1] and shifted.ood_rate > ref["ood_rate"][1], shifted
+    assert shifted.ood_rate > max(same.ood_rate, control.ood_rate)
+    assert shifted.mean_radius - same.mean_radius > 2 * abs(control.mean_radius - same.mean_radius)
+    moved = sum(abs(shifted.positive_rate[k] - same.positive_rate[k]) for k in LABELS)
+    assert moved > sum(abs(control.positive_rate[k] - same.positive_rate[k]) for k in LABELS)
