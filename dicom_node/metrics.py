@@ -78,13 +78,13 @@ PREDICTIONS_URGENT = Counter("medsam2_predictions_urgent", "Predictions that mad
                              "([urgent] rules: a Key Object Selection, C-STORE priority HIGH)", ["model"])
 POSITIVES = Counter("medsam2_findings_positive", "Predictions with the finding present (above its threshold)",
                     ["model", "label"])
-# Drift per site (calling AE title, bounded by AeLabels) against the model card's validation range
+# Drift per site (label calling_aet, bounded by AeLabels; not "site", which scrape configs set per node) against the model card's validation range
 # (models.drift): daily rates are increase(...[1d]) ratios, e.g. the recording rules in deploy/prometheus.
-DRIFT_IMAGES = Counter("medsam2_drift_images", "Images predicted, per site (calling AE title)", ["model", "site"])
-DRIFT_POSITIVES = Counter("medsam2_drift_positive", "Images with the finding present, per site", ["model", "site", "label"])
-DRIFT_OOD = Counter("medsam2_drift_ood", "Images flagged out of distribution, per site", ["model", "site"])
+DRIFT_IMAGES = Counter("medsam2_drift_images", "Images predicted, per site (calling AE title)", ["model", "calling_aet"])
+DRIFT_POSITIVES = Counter("medsam2_drift_positive", "Images with the finding present, per site", ["model", "calling_aet", "label"])
+DRIFT_OOD = Counter("medsam2_drift_ood", "Images flagged out of distribution, per site", ["model", "calling_aet"])
 DRIFT_RADIUS = Counter("medsam2_drift_radius", "Sum over images of the mean box radius (mean of r over the latent "
-                       "dimensions), per site: divided by medsam2_drift_images_total, the mean radius", ["model", "site"])
+                       "dimensions), per site: divided by medsam2_drift_images_total, the mean radius", ["model", "calling_aet"])
 MODEL_LOADED = Gauge("medsam2_model_loaded", "GPU worker processes with the model loaded", ["model", "device"],
                      multiprocess_mode="livesum")
 GPU_MEMORY_ALLOCATED = Gauge("medsam2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ["device"],
@@ -131,14 +131,14 @@ def record_drift(digest: str, site: str, prediction) -> None:
     """Count one prediction towards its site's drift figures (models.drift); ``site`` is already a
     bounded label value (AeLabels). Every label's series exists from the site's first image on."""
     m = model_label(digest)
-    DRIFT_IMAGES.labels(model=m, site=site).inc()
-    ood = DRIFT_OOD.labels(model=m, site=site)
+    DRIFT_IMAGES.labels(model=m, calling_aet=site).inc()
+    ood = DRIFT_OOD.labels(model=m, calling_aet=site)
     if prediction.out_of_distribution:
         ood.inc()
     radius = float(prediction.radius.mean()) if prediction.radius.size else 0.0
-    DRIFT_RADIUS.labels(model=m, site=site).inc(max(0.0, radius))
+    DRIFT_RADIUS.labels(model=m, calling_aet=site).inc(max(0.0, radius))
     for finding in prediction.findings:
-        positive = DRIFT_POSITIVES.labels(model=m, site=site, label=finding.label)
+        positive = DRIFT_POSITIVES.labels(model=m, calling_aet=site, label=finding.label)
         if finding.present:
             positive.inc()
 

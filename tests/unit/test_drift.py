@@ -92,16 +92,16 @@ def test_the_per_site_counters():
     def value(name, **labels):
         return REGISTRY.get_sample_value(name, {"model": "d1f7c0ffee00", **labels}) or 0.0
 
-    before = (value("medsam2_drift_images_total", site="SITE_X"),
-              value("medsam2_drift_positive_total", site="SITE_X", label="Edema"),
-              value("medsam2_drift_ood_total", site="SITE_X"), value("medsam2_drift_radius_total", site="SITE_X"))
+    before = (value("medsam2_drift_images_total", calling_aet="SITE_X"),
+              value("medsam2_drift_positive_total", calling_aet="SITE_X", label="Edema"),
+              value("medsam2_drift_ood_total", calling_aet="SITE_X"), value("medsam2_drift_radius_total", calling_aet="SITE_X"))
     metrics.record_drift("d1f7c0ffee00" + "0" * 52, "SITE_X", _prediction({"Edema"}, True, 0.25))
     metrics.record_drift("d1f7c0ffee00" + "0" * 52, "SITE_X", _prediction(set(), False, 0.05))
-    after = (value("medsam2_drift_images_total", site="SITE_X"),
-             value("medsam2_drift_positive_total", site="SITE_X", label="Edema"),
-             value("medsam2_drift_ood_total", site="SITE_X"), value("medsam2_drift_radius_total", site="SITE_X"))
+    after = (value("medsam2_drift_images_total", calling_aet="SITE_X"),
+             value("medsam2_drift_positive_total", calling_aet="SITE_X", label="Edema"),
+             value("medsam2_drift_ood_total", calling_aet="SITE_X"), value("medsam2_drift_radius_total", calling_aet="SITE_X"))
     assert np.subtract(after, before) == pytest.approx([2, 1, 1, 0.3])
-    assert value("medsam2_drift_positive_total", site="SITE_X", label="Fracture") == 0.0  # exists, at 0
+    assert value("medsam2_drift_positive_total", calling_aet="SITE_X", label="Fracture") == 0.0  # exists, at 0
     assert drift.image_figures(_prediction({"Edema"}, True, 0.25)) == {"present": ["Edema"], "out_of_distribution": True,
                                                                        "mean_radius": 0.25}
 
