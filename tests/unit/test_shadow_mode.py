@@ -48,8 +48,16 @@ def _no_pacs(aet: str):
     raise AssertionError("shadow mode asked for the PACS of a caller")
 
 
+def _no_reports(aet: str):
+    raise AssertionError("shadow mode asked for the RIS or FHIR targets of a caller")
+
+
 def test_shadow_mode_sends_nothing_and_keeps_every_result_in_the_spool(tmp_path, predictor, phantom_dir):
-    ctx = _ctx(tmp_path, shadow=True)
+    from ris.delivery import Reports
+    from ris.ledger import Ledger
+
+    reports = Reports(targets_for=_no_reports, ledger=Ledger(tmp_path / "ledger.sqlite"))  # a RIS and FHIR route
+    ctx = _ctx(tmp_path, shadow=True, reports=reports)
     _inferred(ctx, predictor, sorted((phantom_dir / "images").glob("*.dcm"))[0])
     sent: list = []
     assert pipeline.deliver_job("job1", ctx, _no_pacs, lambda f, d: sent.append((f, d))) == JobState.DONE
