@@ -175,8 +175,9 @@ class ReadinessCollector(Collector):
 class ModelCardCollector(Collector):
     """What the model card says, to compare the live rates with (``medsam2_model_card_ood_rate``)."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, overridden: Iterable[str] = ()) -> None:
         self.bundle = bundle
+        self.overridden = tuple(overridden)  # [model] operating_points keys: those labels have no drift range
 
     def collect(self) -> Iterable[Metric]:
         from models.bundle import read_card
@@ -195,6 +196,41 @@ class ModelCardCollector(Collector):
                                   "expects flagged out of distribution", labels=["model"])
             g.add_metric([model], rate)
             yield g
+        yield from drift_range_metrics(card, model, self.overridden)
+
+
+def drift_range_metrics(card: dict, model: str, overridden: Iterable[str] = ()) -> Iterable[Metric]:
+    """The card's drift range (models.drift) as ``medsam2_model_card_drift_low``/``_high``
+    {statistic, label} and the day size it holds for; ``medsam2_model_card_drift_recorded`` 0 for
+    a card written before the range was (no range series then: nothing to compare with)."""
+    from models.drift import DriftReferenceMissing, card_reference
+
+    recorded = GaugeMetricFamily("medsam2_model_card_drift_recorded", "1 when the model card holds the drift range "
+                                 "seen at validation (0: a bundle built before it was; rebuild to compare)",
+                                 labels=["model"])
+    try:
+        ref = card_reference(card, overridden)
+    except DriftReferenceMissing:
+        recorded.add_metric([model], 0.0)
+        yield recorded
+        return
+    recorded.add_metric([model], 1.0)
+    yield recorded
+    low = GaugeMetricFamily("medsam2_model_card_drift_low", "Lowest daily figure seen at validation (models.drift)",
+                            labels=["model", "statistic", "label"])
+    high = GaugeMetricFamily("medsam2_model_card_drift_high", "Highest daily figure seen at validation (models.drift)",
+                             labels=["model", "statistic", "label"])
+    ranges = [("positive_rate", k, v) for k, v in ref["positive_rate"].items()]
+    ranges += [("ood_rate", "", ref["ood_rate"]), ("mean_radius", "", ref["mean_radius"])]
+    for statistic, label, (lo, hi) in ranges:
+        low.add_metric([model, statistic, label], float(lo))
+        high.add_metric([model, statistic, label], float(hi))
+    yield low
+    yield high
+    day = GaugeMetricFamily("medsam2_model_card_drift_day_images", "Images a day needs before its drift figures "
+                            "are compared with the range", labels=["model"])
+    day.add_metric([model], float(ref["day_images"]))
+    yield day
 
 
 def card_ood_rate(card: dict) -> float | None:
@@ -215,7 +251,7 @@ def create_app(settings: Settings, readiness: Readiness | None = None) -> FastAP
     registry = metrics.registry(
         metrics.NodeCollector(node.jobs, node.spool, [s.value for s in JobState]),
         ReadinessCollector(readiness),
-        ModelCardCollector(settings.bundle_path),
+        ModelCardCollector(settings.bundle_path, settings.model.operating_points),
     )
     app = FastAPI(title="medsam2-cxr", docs_url=None, redoc_url=None)  # OpenAPI at /openapi.json
 

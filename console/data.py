@@ -7,6 +7,7 @@ admin-only, audited route calls.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -319,3 +320,71 @@ def redacted(value: object, key: str = "") -> object:
     if isinstance(value, str):
         return re.sub(r"(?<=://)([^:/@]*):[^@/]*@", r"\1:" + REDACTED + "@", value)
     return value
+
+
+# ---------------------------------------------------------------- drift
+
+def drift_summary(ctx: Context, card: dict | None, now: float, overridden: Iterable[str] = (), days: int = 14) -> dict:
+    """Each site's figures per UTC day over the last ``days`` days (models.drift.daily, from the
+    audit's "inferred" records), the card's validation range and the days that leave it. A card
+    without the range (a bundle built before it was recorded) gives the figures and says so."""
+    from models.drift import DriftReferenceMissing, card_reference, daily, excursions
+
+    since = (dt.datetime.fromtimestamp(now, dt.UTC).date() - dt.timedelta(days=days - 1))
+    start = dt.datetime.combine(since, dt.time(), dt.UTC).timestamp()
+    records = audit_since(ctx, start, {"inferred"})
+    sites: dict[str, str] = {}
+    for r in records:  # records written before they named their calling AE: the job table does
+        if not r.get("calling_aet") and r.get("job") not in sites:
+            job = ctx.jobs.get(str(r.get("job")))
+            sites[str(r.get("job"))] = job.calling_aet if job else "unknown"
+    figures = daily({"time": r["time"], "site": r.get("calling_aet") or sites.get(str(r.get("job"))),
+                     "present": r.get("present"), "out_of_distribution": r.get("out_of_distribution"),
+                     "mean_radius": r.get("mean_radius")} for r in records)
+    ref: dict | None
+    try:
+        ref = card_reference(card or {}, overridden) if card is not None else None
+        missing = None if card is not None else "no readable model card"
+    except DriftReferenceMissing as exc:
+        ref, missing = None, str(exc)
+    return {"since": since.isoformat(), "days": [dataclasses.asdict(d) for d in figures],
+            "reference": ref, "reference_missing": missing,
+            "excursions": [dataclasses.asdict(e) for e in excursions(figures, ref)] if ref else []}
+
+
+def drift_plots(summary: dict) -> dict[str, str]:
+    """Inline SVG per figure: each site's daily value, the validation range shaded, out-of-range days ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    ref = summary["reference"]
+    sites = sorted({d["site"] for d in summary["days"]})
+    out = {}
+    panels: list[tuple[str, str, str]] = [("ood_rate", "", "OOD rate"), ("mean_radius", "", "mean box radius")]
+    labels = list((ref or {}).get("positive_rate") or sorted({k for d in summary["days"] for k in d["positive_rate"]}))
+    panels += [("positive_rate", k, k) for k in labels]
+    ringed = {(e["site"], e["day"], e["statistic"], e["label"]) for e in summary["excursions"]}
+    for statistic, label, title in panels:
+        fig = Figure(figsize=(4, 2.0))
+        ax = fig.add_subplot()
+        for site in sites:
+            rows = [d for d in summary["days"] if d["site"] == site]
+            xs = np.array([np.datetime64(d["day"]) for d in rows])
+            ys = [np.nan if (v := (d[statistic] if not label else d[statistic].get(label))) is None else v for d in rows]
+            ax.plot(xs, ys, "o-", markersize=3, label=site)
+            bad = [(x, y) for x, y, d in zip(xs, ys, rows) if (site, d["day"], statistic, label) in ringed]
+            if bad:
+                ax.plot(*zip(*bad), "o", markersize=9, markerfacecolor="none", markeredgecolor="#c0392b")
+        rng = (ref or {}).get(statistic)
+        rng = rng.get(label) if isinstance(rng, dict) else rng
+        if rng:
+            ax.axhspan(rng[0], rng[1], color="#3b6ea5", alpha=0.15, label="validation range")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        fig.autofmt_xdate()
+        if sites:
+            ax.legend(fontsize=6)
+        out[f"{statistic}:{label}" if label else statistic] = _svg(fig)
+    return out

@@ -105,6 +105,8 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     templates.env.filters["num"] = lambda v, digits=3: ("–" if v is None else f"{v:.{digits}f}"
                                                          if isinstance(v, float) else v)
     echoes = data.EchoCache(settings, echo)
+    mode = node.mode()  # live, or shadow and its QA destination: on every page (base.html) and in /api/today
+    templates.env.globals["node_mode"] = mode
 
     def enqueuers() -> tuple[Callable[[str], None], Callable[[str], None]]:
         return enqueue or node.enqueuers
@@ -163,7 +165,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
 
     def today_summary() -> dict:
         dests = [{**d, "paused": pauses.get(d["ae_title"], d["host"], d["port"])} for d in echoes()]
-        return data.today(ctx, card(), clock(), dests)
+        return {**data.today(ctx, card(), clock(), dests), "mode": mode}
 
     def pause(target: str, session: Session, request: Request, paused: bool) -> dict:
         d = data.destination(settings, target)
@@ -372,6 +374,15 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     def model_page(request: Request, session: ViewerPage):
         return page(request, "model.html", session, card=card(), path=str(settings.bundle_path), nav="model")
 
+    def drift_summary() -> dict:
+        return data.drift_summary(ctx, card(), clock(), settings.model.operating_points)
+
+    @router.get("/drift", response_class=HTMLResponse, tags=["pages"])
+    def drift_page(request: Request, session: ViewerPage):
+        summary = drift_summary()
+        return page(request, "drift.html", session, d=summary, plots=data.drift_plots(summary), nav="drift",
+                    title="Drift")
+
     @router.get("/sites", response_class=HTMLResponse, tags=["pages"])
     def sites_page(request: Request, session: ViewerPage):
         return page(request, "sites.html", session, sites=data.sites(ctx, settings), nav="sites")
@@ -390,7 +401,7 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
     # -- JSON API --------------------------------------------------------------------------
     @router.get("/api/today", tags=["api"])
     def api_today(session: Viewer) -> dict:
-        """Counts per state, throughput and latency per hour, OOD rate, positive rates, destinations."""
+        """Counts per state, throughput and latency per hour, OOD rate, positive rates, destinations, the mode."""
         return today_summary()
 
     @router.get("/api/jobs", tags=["api"])
@@ -441,6 +452,12 @@ def build_router(settings, *, ctx=None, enqueue: tuple[Callable[[str], None], Ca
         if c is None:
             raise HTTPException(404, f"no readable model card in {settings.bundle_path}")
         return c
+
+    @router.get("/api/drift", tags=["api"])
+    def api_drift(session: Viewer) -> dict:
+        """Each site's label rates, OOD rate and mean box radius per UTC day, the model card's validation
+        range (models.drift) and the days outside it."""
+        return drift_summary()
 
     @router.get("/api/sites", tags=["api"])
     def api_sites(session: Viewer) -> list[dict]:

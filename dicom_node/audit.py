@@ -27,6 +27,8 @@ A5 = {
     "dead_letter": ("DICOM Instances Transferred", "110104", "R", 8),
     # A job a pipeline step could not finish (a bug or a defect in the data): final until resent.
     "job_failed": ("DICOM Instances Accessed", "110103", "R", 8),
+    # shadow mode ([node] mode = "shadow"): results made and kept in the spool (or sent to a QA destination only)
+    "shadow": ("DICOM Instances Accessed", "110103", "R", 0),
     "resent": ("DICOM Instances Transferred", "110104", "R", 0),
     "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
     "report_sent": ("Export", "110106", "R", 0),  # a report to the RIS (HL7) or a FHIR server (ris/delivery.py)

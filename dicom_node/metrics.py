@@ -70,6 +70,8 @@ DEAD_LETTERS = Counter("medsam2_dead_letters", "Jobs whose results went to the d
                        "last send attempt", ["destination"])
 SEND_ATTEMPTS_FAILED = Counter("medsam2_send_attempts_failed", "Send attempts that failed (each retry counts)",
                                ["destination"])
+SHADOW_JOBS = Counter("medsam2_jobs_shadow", "Jobs done in shadow mode ([node] mode = \"shadow\"): results kept "
+                      "in the spool, sent to no PACS, RIS or FHIR server (qa: the QA destination, or none)", ["qa"])
 PREDICTIONS = Counter("medsam2_predictions", "Images the model predicted", ["model"])
 PREDICTIONS_OOD = Counter("medsam2_predictions_ood", "Predictions flagged out of distribution", ["model"])
 PREDICTIONS_URGENT = Counter("medsam2_predictions_urgent", "Predictions that made their study urgent "
@@ -86,6 +88,13 @@ DISCREPANCIES = Counter("medsam2_discrepancies", "Findings the model and the fir
                         "([second_read]: the model calls it present at a confident tier, the report is negative "
                         "or silent; and the other way round when configured)", ["label"])
 
+# Drift per site (label calling_aet, bounded by AeLabels; not "site", which scrape configs set per node) against the model card's validation range
+# (models.drift): daily rates are increase(...[1d]) ratios, e.g. the recording rules in deploy/prometheus.
+DRIFT_IMAGES = Counter("medsam2_drift_images", "Images predicted, per site (calling AE title)", ["model", "calling_aet"])
+DRIFT_POSITIVES = Counter("medsam2_drift_positive", "Images with the finding present, per site", ["model", "calling_aet", "label"])
+DRIFT_OOD = Counter("medsam2_drift_ood", "Images flagged out of distribution, per site", ["model", "calling_aet"])
+DRIFT_RADIUS = Counter("medsam2_drift_radius", "Sum over images of the mean box radius (mean of r over the latent "
+                       "dimensions), per site: divided by medsam2_drift_images_total, the mean radius", ["model", "calling_aet"])
 MODEL_LOADED = Gauge("medsam2_model_loaded", "GPU worker processes with the model loaded", ["model", "device"],
                      multiprocess_mode="livesum")
 GPU_MEMORY_ALLOCATED = Gauge("medsam2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ["device"],
@@ -124,6 +133,22 @@ def record_prediction(digest: str, prediction, urgent: bool = False) -> None:
         flagged.inc()
     for finding in prediction.findings:
         positive = POSITIVES.labels(model=m, label=finding.label)
+        if finding.present:
+            positive.inc()
+
+
+def record_drift(digest: str, site: str, prediction) -> None:
+    """Count one prediction towards its site's drift figures (models.drift); ``site`` is already a
+    bounded label value (AeLabels). Every label's series exists from the site's first image on."""
+    m = model_label(digest)
+    DRIFT_IMAGES.labels(model=m, calling_aet=site).inc()
+    ood = DRIFT_OOD.labels(model=m, calling_aet=site)
+    if prediction.out_of_distribution:
+        ood.inc()
+    radius = float(prediction.radius.mean()) if prediction.radius.size else 0.0
+    DRIFT_RADIUS.labels(model=m, calling_aet=site).inc(max(0.0, radius))
+    for finding in prediction.findings:
+        positive = DRIFT_POSITIVES.labels(model=m, calling_aet=site, label=finding.label)
         if finding.present:
             positive.inc()
 

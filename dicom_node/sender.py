@@ -93,10 +93,12 @@ def _header(path: Path) -> tuple[str, str]:
 
 def _uncompressed(path: Path) -> pydicom.Dataset:
     """The file for a peer that accepted none of its syntaxes: decompressed when it is compressed
-    (pynetdicom converts only between the uncompressed syntaxes)."""
+    (pynetdicom converts only between the uncompressed syntaxes). The SOP Instance UID stays: the
+    results' syntaxes are lossless (PS3.5 8.2), and the audit, the RIS and the KOS name that UID
+    (pydicom 3's decompress makes a new one unless told not to)."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)
     return ds
 
 

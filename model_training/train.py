@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from model_training import metrics
 from model_training.measure import measure, public, score
 from model_training.variants import VARIANTS, Variant
-from models import operating_points
+from models import drift, operating_points
 from models.boxhead import BoxHead
 from models.calibration import fit_temperature
 from models.digests import bytes_digest
@@ -174,6 +174,10 @@ def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: 
            "percentile_of_validation": ood_percentile}
     if not variant.box:
         ood["note"] = "no box (point embedding): the radius is zero and the score is constant, so it flags nothing"
+    with torch.no_grad():
+        radius = head(torch.as_tensor(val.x))[1].mean(1).numpy()
+    # the range a site's daily figures are held against (models.drift; the console and the alert rules)
+    drift_range = drift.reference(p >= thresholds, sc.ood > ood["threshold"], radius)
     return {
         "temperatures": dict(zip(LABELS, map(float, temperature))),
         "thresholds": dict(zip(LABELS, map(float, thresholds))),
@@ -183,6 +187,7 @@ def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: 
         "validation": {"n_images": int(len(val.x)), "macro_auroc": auroc, "labels_scored": scored,
                        "elementwise_accuracy": metrics.elementwise_accuracy(val.y, p, thresholds),
                        "brier": metrics.brier(val.y, p)},
+        "drift": drift_range,
         "variant": variant.name,
         "variant_description": variant.description,
         "variant_config": asdict(variant),

@@ -123,6 +123,34 @@ class Node:
         """Where the results of a study sent by ``calling_aet`` go."""
         return destination(self.settings.destination.for_caller(calling_aet))
 
+    @property
+    def shadow(self) -> bool:
+        """[node] mode = "shadow": nothing goes to the PACS, RIS or FHIR server (worker.pipeline)."""
+        return self.settings.node.mode == "shadow"
+
+    def qa_destination(self) -> ResultDestination | None:
+        """[node.qa_destination]: where shadow mode sends the DICOM results; None: nowhere."""
+        qa = self.settings.node.qa_destination
+        return None if qa is None else destination(qa)
+
+    def site_labels(self) -> Callable[[str], str]:
+        """Calling AE title -> the `site` label of the drift metrics, bounded (dicom_node.metrics.AeLabels):
+        with an allow list, its titles and the DICOMweb clients' names are their own labels."""
+        from dicom_node.metrics import AeLabels
+
+        allowed = self.settings.node.allowed_calling_aets
+        return AeLabels([*allowed, *(c.name for c in self.settings.dicomweb.clients)] if allowed else ())
+
+    def mode(self) -> dict:
+        """The node's mode as `status` and the console show it."""
+        qa = self.settings.node.qa_destination
+        out: dict = {"mode": self.settings.node.mode}
+        if self.shadow:
+            out["sends"] = ("DICOM results to the QA destination only; nothing to the PACS, RIS or FHIR server"
+                            if qa is not None else "nothing: results stay in the spool")
+            out["qa_destination"] = None if qa is None else {"ae_title": qa.ae_title, "host": qa.host, "port": qa.port}
+        return out
+
     def send(self, files: list[Path], dest: ResultDestination) -> None:
         """C-STORE with the configured retries; a paused destination raises DestinationPaused
         (the job waits)."""
@@ -215,7 +243,8 @@ class Node:
         reader = self.second_reader()
         return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
-                       clock=self.clock, urgent_rules=s.urgent.rules,
+                       clock=self.clock, urgent_rules=s.urgent.rules, shadow=self.shadow,
+                       qa_destination=self.qa_destination(), site_label=self.site_labels(),
                        reports=delivery.from_settings(s, self.jobs.path,
                                                       urgency=lambda p: assess(p, s.urgent.rules).is_urgent),
                        second_read=reader.job_inferred if reader is not None else None)

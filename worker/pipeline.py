@@ -2,7 +2,8 @@
 
 infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
 deliver_job: prediction -> SR + SC (+ a text SR with the draft report when a similar cases index is
-configured; deterministic UIDs) -> C-STORE -> done or dead letter.
+configured; deterministic UIDs) -> C-STORE -> done or dead letter. In shadow mode the results stay
+in the spool (or go to the QA destination only) and the job ends done with reason "shadow".
 Each step claims its job in the job store first, so a duplicate message does nothing.
 An error that will not go away (worker.failures) ends the job at once in FAILED, with its reason,
 audited and logged; a transient one gives the job back for the reconciler to retry.
@@ -44,6 +45,7 @@ from dicom_node.jobstore import FINAL_FAILURES, Job, JobState, JobStore
 from dicom_node.sender import DeliveryFailed, Destination, Priority, ResultDestination
 from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
+from models import drift
 from models.prediction import ModelIdentity, Prediction
 from models.preprocess import read_image
 from models.urgency import DEFAULT_RULES, Urgency, assess
@@ -87,6 +89,13 @@ class Context:
     urgent_rules: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULES))  # [urgent] rules
     # the second read (ris.intake.SecondReader.job_inferred): a new prediction against its study's reports
     second_read: Callable[[Job], object] | None = None
+    # [node] mode = "shadow": results are encoded and kept in the spool, never sent to the PACS, RIS or FHIR
+    # server; only qa_destination ([node.qa_destination]), when given, receives the DICOM results.
+    shadow: bool = False
+    qa_destination: ResultDestination | None = None
+    # calling AE title -> the bounded `site` label of the drift metrics ([node] allowed_calling_aets and the
+    # DICOMweb clients are their own labels; without an allow list the first 64 titles are)
+    site_label: Callable[[str], str] = field(default_factory=metrics.AeLabels)
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
@@ -310,10 +319,13 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
                 fail_job(ctx, job, JobState.INFERRING, "infer", "cannot save prediction", exc)
             continue
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
+            figures = drift.image_figures(pred)  # the console's daily drift figures read them back (models.drift)
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
                              seconds=round(seconds, 3), batch=len(claimed), out_of_distribution=pred.out_of_distribution,
-                             present=[f.label for f in pred.findings if f.present], urgent=urgency.labels)
+                             present=figures["present"], urgent=urgency.labels, calling_aet=job.calling_aet,
+                             mean_radius=round(figures["mean_radius"], 6))
             metrics.record_prediction(model.digest, pred, urgency.is_urgent)
+            metrics.record_drift(model.digest, ctx.site_label(job.calling_aet), pred)
             done.append(job.id)
             if ctx.second_read is not None:
                 try:
@@ -425,6 +437,8 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))
         stage = "send"
+        if ctx.shadow:
+            return _shadow(ctx, job, files, urgency, send)
         dest = destination_for(job.calling_aet)
         if urgency.is_urgent and isinstance(dest, Destination):  # every result of the study goes first at
             dest = dataclasses.replace(dest, priority=Priority.HIGH)  # the PACS (STOW-RS has no priority)
@@ -454,6 +468,44 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
                      seconds=round(sent_s, 3), since_received=round(since_received, 3), urgent=urgency.labels)
+    return JobState.DONE
+
+
+SHADOW_REASON = "shadow"  # the reason of a job done in shadow mode (the console and status show it)
+
+
+def _shadow(ctx: Context, job: Job, files: list[Path], urgency: Urgency,
+            send: Callable[[list[Path], ResultDestination], None]) -> JobState | None:
+    """Shadow mode's end of a claimed job whose results are in the spool: nothing to the PACS, RIS
+    or FHIR server; the DICOM results to the QA destination when one is configured (a refusal after
+    the last retry dead-letters them, as for the PACS). Done with reason "shadow", audited "shadow"."""
+    qa = ctx.qa_destination
+    t0 = time.perf_counter()
+    if qa is not None:
+        if urgency.is_urgent and isinstance(qa, Destination):
+            qa = dataclasses.replace(qa, priority=Priority.HIGH)
+        try:
+            send(files, qa)
+        except DeliveryFailed as exc:
+            where = ctx.spool.dead_letter(job.id, files, str(exc))
+            ctx.jobs.advance(job.id, JobState.SENDING, JobState.DEAD, reason=str(exc))
+            metrics.DEAD_LETTERS.labels(destination=metrics.destination_label(qa)).inc()
+            ctx.audit.record("dead_letter", job=job.id, sop_instance_uid=job.sop_instance_uid,
+                             destination=qa.ae_title, reason=str(exc), folder=str(where), shadow=True)
+            log.error("deliver.dead_letter", job=job.id, destination=qa.ae_title, shadow=True)
+            return JobState.DEAD
+    reason = SHADOW_REASON + (f": results to the QA destination {qa.ae_title}" if qa is not None else
+                              ": results kept in the spool")
+    results = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    kept = [ctx.spool.relative(f) for f in files]
+    if not ctx.jobs.advance(job.id, JobState.SENDING, JobState.DONE, reason=reason):
+        log.warning("deliver.shadow_not_ours", job=job.id)
+        return None
+    metrics.SHADOW_JOBS.labels(qa="none" if qa is None else metrics.destination_label(qa)).inc()
+    ctx.audit.record("shadow", job=job.id, sop_instance_uid=job.sop_instance_uid, results=results, files=kept,
+                     qa_destination=None if qa is None else qa.ae_title,
+                     seconds=round(time.perf_counter() - t0, 3), urgent=urgency.labels)
+    log.info("deliver.shadow", job=job.id, results=len(files), qa_destination=None if qa is None else qa.ae_title)
     return JobState.DONE
 
 

@@ -51,6 +51,18 @@ class Node(Section):
     # random key made once in <spool>/secrets/lookup.key (dicom_node/lookup.py).
     lookup_secret: str = ""
     tls: NodeTls = Field(default_factory=NodeTls)
+    # "live": results go to the PACS, then the RIS and FHIR server of the caller's route. "shadow":
+    # everything is computed and kept in the spool (audited "shadow"), nothing goes to the PACS, RIS or
+    # FHIR server; only [node.qa_destination], when set, receives the DICOM results. Run it before going live.
+    mode: Literal["live", "shadow"] = "live"
+    qa_destination: QaDestination | None = None  # DICOM results in shadow mode (C-STORE or STOW-RS); none: nowhere
+
+    @model_validator(mode="after")
+    def _qa_only_in_shadow(self) -> Node:
+        if self.qa_destination is not None and self.mode != "shadow":
+            raise ValueError("[node.qa_destination] receives results in shadow mode only: set [node] mode = "
+                             "\"shadow\", or remove [node.qa_destination] (live results go to [destination])")
+        return self
 
 
 class DestinationTls(Section):
@@ -100,6 +112,20 @@ class Destination(Section):
             self.host = parts.hostname  # one name for pauses, metrics and the console, as for DIMSE
             self.port = parts.port or (443 if parts.scheme == "https" else 80)
         return self
+
+
+class QaDestination(Destination):
+    """Where shadow mode sends the DICOM results, for a QA viewer: a PACS only (no RIS, no FHIR)."""
+
+    @model_validator(mode="after")
+    def _no_reports(self) -> QaDestination:
+        if self.ris.host or self.fhir.url:
+            raise ValueError("[node.qa_destination] takes DICOM results only: shadow mode sends nothing to a RIS "
+                             "or FHIR server; remove its ris/fhir keys")
+        return self
+
+
+Node.model_rebuild()
 
 
 class Destinations(Destination):

@@ -111,6 +111,12 @@ def test_prometheus_scrapes_a_running_node(tmp_path, tiny_bundle, phantom_dir):
             'sum(medsam2_model_loaded)': 1,
             'medsam2_model_card_ood_rate': 0.01,
             'medsam2_oldest_queued_job_age_seconds': 0,
+            # drift per site (models/drift.py): the storescu's calling AE, and the card's validation range
+            'medsam2_drift_images_total{calling_aet="STORESCU"}': 1,
+            'count(medsam2_drift_positive_total{calling_aet="STORESCU"})': len(LABELS),
+            'medsam2_model_card_drift_recorded': 1,
+            'count(medsam2_model_card_drift_low)': len(LABELS) + 2,
+            'count(medsam2_model_card_drift_high)': len(LABELS) + 2,
         }
         wait_for(lambda: all(value(e) is not None for e in expected), 30,
                  lambda: f"series: missing {[e for e in expected if value(e) is None]}")

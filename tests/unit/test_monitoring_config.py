@@ -36,7 +36,9 @@ def exported(tmp_path_factory) -> tuple[set[str], set[str]]:
     tmp = tmp_path_factory.mktemp("node")
     bundle = tmp / "bundle"
     bundle.mkdir()
-    card = {"name": "test", "version": "0", "ood": {"percentile_of_validation": 99.0}}
+    card = {"name": "test", "version": "0", "ood": {"percentile_of_validation": 99.0},
+            "drift": {"day_images": 50, "positive_rate": {"Cardiomegaly": [0.02, 0.3]}, "ood_rate": [0.0, 0.06],
+                      "mean_radius": [0.08, 0.12]}}  # models.drift.reference's shape
     (bundle / CARD).write_text(json.dumps({**card, "digest": card_digest(card)}))
     settings = Settings(paths={"spool": tmp / "var"}, model={"bundle": str(bundle)})
     client = TestClient(create_app(settings, Readiness(settings, echo=lambda d: None)))

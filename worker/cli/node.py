@@ -159,7 +159,7 @@ def status(config: ConfigOpt = None,
            failures: Annotated[int, typer.Option(help="how many recent failed or dead-lettered jobs to list")] = 20,
            echo_timeout: Annotated[float, typer.Option(help="seconds to wait for each destination's C-ECHO")] = 2.0) -> None:
     """One JSON object: job counts by state, the most recent failed and dead-lettered jobs with
-    their reasons, the model (ready, or the default build's progress or failure) and whether each
+    their reasons, the mode (live, or shadow and its QA destination), the model (ready, or the default build's progress or failure) and whether each
     destination answers a C-ECHO. Exits 2 when there is no spool here (it creates none)."""
     from dicom_node.jobstore import FINAL_FAILURES
     from worker.node import Node
@@ -171,7 +171,7 @@ def status(config: ConfigOpt = None,
     recent = [{"job": j.id, "state": j.state.value, "reason": j.reason, "sop_instance_uid": j.sop_instance_uid,
                "since": dt.datetime.fromtimestamp(j.updated_at, dt.UTC).isoformat(timespec="seconds")}
               for j in jobs.recent(FINAL_FAILURES, failures)]
-    typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent, "spool": str(root),
+    typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent, "spool": str(root), "mode": node.mode(),
                            "model": _model_status(settings), "destinations": _destinations(node, echo_timeout)},
                           sort_keys=True))
 
