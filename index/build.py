@@ -28,6 +28,7 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from dicom_node.identifiers import PATIENT_IDENTIFIERS
 from imagedata.item import Item, ManifestError
 from imagedata.manifest import MANIFEST
 from imagedata.manifest import manifest_items as _manifest_items
@@ -40,10 +41,11 @@ from models.features import FeatureExtractor
 
 log = structlog.get_logger()
 
-# Header fields whose values are identifiers: scrubbed from report text, never stored.
-IDENTIFYING_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber", "StudyID",
-                    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstitutionName",
-                    "ReferringPhysicianName", "IssuerOfPatientID")
+# Header fields whose values are identifiers: scrubbed from report text, never stored. The patient's
+# own (dicom_node.identifiers, one list with the failure reasons and de-identification) and those
+# that name the study, its images, the institution and the referring physician.
+IDENTIFYING_TAGS = (*PATIENT_IDENTIFIERS, "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                    "InstitutionName", "ReferringPhysicianName")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
