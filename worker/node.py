@@ -206,7 +206,9 @@ class Node:
         return SecondReader(store=self.reports, jobs=self.jobs, audit=self.audit,
                             lookup_key=self.secret("lookup", s.node.lookup_secret),
                             load_prediction=lambda job: self.load_prediction(job.id),
-                            notify=(lambda rows: notifier(rows, clock.now())) if notifier.configured else None,
+                            # shadow mode sends nothing out, notifications included: listed, audited, counted
+                            notify=((lambda rows: notifier(rows, clock.now()))
+                                    if notifier.configured and not self.shadow else None),
                             tiers=sr.tiers, also_report_positive=sr.also_report_positive_model_negative)
 
     def report_listener(self, reader: SecondReader, **overrides: Any) -> ReportListener | None:

@@ -72,3 +72,15 @@ def test_the_tasks_take_the_settings_object_not_json(tmp_path):
     assert first is tasks._runtime() and first.settings is settings  # made once per process
     _, options = broker_options(settings)
     assert options["data_folder_in"] == str(settings.layout.broker_folder("queue"))
+
+
+def test_shadow_mode_sends_no_discrepancy_notification(tmp_path):
+    """[node] mode = "shadow" keeps everything inside the node: the second reader still compares,
+    lists, audits and counts, but its HL7 or webhook notification is not sent."""
+    def reader(mode: str):
+        return Node(Settings.model_validate({
+            "paths": {"spool": str(tmp_path / mode)}, "node": {"mode": mode},
+            "second_read": {"enabled": True, "notify": {"webhook_url": "http://127.0.0.1:9/hook"}}})).second_reader()
+
+    assert reader("live").notify is not None
+    assert reader("shadow").notify is None
