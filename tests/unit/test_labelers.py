@@ -16,10 +16,8 @@ from index.labelers.common import PATHOLOGIES, normalise, report_body, sections,
 from models.labels import LABELS
 from phantoms import manifest_label_value, sample_cases
 
-# ../shared/data beside the checkout (/work/main) or beside the worktrees' folder (/work/wt/<name>)
-OPENI = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
-                          for i in (3, 4)) if p.exists()),
-             Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz")
+# ../shared/data beside the checkout (the shared Open-i development reports)
+OPENI = Path(__file__).resolve().parents[3] / "shared" / "data" / "openi" / "openi-reports-dev.tgz"
 BOTH = [lexicon.label_report, grammar.label_report]
 IDS = ["lexicon", "grammar"]
 
