@@ -40,6 +40,25 @@ def require_peer(name: str) -> str:
     return found
 
 
+def issue_server_certificate(folder: Path, name: str) -> None:
+    """A test CA (ca.crt, ca.key) and a server certificate for localhost/127.0.0.1 signed by it
+    (<name>.crt, <name>.key) in ``folder``, made with the openssl command line."""
+    openssl = require_peer("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key",
+        "-out", "ca.crt", "-days", "2", "-subj", "/CN=ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+        "-out", f"{name}.csr", "-subj", "/CN=localhost")
+    (folder / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                                        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+
+
 def require_module(name: str):
     """Import the test-only module ``name`` (e.g. ``playwright.sync_api``); skip without it, fail under ``CI=true``."""
     if os.environ.get("CI") == "true":

@@ -20,7 +20,7 @@ from models.labels import LABELS
 from models.prediction import Finding, ModelIdentity, Prediction
 from ris import mllp
 from ris.hl7v2 import validate
-from tests.conftest import free_port, require_peer, wait_for
+from tests.conftest import free_port, issue_server_certificate, require_peer, wait_for
 from tests.ris_peers import Ris
 from worker import pipeline
 from worker.clock import ManualClock
@@ -175,24 +175,9 @@ def test_a_preliminary_report_is_kept_and_not_compared(tmp_path):
     assert node.reports.counts()["comparisons"] == 0
 
 
-def _issue(folder: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key",
-        "-out", "ca.crt", "-days", "2", "-subj", "/CN=ca", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "node.key",
-        "-out", "node.csr", "-subj", "/CN=localhost")
-    (folder / "node.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                                     "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    run("x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "node.crt", "-days", "2", "-extfile", "node.ext")
-
 
 def test_reports_over_tls(tmp_path):
-    require_peer("openssl")
-    _issue(tmp_path)
+    issue_server_certificate(tmp_path, "node")
     node = _node(tmp_path, tls={"cert": str(tmp_path / "node.crt"), "key": str(tmp_path / "node.key")})
     reader = node.second_reader()
     assert reader is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -29,7 +28,7 @@ from models.labels import LABELS
 from models.predictor import Predictor
 from ris import delivery
 from ris.ledger import Ledger
-from tests.conftest import require_peer
+from tests.conftest import issue_server_certificate
 from tests.ris_peers import FhirServer, Ris
 from worker import pipeline
 from worker.clock import ManualClock
@@ -180,24 +179,9 @@ def test_a_japanese_study_reaches_the_ris_in_iso_2022(ctx, predictor, phantom_di
     assert _segments(text, "PID")[0][5].split("~")[1] == "山田^花子^^^^^L^I"
 
 
-def _issue(folder: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key",
-        "-out", "ca.crt", "-days", "2", "-subj", "/CN=ca", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ris.key",
-        "-out", "ris.csr", "-subj", "/CN=localhost")
-    (folder / "ris.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                                    "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    run("x509", "-req", "-in", "ris.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "ris.crt",
-        "-days", "2", "-extfile", "ris.ext")
-
 
 def test_oru_over_tls(ctx, predictor, phantom_dir, tmp_path):
-    require_peer("openssl")
-    _issue(tmp_path)
+    issue_server_certificate(tmp_path, "ris")
     _inferred(ctx, predictor, phantom_dir, "job4", i=3)
     with Ris(tls=server_context(tmp_path / "ris.crt", tmp_path / "ris.key")) as ris:
         _reports(ctx, [delivery.Hl7Target(ris.host, ris.port, tls=client_context(tmp_path / "ca.crt"))])
