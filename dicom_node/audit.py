@@ -32,6 +32,10 @@ A5 = {
     "resent": ("DICOM Instances Transferred", "110104", "R", 0),
     "exported": ("Export", "110106", "R", 0),  # de-identified copies leaving the site
     "report_sent": ("Export", "110106", "R", 0),  # a report to the RIS (HL7) or a FHIR server (ris/delivery.py)
+    # one report per study (ris/delivery.py): this image's findings go with the report of another
+    # image of its study; or they came after the study's report went, and are in no report (minor failure)
+    "report_deferred": ("Export", "110106", "R", 0),
+    "study_already_reported": ("Export", "110106", "R", 4),
     # a first reader's report kept for the second read (ris/intake.py), and a finding it leaves out
     "report_received": ("Import", "110107", "C", 0),
     "discrepancy": ("Patient Record", "110110", "C", 0),

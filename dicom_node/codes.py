@@ -94,6 +94,8 @@ UNITLESS = codes.UCUM.NoUnits  # UCUM "1"
 OOD_SCORE = Code("OODSCORE", PRIVATE_SCHEME, "Out of distribution score")
 OOD_THRESHOLD = Code("OODTHR", PRIVATE_SCHEME, "Out of distribution threshold")
 OUTSIDE_EXPERIENCE = Code("OODIMG", PRIVATE_SCHEME, "Image outside the model's experience")
+# Which image of a study a study-level result (the RIS report, ris/) comes from: its SOP Instance UID.
+SOURCE_IMAGE = Code("SRCIMG", PRIVATE_SCHEME, "Source image SOP Instance UID")
 YES = codes.SCT.Yes  # SCT 373066001
 NO = codes.SCT.No  # SCT 373067005
 

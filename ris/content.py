@@ -1,9 +1,11 @@
-"""What a report to the RIS says, gathered once per job from the spool: the HL7 and FHIR builders
+"""What a report to the RIS says about one study, gathered from the spool: the HL7 and FHIR builders
 read only this.
 
-Patient and study come from the source image's header (the DICOM patient and study modules, as
-received); findings from the job's prediction; the draft from the Basic Text SR the PACS got (so
-the RIS reads the same words), or, without a similar cases index, a draft from the findings alone.
+Patient and study come from the first image's header (the DICOM patient and study modules, as
+received); findings from the predictions of every inferred image of the study (per label the
+image that shows it most, naming it; out-of-distribution per image); the draft from each image's
+Basic Text SR the PACS got (so the RIS reads the same words), or, without a similar cases index, a
+draft from its findings alone.
 Values here are patient identifiers: nothing in this module logs them.
 """
 
@@ -22,7 +24,7 @@ from dicom_node.codes import GUIDELINE_REFERENCES, SIMILAR_CASES
 from dicom_node.encoders.common import notices
 from dicom_node.encoders.text import NOTICES
 from index.wording import wording_for
-from models.prediction import ModelIdentity, Prediction
+from models.prediction import Finding, ModelIdentity, Prediction
 
 _FINDINGS, _IMPRESSIONS = "121070", "121072"  # DCM Findings, Impressions (the text SR's sections)
 
@@ -74,21 +76,58 @@ class DraftText:
 
 
 @dataclass(frozen=True)
-class ReportContent:
-    """Everything one ORU^R01 or FHIR Bundle says about one job."""
+class Image:
+    """One inferred image of the study, as the report names it."""
 
     job_id: str
+    sop_instance_uid: str
+    prediction: Prediction
+    urgent: bool
+    view: str = ""  # (0018,5101) View Position: PA, AP, LL...
+
+
+@dataclass(frozen=True)
+class StudyFinding:
+    """One label for the whole study: the finding of the image that shows it most (``image``: an
+    index into ReportContent.images)."""
+
+    finding: Finding
+    image: int
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """Everything one ORU^R01 or FHIR Bundle says about one study: every inferred image of it."""
+
+    key: str  # what the message's identifiers derive from: the Study Instance UID (a job's id without one)
     patient: Patient
     study: Study
-    prediction: Prediction
+    images: tuple[Image, ...]
+    findings: tuple[StudyFinding, ...]
     model: ModelIdentity
     draft: DraftText
     notices: tuple[str, ...]
-    urgent: bool
+    urgent: bool  # any image urgent
     issued: dt.datetime
     language: str = "en"
-    source_sop_instance_uid: str = ""
     identifiers: tuple[str, ...] = field(default=(), repr=False)  # values to redact from peers' answers
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [i.job_id for i in self.images]
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What gather reads of one inferred image: its job, source in the spool, prediction, and the
+    Basic Text SR the PACS got (None or missing: no similar cases index)."""
+
+    job_id: str
+    source: Path
+    prediction: Prediction
+    model: ModelIdentity
+    text_sr: Path | None
+    urgent: bool
 
 
 def _str(ds: Dataset, keyword: str) -> str:
@@ -172,20 +211,67 @@ def draft_from_findings(prediction: Prediction, language: str) -> DraftText:
     return DraftText(draft.findings, draft.impression, tuple(draft.notes))
 
 
-def gather(job_id: str, source: Path, prediction: Prediction, model: ModelIdentity, text_sr: Path | None,
-           urgent: bool, issued: dt.datetime, language: str = "en") -> ReportContent:
-    """The report of one job: source header, prediction, and the draft (text SR when there is one)."""
+def study_findings(predictions: list[Prediction]) -> tuple[StudyFinding, ...]:
+    """Per label, the finding of the image that shows it most: present on any image wins, then the
+    highest calibrated probability (the first image on a tie); labels in the first image's order."""
+    out = []
+    for first in predictions[0].findings:
+        candidates = [(i, f) for i, p in enumerate(predictions) for f in p.findings if f.label == first.label]
+        i, f = max(candidates, key=lambda c: (c[1].present, c[1].probability, -c[0]))
+        out.append(StudyFinding(f, i))
+    return tuple(out)
+
+
+def _draft_of(image: Inferred, language: str) -> tuple[DraftText, tuple[str, ...]]:
+    """(the draft, the notices) of one image: its text SR's, or written from its findings."""
+    if image.text_sr is not None and image.text_sr.exists():
+        return draft_from_text_sr(image.text_sr)
+    wording = wording_for(language)
+    return (draft_from_findings(image.prediction, language),
+            (wording.sentence(wording.draft_notice), *notices(image.prediction, image.model, wording)))
+
+
+def _joined(drafts: list[DraftText], images: tuple[Image, ...]) -> DraftText:
+    """One image: its draft as it is. Several: each image's findings and impression under its name,
+    and which image is which (its SOP Instance UID) among the notes."""
+    if len(drafts) == 1:
+        return drafts[0]
+    names = [image_name(k, i) for k, i in enumerate(images)]
+
+    def each(part: str) -> str:
+        return "\n".join(f"{name}: {getattr(d, part)}" for name, d in zip(names, drafts, strict=True)
+                         if getattr(d, part).strip())
+
+    which = (f"{name}: SOP Instance UID {i.sop_instance_uid}" for name, i in zip(names, images, strict=True))
+    return DraftText(each("findings"), each("impression"), (*dict.fromkeys(n for d in drafts for n in d.notes), *which))
+
+
+def gather(images: list[Inferred], issued: dt.datetime, language: str = "en") -> ReportContent:
+    """The report of one study from its inferred images (the oldest job first): patient and study
+    from the first image's header; per label the finding of the image showing it most; urgent when
+    any image is; each image's draft (its text SR when there is one) under its name."""
     from dicom_node.identifiers import identifiers
 
-    ds = pydicom.dcmread(source, stop_before_pixels=True)
-    patient, study = patient_and_study(ds)
-    wording = wording_for(language)
-    if text_sr is not None and text_sr.exists():
-        draft, notice_lines = draft_from_text_sr(text_sr)
-    else:
-        draft = draft_from_findings(prediction, language)
-        notice_lines = (wording.sentence(wording.draft_notice), *notices(prediction, model, wording))
-    return ReportContent(job_id=job_id, patient=patient, study=study, prediction=prediction, model=model,
-                         draft=draft, notices=tuple(dict.fromkeys(notice_lines)), urgent=urgent, issued=issued,
-                         language=language, source_sop_instance_uid=_str(ds, "SOPInstanceUID"),
-                         identifiers=tuple(identifiers(ds)))
+    if not images:
+        raise ValueError("a report needs at least one inferred image of the study")
+    headers = [pydicom.dcmread(i.source, stop_before_pixels=True) for i in images]
+    patient, study = patient_and_study(headers[0])
+    said = tuple(Image(job_id=i.job_id, sop_instance_uid=_str(ds, "SOPInstanceUID"), prediction=i.prediction,
+                       urgent=bool(i.urgent), view=_str(ds, "ViewPosition"))
+                 for i, ds in zip(images, headers, strict=True))
+    drafts: list[DraftText] = []
+    notice_lines: list[str] = []
+    for image in images:
+        draft, lines = _draft_of(image, language)
+        drafts.append(draft)
+        notice_lines += lines
+    return ReportContent(key=study.instance_uid or f"job:{images[0].job_id}", patient=patient, study=study,
+                         images=said, findings=study_findings([i.prediction for i in images]),
+                         model=images[0].model, draft=_joined(drafts, said), notices=tuple(dict.fromkeys(notice_lines)),
+                         urgent=any(i.urgent for i in said), issued=issued, language=language,
+                         identifiers=tuple(dict.fromkeys(v for ds in headers for v in identifiers(ds))))
+
+
+def image_name(index: int, image: Image) -> str:
+    """How the report names an image: "Image 1 (PA)"."""
+    return f"Image {index + 1}" + (f" ({image.view})" if image.view else "")

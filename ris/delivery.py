@@ -1,12 +1,14 @@
-"""Results to every target of the caller's route: the PACS (DICOM), then the RIS (HL7 ORU^R01 over
-MLLP) and a FHIR server, as one step of worker.pipeline.deliver_job.
+"""Results to every target of the caller's route: the job's DICOM results to the PACS, then its
+study's report to the RIS (HL7 ORU^R01 over MLLP) and a FHIR server, one per study (see
+deliver_results for when), as one step of worker.pipeline.deliver_job.
 
-Each target that acknowledged is recorded (ris.ledger); a target recorded is not sent to again,
-so when the RIS rejects a message (ACK AE/AR: the job is dead-lettered with the RIS's reason) and
-`medsam2-cxr resend` brings the job back, the PACS gets no second copy. The ORU's MSH-10 and the
-FHIR resources' identifiers derive from the job, so a message repeated after a lost ACK (or by a
-worker that died before recording) can be recognised by the receiver: the RIS by MSH-10, the FHIR
-server by the conditional create. Transient failures are retried with the sender's backoff
+Each target that acknowledged is recorded (ris.ledger: the PACS per job, the RIS and FHIR server
+per study); a target recorded is not sent to again, so when the RIS rejects a message (ACK AE/AR:
+the job is dead-lettered with the RIS's reason) and `medsam2-cxr resend` brings the job back, the
+PACS gets no second copy. The ORU's MSH-10 and the FHIR resources' identifiers derive from the
+study (not the job, nor the target), so a message repeated after a lost ACK (or by a worker that
+died before recording) can be recognised by the receiver: the RIS by MSH-10, the FHIR server by
+the conditional create. Transient failures are retried with the sender's backoff
 ([sender] attempts, backoff_s, max_backoff_s, timeout_s); the last one dead-letters the job too.
 Logs and audit name targets, job ids and UIDs, never a patient identifier; a peer's error text is
 redacted of the source's identifiers before it becomes a reason.
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from dicom_node.sender import DeliveryFailed, ResultDestination
-from ris.ledger import Ledger
+from ris.ledger import Ledger, Report
 
 if TYPE_CHECKING:
     from dicom_node.jobstore import Job
@@ -170,11 +172,11 @@ def _retry(what: str, attempts: int, backoff_s: float, max_backoff_s: float, sle
 
 
 def send_hl7(content: ReportContent, target: Hl7Target, reports: Reports) -> dict:
-    """The job's ORU^R01 to the RIS; raises ReportUndelivered on AE/AR or after the last attempt."""
+    """The study's ORU^R01 to the RIS; raises ReportUndelivered on AE/AR or after the last attempt."""
     from dicom_node.identifiers import describe
     from ris import hl7v2, mllp  # the HL7 libraries load in the io worker only, when a route has a RIS
 
-    control = hl7v2.control_id(content.job_id)
+    control = hl7v2.control_id(content.key)
     er7, charset = hl7v2.build(content, control=control, sending_application=reports.sending_application,
                                sending_facility=target.sending_facility,
                                receiving_application=target.receiving_application,
@@ -193,7 +195,7 @@ def send_hl7(content: ReportContent, target: Hl7Target, reports: Reports) -> dic
 
 
 def send_fhir(content: ReportContent, target: FhirTarget, reports: Reports) -> dict:
-    """The job's transaction Bundle to the FHIR server; raises ReportUndelivered on a refusal or after the last attempt."""
+    """The study's transaction Bundle to the FHIR server; raises ReportUndelivered on a refusal or after the last attempt."""
     from dicom_node.identifiers import describe
     from ris import fhir  # fhir.resources takes seconds to import: only where a route has a FHIR server
 
@@ -210,20 +212,44 @@ def send_fhir(content: ReportContent, target: FhirTarget, reports: Reports) -> d
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s] = counts.get(s, 0) + 1
-    return {"report": fhir.resource_uuid(content.job_id), "entries": counts, "attempts": attempts}
+    return {"report": fhir.resource_uuid(content.key), "entries": counts, "attempts": attempts}
 
 
 # ---------------------------------------------------------------- the pipeline's step
 
+def report_key(job: Job) -> str:
+    """What a study's report is keyed by, in the ledger and in its identifiers: the Study Instance
+    UID (a job whose source had none is a study of its own)."""
+    return job.study_instance_uid or f"job:{job.id}"
+
+
 def deliver_results(ctx: Context, job: Job, files: list[Path], dest: ResultDestination,
                     send: Callable[[list[Path], ResultDestination], None],
-                    content_of: Callable[[Reports], ReportContent]) -> None:
-    """The DICOM results to ``dest`` (unless already stored there), then the report to each RIS
-    and FHIR target of the job's route (unless it already has it). Raises DeliveryFailed (a
-    ReportUndelivered for the RIS or FHIR server) for deliver_job to dead-letter.
+                    content_of: Callable[[Reports, list[Job]], ReportContent]) -> None:
+    """The job's DICOM results to ``dest`` (unless already stored there), then its study's report to
+    each RIS and FHIR target of the job's route, when this job's delivery is the study's last.
+    Raises DeliveryFailed (a ReportUndelivered for the RIS or FHIR server) for deliver_job to
+    dead-letter.
 
-    ``content_of`` reads the job's report from the spool (worker.pipeline.report_content), only
-    when a target still needs it."""
+    One report per study and target: the job whose PACS delivery is the study's last sends it,
+    once no other job of the study is queued, inferring, inferred or sending without its PACS
+    delivery recorded (ris.ledger.Ledger.claim_study: one transaction on the job store's file, so
+    two io workers finishing two images of a study at once send one report, not none and not two).
+    A job that finds another image still on its way leaves the report owed to it (audit
+    "report_deferred"); should that image never come to this step (it failed, or the PACS
+    dead-lettered it), the reconciler hands the owing job back to the sender (ris.ledger.owed).
+    A settle window (send when no image came for N seconds) was not taken: it is a guess at how
+    long a modality takes, a retry or a reconciler pass that outlasts it sends a second report,
+    and a window short enough for urgent studies splits slow ones; the job states say exactly what
+    is still coming.
+
+    Limitation: an image of the study that comes after its report went (a late series, an image
+    sent again under a new SOP Instance UID, a dead-lettered image resent after the others were
+    reported) does not change the report, nor makes a second one: it is logged and audited
+    "study_already_reported"; its DICOM results reach the PACS as always.
+
+    ``content_of`` reads the report of the study's jobs given from the spool (worker.pipeline.
+    report_content), only when a target needs it."""
     reports = getattr(ctx, "reports", None)
     targets = reports.targets_for(job.calling_aet) if reports is not None else []
     if not targets:
@@ -236,17 +262,40 @@ def deliver_results(ctx: Context, job: Job, files: list[Path], dest: ResultDesti
     else:
         send(files, dest)
         ledger.record(job.id, dicom_key(dest), "stored")
+    key = report_key(job)
+    lease_s = ctx.send_lease_s or ctx.lease_s
     content: ReportContent | None = None
     for target in targets:
-        if ledger.delivered(job.id, target.key):
-            log.info("ris.already_delivered", job=job.id, target=str(target))
+        claim = ledger.claim_study(key, job.study_instance_uid, target.key, job.id, lease_s)
+        if claim.state == Report.SENT:
+            if job.id in claim.jobs:
+                log.info("ris.already_delivered", job=job.id, target=str(target))
+            else:
+                log.warning("ris.study_already_reported", job=job.id, target=str(target), reported_by=claim.job_id)
+                ctx.audit.record("study_already_reported", job=job.id, sop_instance_uid=job.sop_instance_uid,
+                                 study_instance_uid=job.study_instance_uid, target=str(target),
+                                 reported_by=claim.job_id, reported_jobs=list(claim.jobs))
+            continue
+        if not claim.ours(job.id):
+            waiting = {"waiting_for": list(claim.waiting_for)} if claim.state == Report.OWED else {
+                "sending_job": claim.job_id}
+            log.info("ris.report_deferred", job=job.id, target=str(target), **waiting)
+            ctx.audit.record("report_deferred", job=job.id, sop_instance_uid=job.sop_instance_uid,
+                             study_instance_uid=job.study_instance_uid, target=str(target), **waiting)
             continue
         if content is None:
-            content = content_of(reports)
+            study_jobs = ctx.jobs.for_study(job.study_instance_uid, None) if job.study_instance_uid else []
+            content = content_of(reports, study_jobs if any(j.id == job.id for j in study_jobs) else [job])
         t0 = time.perf_counter()
-        detail = send_hl7(content, target, reports) if isinstance(target, Hl7Target) else send_fhir(content, target, reports)
-        ledger.record(job.id, target.key, str(detail))
+        try:
+            detail = (send_hl7(content, target, reports) if isinstance(target, Hl7Target)
+                      else send_fhir(content, target, reports))
+        except ReportUndelivered as exc:
+            ledger.study_failed(key, target.key, job.id, str(exc))
+            raise
+        ledger.study_sent(key, target.key, job.id, content.job_ids, str(detail))
         seconds = round(time.perf_counter() - t0, 3)
         ctx.audit.record("report_sent", job=job.id, sop_instance_uid=job.sop_instance_uid,
-                         study_instance_uid=job.study_instance_uid, target=str(target), seconds=seconds, **detail)
-        log.info("ris.delivered", job=job.id, target=str(target), seconds=seconds, **detail)
+                         study_instance_uid=job.study_instance_uid, target=str(target), seconds=seconds,
+                         jobs=content.job_ids, **detail)
+        log.info("ris.delivered", job=job.id, target=str(target), seconds=seconds, jobs=content.job_ids, **detail)

@@ -1,12 +1,14 @@
-"""FHIR R4 results: a transaction Bundle of one DiagnosticReport and one Observation per finding.
+"""FHIR R4 results of one study: a transaction Bundle of one DiagnosticReport, one Observation per
+finding (the study's: the image that shows it most, named by a component) and one
+out-of-distribution Observation per image.
 
 Every resource is checked with fhir.resources before it goes out. fhir.resources 7 and later
 carry R5 (default), R4B (4.3.0) and STU3, not R4 (4.0.1), and the 6.x line that did needs
 pydantic 1; the R4B models are used, and the resources use only elements R4 has with the same
 meaning (DiagnosticReport, Observation and Bundle did not change between R4 and R4B).
 
-Each entry is a conditional create (``ifNoneExist`` on an identifier derived from the job: a
-name-based UUID), so a retry after a lost response, a duplicate task or a resend makes no second
+Each entry is a conditional create (``ifNoneExist`` on an identifier derived from the study, the
+same for every target: a name-based UUID), so a retry after a lost response, a duplicate task or a resend makes no second
 report: the server finds the first one and answers 200 instead of 201. The ImagingStudy is
 referenced by its Study Instance UID (identifier ``urn:dicom:uid``), the patient by the DICOM
 Patient ID, the order by the accession number; nothing is created for them.
@@ -55,9 +57,10 @@ class BundleInvalid(ValueError):
     """A resource built does not validate against the FHIR models (a bug here, not the server's)."""
 
 
-def resource_uuid(job_id: str, part: str = "report") -> str:
-    """The name-based UUID of one resource of a job's report: the same on every attempt."""
-    return str(uuid.uuid5(_NAMESPACE, f"{job_id}/{part}"))
+def resource_uuid(key: str, part: str = "report") -> str:
+    """The name-based UUID of one resource of a study's report (``key``: ReportContent.key, the
+    Study Instance UID): the same on every attempt, resend and server."""
+    return str(uuid.uuid5(_NAMESPACE, f"study/{key}/{part}"))
 
 
 def coding(code: Code) -> dict:
@@ -113,8 +116,8 @@ def _validate(model, resource: dict) -> dict:
 
 
 def build_bundle(content: ReportContent) -> dict:
-    """The transaction Bundle of one job's report, each resource validated (fhir.resources, R4B models)."""
-    study, pred = content.study, content.prediction
+    """The transaction Bundle of one study's report, each resource validated (fhir.resources, R4B models)."""
+    study = content.study
     subject = _subject(content)
     effective = _date(study.date)
     issued = _instant(content.issued)
@@ -131,15 +134,19 @@ def build_bundle(content: ReportContent) -> dict:
     entries: list[dict] = []
 
     def add(model, part: str, resource: dict) -> str:
-        rid = resource_uuid(content.job_id, part)
+        rid = resource_uuid(content.key, part)
         resource = {**resource, "identifier": [{"system": URI, "value": f"urn:uuid:{rid}"}]}
         entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": _validate(model, resource),
                         "request": {"method": "POST", "url": resource["resourceType"],
                                     "ifNoneExist": f"identifier={URI}|urn:uuid:{rid}"}})
         return f"urn:uuid:{rid}"
 
+    def source(image: int) -> dict:
+        return {"code": concept(codes.SOURCE_IMAGE), "valueString": content.images[image].sop_instance_uid}
+
     results = []
-    for f in pred.findings:
+    for sf in content.findings:
+        f = sf.finding
         components = [
             {"code": concept(codes.PROBABILITY), "valueQuantity": _quantity(f.probability),
              "referenceRange": [{"low": _quantity(f.threshold), "text": "decision threshold"}]},
@@ -147,6 +154,7 @@ def build_bundle(content: ReportContent) -> dict:
         ]
         if f.operating_point:
             components.append({"code": concept(OPERATING_POINT), "valueString": f.operating_point})
+        components.append(source(sf.image))
         abnormal = f.present and f.label != "No Finding"
         results.append(add(Observation, f"finding/{f.label}", {
             "resourceType": "Observation", **common, "category": category,
@@ -154,12 +162,14 @@ def build_bundle(content: ReportContent) -> dict:
             "valueCodeableConcept": concept(codes.PRESENT if f.present else codes.ABSENT),
             "interpretation": [{"coding": [{"system": _INTERPRETATION, "code": "A" if abnormal else "N"}]}],
             "method": method, "device": device, "derivedFrom": [imaging_study], "component": components}))
-    results.append(add(Observation, "out-of-distribution", {
-        "resourceType": "Observation", **common, "category": category, "code": concept(codes.OUTSIDE_EXPERIENCE),
-        "valueCodeableConcept": concept(codes.YES if pred.out_of_distribution else codes.NO),
-        "method": method, "device": device, "derivedFrom": [imaging_study],
-        "component": [{"code": concept(codes.OOD_SCORE), "valueQuantity": _quantity(pred.ood_score),
-                       "referenceRange": [{"high": _quantity(pred.ood_threshold)}]}]}))
+    for i, image in enumerate(content.images):
+        pred = image.prediction
+        results.append(add(Observation, f"out-of-distribution/{image.sop_instance_uid}", {
+            "resourceType": "Observation", **common, "category": category, "code": concept(codes.OUTSIDE_EXPERIENCE),
+            "valueCodeableConcept": concept(codes.YES if pred.out_of_distribution else codes.NO),
+            "method": method, "device": device, "derivedFrom": [imaging_study],
+            "component": [{"code": concept(codes.OOD_SCORE), "valueQuantity": _quantity(pred.ood_score),
+                           "referenceRange": [{"high": _quantity(pred.ood_threshold)}]}, source(i)]}))
 
     report: dict = {
         "resourceType": "DiagnosticReport", **common,
@@ -168,8 +178,8 @@ def build_bundle(content: ReportContent) -> dict:
         "imagingStudy": [imaging_study],
         "result": [{"reference": r} for r in results],
         "conclusion": content.draft.impression or None,
-        "conclusionCode": [concept(codes.LABEL_CODES[f.label], f.label) for f in pred.findings
-                           if f.present and f.label != "No Finding"] or None,
+        "conclusionCode": [concept(codes.LABEL_CODES[sf.finding.label], sf.finding.label) for sf in content.findings
+                           if sf.finding.present and sf.finding.label != "No Finding"] or None,
         "presentedForm": [{"contentType": "text/plain; charset=utf-8", "language": content.language,
                            "title": "Draft report (AI result, not for primary diagnosis)",
                            "creation": issued,

@@ -1,14 +1,15 @@
-"""HL7 v2.5.1 ORU^R01 for one job's results, built and checked with hl7apy against the 2.5.1 structure.
+"""HL7 v2.5.1 ORU^R01 for one study's results, built and checked with hl7apy against the 2.5.1 structure.
 
-Segments: MSH (MSH-10 derived from the job, so a retransmission carries the same control id and
-the RIS can drop it; MSH-18 the study's character set), PID (the DICOM patient module), ORC and
+Segments: MSH (MSH-10 derived from the study, the same for every target, so a retransmission
+carries the same control id and the RIS can drop it; MSH-18 the study's character set), PID (the DICOM patient module), ORC and
 OBR (accession number as filler order number and OBR-18, placer order number when the study has
 one, result status P: a draft nobody has verified), NTE (the notices every result carries), TQ1
 (priority S stat for an urgent study, R routine; also OBR-27.6), OBX: the Study Instance UID,
-then per finding a group sharing its sub-ID: presence coded (CWE, the finding's code from
-dicom_node/codes.py as OBX-3), probability (NM, the decision threshold as reference range),
-confidence tier (CWE) and operating point (ST); the out-of-distribution verdict and score; and
-the draft report as TX lines (Findings, Impressions, Comment).
+then per finding (the study's: the image that shows it most, ris.content.study_findings) a group
+sharing its sub-ID: presence coded (CWE, the finding's code from dicom_node/codes.py as OBX-3),
+probability (NM, the decision threshold as reference range), confidence tier (CWE), operating
+point (ST) and the source image's SOP Instance UID (ST); per image the out-of-distribution verdict,
+score and SOP Instance UID; and the draft report as TX lines (Findings, Impressions, Comment).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class MessageInvalid(ValueError):
     """The message built does not conform to the HL7 v2.5.1 ORU^R01 structure (a bug here, not the RIS's)."""
 
 
-def control_id(job_id: str) -> str:
-    """MSH-10 of a job's ORU: the same for every attempt and resend (at most 20 characters, ST)."""
-    return hashlib.sha256(f"medsam2-cxr/oru/{job_id}".encode()).hexdigest()[:20].upper()
+def control_id(key: str) -> str:
+    """MSH-10 of a study's ORU (``key``: ReportContent.key, the Study Instance UID): the same for
+    every attempt, resend and target (at most 20 characters, ST)."""
+    return hashlib.sha256(f"medsam2-cxr/oru/study/{key}".encode()).hexdigest()[:20].upper()
 
 
 def escape(value: object) -> str:
@@ -180,8 +182,9 @@ def build(content: ReportContent, *, control: str, sending_application: str, sen
     obx("ST", STUDY_INSTANCE_UID, escape(s.instance_uid))
     units = _code(codes.UNITLESS)
     algorithm = _code(codes.PROCESSING_ALGORITHM)
-    for k, f in enumerate(content.prediction.findings, 1):
-        sub = str(k)
+    k = 0
+    for k, sf in enumerate(content.findings, 1):
+        f, sub = sf.finding, str(k)
         finding = codes.LABEL_CODES[f.label]
         flag = ("A" if f.label != "No Finding" else "N") if f.present else "N"
         obx("CWE", finding, _code(codes.PRESENT if f.present else codes.ABSENT), sub, flag=flag, method=algorithm)
@@ -189,11 +192,13 @@ def build(content: ReportContent, *, control: str, sending_application: str, sen
         obx("CWE", codes.CERTAINTY, _code(codes.TIER_CODES[f.tier]), sub)
         if f.operating_point:
             obx("ST", OPERATING_POINT, escape(f.operating_point), sub)
-    pred = content.prediction
-    sub = str(len(pred.findings) + 1)
-    obx("CWE", codes.OUTSIDE_EXPERIENCE, _code(codes.YES if pred.out_of_distribution else codes.NO), sub,
-        flag="A" if pred.out_of_distribution else "N")
-    obx("NM", codes.OOD_SCORE, f"{pred.ood_score:.4f}", sub, units=units, reference=f"<={pred.ood_threshold:.4f}")
+        obx("ST", codes.SOURCE_IMAGE, escape(content.images[sf.image].sop_instance_uid), sub)
+    for j, image in enumerate(content.images, k + 1):
+        pred, sub = image.prediction, str(j)
+        obx("CWE", codes.OUTSIDE_EXPERIENCE, _code(codes.YES if pred.out_of_distribution else codes.NO), sub,
+            flag="A" if pred.out_of_distribution else "N")
+        obx("NM", codes.OOD_SCORE, f"{pred.ood_score:.4f}", sub, units=units, reference=f"<={pred.ood_threshold:.4f}")
+        obx("ST", codes.SOURCE_IMAGE, escape(image.sop_instance_uid), sub)
     for code, text in ((FINDINGS, content.draft.findings), (IMPRESSIONS, content.draft.impression),
                        (codes.COMMENT, "\n".join(content.draft.notes))):
         for line in text_lines(text):
@@ -210,7 +215,7 @@ def build(content: ReportContent, *, control: str, sending_application: str, sen
     try:
         msg.validate()
     except HL7apyException as exc:
-        raise MessageInvalid(f"ORU^R01 for job {content.job_id} is not valid HL7 {VERSION}: {exc}") from exc
+        raise MessageInvalid(f"ORU^R01 for jobs {', '.join(content.job_ids)} is not valid HL7 {VERSION}: {exc}") from exc
     return msg.to_er7() + "\r", charset
 
 

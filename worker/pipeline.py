@@ -397,15 +397,21 @@ def infer_waiting(job_id: str, ctx: Context, predictor, enqueue_send: Callable[[
 
 # ---------------------------------------------------------------- the IO step
 
-def report_content(ctx: Context, job: Job, reports: Reports) -> ReportContent:
-    """The job's report for the RIS and FHIR server, from its source header, prediction and text SR in the spool."""
-    from ris.content import gather
+def report_content(ctx: Context, jobs: Sequence[Job], reports: Reports) -> ReportContent:
+    """The report of a study for the RIS and FHIR server: every job given that has a prediction in the
+    spool (the study's inferred images; ``jobs`` the oldest first), from their source headers,
+    predictions and text SRs. Urgent when any image is."""
+    from ris.content import Inferred, gather
 
-    folder = ctx.spool.result_dir(job.id)
-    prediction, model = load_prediction(folder)
-    urgent = bool(reports.urgency(prediction)) if reports.urgency is not None else False
-    return gather(job.id, ctx.spool.root / job.path, prediction, model, folder / TEXT_FILE, urgent, ctx.clock.now(),
-                  ctx.language)
+    images = []
+    for job in jobs:
+        folder = ctx.spool.result_dir(job.id)
+        if not (folder / PREDICTION).exists():
+            continue  # failed before inference, or its prediction is not written yet
+        prediction, model = load_prediction(folder)
+        urgent = bool(reports.urgency(prediction)) if reports.urgency is not None else False
+        images.append(Inferred(job.id, ctx.spool.root / job.path, prediction, model, folder / TEXT_FILE, urgent))
+    return gather(images, ctx.clock.now(), ctx.language)
 
 
 def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], ResultDestination],
@@ -444,7 +450,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
             dest = dataclasses.replace(dest, priority=Priority.HIGH)  # the PACS (STOW-RS has no priority)
         t0 = time.perf_counter()
         # the PACS, then the route's RIS and FHIR server
-        deliver_results(ctx, job, files, dest, send, lambda reports: report_content(ctx, job, reports))
+        deliver_results(ctx, job, files, dest, send, lambda reports, jobs: report_content(ctx, jobs, reports))
     except DeliveryFailed as exc:
         where = ctx.spool.dead_letter(job_id, files, str(exc))
         ctx.jobs.advance(job_id, JobState.SENDING, JobState.DEAD, reason=str(exc))
@@ -593,8 +599,25 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
         if _enqueue(target, job.id):
             ctx.jobs.touch(job.id)
             n += 1
+    n += _report_owed(ctx, stale_after_s, enqueue_send)
     if n:
         log.warning("reconcile.requeued", jobs=n)
+    return n
+
+
+def _report_owed(ctx: Context, stale_after_s: float, enqueue_send: Callable[[str], None]) -> int:
+    """Hand back to the sender each done job whose study's report it left to an image that will not
+    send it (that image failed, or was dead-lettered at the PACS): its delivery finds the PACS has
+    its results and sends the study's report (ris.delivery.deliver_results)."""
+    reports = ctx.reports
+    if reports is None:
+        return 0
+    n = 0
+    for job_id in reports.ledger.owed(stale_after_s):
+        if ctx.jobs.reopen(job_id, JobState.DONE, JobState.INFERRED, reason="its study's report is owed"):
+            log.warning("reconcile.report_owed", job=job_id)
+            if _enqueue(enqueue_send, job_id):
+                n += 1
     return n
 
 

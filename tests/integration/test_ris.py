@@ -60,11 +60,16 @@ def _reports(ctx, targets, urgent: bool = False) -> delivery.Reports:
 
 
 def _inferred(ctx, predictor, phantom_dir, job_id: str, i: int = 0, name: str = NAME,
-              charset="ISO_IR 100") -> pydicom.Dataset:
-    """A phantom with patient identifiers and an accession number, received and inferred."""
+              charset="ISO_IR 100", study: str | None = None, sop: str | None = None) -> pydicom.Dataset:
+    """A phantom with patient identifiers and an accession number, received and inferred (``study``,
+    ``sop``: the Study and SOP Instance UIDs it is given instead of its own)."""
     src = sorted((phantom_dir / "images").glob("*.dcm"))[i]
     ds = pydicom.dcmread(src)
     ds.SpecificCharacterSet = charset
+    if study:
+        ds.StudyInstanceUID = study
+    if sop:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.PatientName, ds.PatientID, ds.AccessionNumber = name, PATIENT_ID, ACCESSION
     ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
     path = ctx.spool.incoming_path(job_id)
@@ -108,7 +113,7 @@ def test_one_oru_per_study_with_a_dropped_connection_and_a_duplicate(ctx, predic
         # a duplicate task does nothing; a delivery the ledger already has sends nothing either
         assert pipeline.deliver_job("job1", ctx, lambda aet: PACS, pacs) is None
         job = ctx.jobs.get("job1")
-        delivery.deliver_results(ctx, job, [], PACS, pacs, lambda reports: pipeline.report_content(ctx, job, reports))
+        delivery.deliver_results(ctx, job, [], PACS, pacs, lambda reports, jobs: pipeline.report_content(ctx, jobs, reports))
     assert len(ris.received) == 2, "the first connection was dropped without an ACK: one retry"
     assert ris.received[0] == ris.received[1], "the retry is the same message, same MSH-10"
     assert len(ris.stored) == 1 and len(pacs.sent) == 1
@@ -203,7 +208,7 @@ def test_one_fhir_report_per_study_with_retries_and_a_duplicate(ctx, predictor, 
         assert pipeline.deliver_job("job5", ctx, lambda aet: PACS, pacs) == JobState.DONE, ctx.jobs.get("job5").reason
         assert len(server.posts) == 3 and server.posts[0] == server.posts[1] == server.posts[2]
         # a second delivery the ledger did not record (say its worker died first): conditional creates
-        content = pipeline.report_content(ctx, ctx.jobs.get("job5"), reports)
+        content = pipeline.report_content(ctx, [ctx.jobs.get("job5")], reports)
         assert delivery.send_fhir(content, target, reports)["entries"] == {"200 OK": len(server.posts[0]["entry"])}
         # a wrong token is refused at once and named
         with pytest.raises(delivery.ReportUndelivered, match="401"):
@@ -215,7 +220,7 @@ def test_one_fhir_report_per_study_with_retries_and_a_duplicate(ctx, predictor, 
     observations = server.of_type("Observation")
     for o in observations:
         Observation.model_validate(o)
-    assert len(observations) == len(report["result"]) == len(content.prediction.findings) + 1
+    assert len(observations) == len(report["result"]) == len(content.findings) + len(content.images) == len(LABELS) + 1
     assert report["imagingStudy"][0]["identifier"] == {"system": "urn:dicom:uid",
                                                        "value": f"urn:oid:{ds.StudyInstanceUID}"}
     assert report["conclusion"] == content.draft.impression and report["status"] == "preliminary"
@@ -257,3 +262,112 @@ def test_the_worker_runtime_carries_the_reports_and_a_lease_that_covers_their_re
     assert [t.key for t in rt.ctx.reports.targets_for("ANY")] == ["hl7:127.0.0.1:2575", "fhir:http://127.0.0.1:1/fhir"]
     assert rt.ctx.send_lease_s > plain.ctx.send_lease_s + 2 * rt.settings.sender.attempts * rt.settings.sender.timeout_s
     assert rt.ctx.reports.ledger.path == rt.ctx.jobs.path
+
+
+STUDY = "1.2.826.0.1.3680043.8.498.20261128"
+
+
+def _msh10(raw: bytes) -> str:
+    return raw.split(b"\r", 1)[0].decode("ascii", "replace").split("|")[9]
+
+
+def test_one_oru_and_one_bundle_per_study_of_two_images_a_duplicate_and_a_lost_ack(ctx, predictor, phantom_dir):
+    from pydicom.uid import generate_uid
+
+    pa = _inferred(ctx, predictor, phantom_dir, "s1", i=0, study=STUDY)
+    ap = _inferred(ctx, predictor, phantom_dir, "s2", i=1, study=STUDY)
+    pacs = Pacs()
+    with Ris(drop=1) as ris, FhirServer(fail=["drop"]) as server:
+        targets = [delivery.Hl7Target(ris.host, ris.port, "RIS", "HOSPITAL"),
+                   delivery.FhirTarget(server.url, token=server.token)]
+        _reports(ctx, targets)
+        # the first image reaches the PACS while the second is still owed: the report waits for it
+        assert pipeline.deliver_job("s1", ctx, lambda aet: PACS, pacs) == JobState.DONE, ctx.jobs.get("s1").reason
+        assert ris.received == [] and server.posts == []
+        # the second is the study's last: one report of both images, retried after a lost ACK / answer
+        assert pipeline.deliver_job("s2", ctx, lambda aet: PACS, pacs) == JobState.DONE, ctx.jobs.get("s2").reason
+        # the same image sent again under a new SOP Instance UID after the report went
+        _inferred(ctx, predictor, phantom_dir, "s3", i=0, study=STUDY, sop=generate_uid())
+        assert pipeline.deliver_job("s3", ctx, lambda aet: PACS, pacs) == JobState.DONE, ctx.jobs.get("s3").reason
+        # a duplicate task, and a resend of a job whose study went: nothing more
+        assert pipeline.deliver_job("s2", ctx, lambda aet: PACS, pacs) is None
+        job = ctx.jobs.get("s1")
+        delivery.deliver_results(ctx, job, [], PACS, pacs, lambda reports, jobs: pipeline.report_content(ctx, jobs, reports))
+    assert len(pacs.sent) == 3, "the PACS gets every image's results"
+    assert len(ris.received) == 2 and len({_msh10(m) for m in ris.received}) == 1, "one ORU, sent twice (lost ACK)"
+    assert len(ris.stored) == 1
+    assert len(server.posts) == 2 and server.posts[0] == server.posts[1], "one Bundle, posted twice (lost answer)"
+    n = len(server.posts[0]["entry"])
+    assert server.statuses == [["201 Created"] * n, ["200 OK"] * n], "the repeat is recognised: nothing new"
+    assert len(server.of_type("DiagnosticReport")) == 1
+
+    (text,) = ris.stored.values()
+    _parse(text)
+    obx = _segments(text, "OBX")
+    assert [o[5] for o in obx if o[3].startswith("110180^")] == [STUDY]
+    assert len([o for o in obx if o[2] == "CWE" and o[17].startswith("Newcode1")]) == len(LABELS)
+    sources = {o[5] for o in obx if o[3].startswith("SRCIMG^")}
+    assert sources <= {pa.SOPInstanceUID, ap.SOPInstanceUID}
+    ood = [o for o in obx if o[3].startswith("OODIMG^")]
+    assert [next(s[5] for s in obx if s[3].startswith("SRCIMG^") and s[4] == o[4]) for o in ood] == [
+        pa.SOPInstanceUID, ap.SOPInstanceUID], "out of distribution stated per image"
+    observations = server.of_type("Observation")
+    assert len(observations) == len(LABELS) + 2
+    events = [(r["event"], r.get("job")) for r in ctx.audit.read() if r["event"] != "inferred"]
+    assert events == [("report_deferred", "s1"), ("report_deferred", "s1"), ("sent", "s1"),
+                      ("report_sent", "s2"), ("report_sent", "s2"), ("sent", "s2"),
+                      ("study_already_reported", "s3"), ("study_already_reported", "s3"), ("sent", "s3")]
+    sent = [r for r in ctx.audit.read() if r["event"] == "report_sent"]
+    assert all(r["jobs"] == ["s1", "s2"] for r in sent)
+    assert {r["reported_by"] for r in ctx.audit.read() if r["event"] == "study_already_reported"} == {"s2"}
+
+
+def test_two_io_workers_finishing_a_study_at_once_send_one_report(ctx, predictor, phantom_dir):
+    import threading
+
+    _inferred(ctx, predictor, phantom_dir, "c1", i=0, study=STUDY)
+    _inferred(ctx, predictor, phantom_dir, "c2", i=1, study=STUDY)
+    both_at_the_pacs = threading.Barrier(2, timeout=30)
+    stored: list[str] = []
+
+    def pacs(files, dest) -> None:  # each worker reaches the PACS, then both go on at once
+        stored.append(str(files[0]))
+        both_at_the_pacs.wait()
+
+    states: dict[str, JobState | None] = {}
+    with Ris() as ris, FhirServer() as server:
+        _reports(ctx, [delivery.Hl7Target(ris.host, ris.port), delivery.FhirTarget(server.url, token=server.token)])
+
+        def worker(job_id: str) -> None:
+            states[job_id] = pipeline.deliver_job(job_id, ctx, lambda aet: PACS, pacs)
+
+        threads = [threading.Thread(target=worker, args=(j,)) for j in ("c1", "c2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert states == {"c1": JobState.DONE, "c2": JobState.DONE} and len(stored) == 2
+    assert len(ris.received) == 1 and len(ris.stored) == 1, "one ORU, not two and not none"
+    assert len(server.posts) == 1 and len(server.of_type("DiagnosticReport")) == 1
+    sent = [r for r in ctx.audit.read() if r["event"] == "report_sent"]
+    assert len({r["target"] for r in sent}) == len(sent) == 2, "one report per target, whichever worker sent it"
+    assert all(r["jobs"] == ["c1", "c2"] for r in sent), "each describes both images"
+
+
+def test_a_report_left_to_an_image_that_then_failed_goes_after_the_reconciler(ctx, predictor, phantom_dir):
+    _inferred(ctx, predictor, phantom_dir, "f1", i=0, study=STUDY)
+    _inferred(ctx, predictor, phantom_dir, "f2", i=1, study=STUDY)
+    with Ris() as ris:
+        _reports(ctx, [delivery.Hl7Target(ris.host, ris.port)])
+        assert pipeline.deliver_job("f1", ctx, lambda aet: PACS, Pacs()) == JobState.DONE
+        assert ris.received == [], "owed to f2"
+        # f2 fails at encoding (say a broken source): it never comes to the report step
+        assert ctx.jobs.claim("f2", JobState.INFERRED, JobState.SENDING, 60) is not None
+        assert ctx.jobs.advance("f2", JobState.SENDING, JobState.FAILED, reason="cannot encode results: test")
+        requeued: list[str] = []
+        assert pipeline.reconcile(ctx, 0, lambda j: None, requeued.append) == 1 and requeued == ["f1"]
+        assert pipeline.deliver_job("f1", ctx, lambda aet: PACS, Pacs()) == JobState.DONE, ctx.jobs.get("f1").reason
+        assert pipeline.reconcile(ctx, 0, lambda j: None, requeued.append) == 0
+    assert len(ris.received) == 1
+    (sent,) = [r for r in ctx.audit.read() if r["event"] == "report_sent"]
+    assert sent["job"] == "f1" and sent["jobs"] == ["f1", "f2"], "the failed image's prediction is in the report"

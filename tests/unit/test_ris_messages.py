@@ -15,10 +15,11 @@ from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_node import codes
 from models.labels import LABELS
 from models.prediction import Finding, ModelIdentity, Prediction
 from ris import charset, fhir, hl7v2
-from ris.content import DraftText, ReportContent, gather
+from ris.content import DraftText, Inferred, ReportContent, gather
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 MODEL = ModelIdentity("MedSAM2-CXR", "1.0", "ab" * 32, "medsam2-cxr", True, "synthetic phantoms", "research only")
@@ -49,12 +50,12 @@ def _source(tmp_path: Path, name: str, charset_value, **extra) -> Path:
 
 
 def _content(tmp_path, name="Doe^John", charset_value="ISO_IR 100", urgent=False, language="en", **extra):
-    return gather("job-1", _source(tmp_path, name, charset_value, **extra), _prediction(), MODEL, None, urgent,
-                  NOW, language)
+    return gather([Inferred("job-1", _source(tmp_path, name, charset_value, **extra), _prediction(), MODEL, None,
+                            urgent)], NOW, language)
 
 
 def _build(content) -> tuple[str, charset.Charset]:
-    return hl7v2.build(content, control=hl7v2.control_id(content.job_id), sending_application="MEDSAM2CXR",
+    return hl7v2.build(content, control=hl7v2.control_id(content.key), sending_application="MEDSAM2CXR",
                        receiving_application="RIS")
 
 
@@ -92,9 +93,11 @@ def test_one_coded_obx_per_finding_with_probability_tier_and_operating_point(tmp
     assert [int(o[1]) for o in obx] == list(range(1, len(obx) + 1))
 
 
-def test_control_id_is_the_jobs_and_fits_msh10():
-    assert hl7v2.control_id("job-1") == hl7v2.control_id("job-1") != hl7v2.control_id("job-2")
+def test_control_id_is_the_studys_and_fits_msh10(tmp_path):
+    assert hl7v2.control_id("1.2.3") == hl7v2.control_id("1.2.3") != hl7v2.control_id("1.2.4")
     assert len(hl7v2.control_id("x" * 100)) <= 20
+    content = _content(tmp_path)
+    assert content.key == "1.2.826.0.1.3680043.8.498.1"  # the study's, whichever job or target sends it
 
 
 def test_japanese_study_keeps_iso2022_and_the_three_name_groups(tmp_path):
@@ -137,13 +140,13 @@ def test_long_draft_lines_are_wrapped_into_tx_lines(tmp_path):
     _strict(er7)
 
 
-def test_fhir_bundle_validates_and_its_identifiers_derive_from_the_job(tmp_path):
+def test_fhir_bundle_validates_and_its_identifiers_derive_from_the_study(tmp_path):
     from fhir.resources.R4B.bundle import Bundle
 
     content = _content(tmp_path)
     bundle = fhir.build_bundle(content)
     Bundle.model_validate(bundle)
-    assert bundle == fhir.build_bundle(content), "the same job makes the same Bundle"
+    assert bundle == fhir.build_bundle(content), "the same study makes the same Bundle"
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds == ["Observation"] * (len(LABELS) + 1) + ["DiagnosticReport"]
     for e in bundle["entry"]:
@@ -156,7 +159,7 @@ def test_fhir_bundle_validates_and_its_identifiers_derive_from_the_job(tmp_path)
     assert report["conclusion"] == content.draft.impression
     assert [c["coding"][0]["code"] for c in report["conclusionCode"]] == ["36118008"]
     assert "FINDINGS:" in base64.b64decode(report["presentedForm"][0]["data"]).decode()
-    other = fhir.build_bundle(ReportContent(**{**content.__dict__, "job_id": "job-2"}))
+    other = fhir.build_bundle(ReportContent(**{**content.__dict__, "key": "1.2.826.0.1.3680043.8.498.2"}))
     assert other["entry"][-1]["fullUrl"] != bundle["entry"][-1]["fullUrl"]
     json.dumps(bundle)
 
@@ -174,6 +177,51 @@ def test_draft_is_read_from_the_text_sr_the_pacs_got(tmp_path):
     uids = ResultUIDs.for_source(ds.StudyInstanceUID, ds.SOPInstanceUID, results_key(MODEL))
     text_sr = tmp_path / "text.dcm"
     encode_text_sr(ds, prediction, MODEL, draft, uids, NOW).save_as(text_sr, enforce_file_format=True)
-    content = gather("job-1", src, prediction, MODEL, text_sr, False, NOW)
+    content = gather([Inferred("job-1", src, prediction, MODEL, text_sr, False)], NOW)
     assert content.draft.findings == draft.findings and content.draft.impression == draft.impression
     assert any("not for primary diagnosis" in n for n in content.notices)
+
+
+def _two_images(tmp_path) -> ReportContent:
+    """A study of two frontal images: the PA shows a pneumothorax, the AP a higher effusion
+    probability, is out of distribution and urgent."""
+    pa = _prediction(present=("Pneumothorax",))
+    ap = Prediction(findings=tuple(Finding(f.label, 0.77 if f.label == "Pleural Effusion" else 0.05, f.threshold,
+                                           "medium", 0.02) for f in pa.findings),
+                    ood_score=0.9, ood_threshold=0.6, center=np.zeros(2), radius=np.zeros(2))
+    one = _source(tmp_path, "Doe^John", "ISO_IR 100", ViewPosition="PA")
+    two = _source(tmp_path, "Doe^John", "ISO_IR 100", ViewPosition="AP")
+    return gather([Inferred("job-1", one, pa, MODEL, None, False), Inferred("job-2", two, ap, MODEL, None, True)], NOW)
+
+
+def test_a_two_image_study_is_one_report_naming_the_image_of_each_finding(tmp_path):
+    content = _two_images(tmp_path)
+    pa, ap = content.images
+    assert content.job_ids == ["job-1", "job-2"] and content.urgent and (pa.view, ap.view) == ("PA", "AP")
+    by_label = {sf.finding.label: sf for sf in content.findings}
+    assert len(by_label) == len(LABELS)
+    assert by_label["Pneumothorax"].image == 0 and by_label["Pneumothorax"].finding.probability == 0.91
+    assert by_label["Pleural Effusion"].image == 1 and by_label["Pleural Effusion"].finding.present
+    assert by_label["Cardiomegaly"].finding.probability == 0.08 and by_label["Cardiomegaly"].image == 0
+    assert content.draft.findings.startswith("Image 1 (PA): ") and "\nImage 2 (AP): " in content.draft.findings
+    assert f"Image 2 (AP): SOP Instance UID {ap.sop_instance_uid}" in content.draft.notes
+
+    er7, _ = _build(content)
+    _strict(er7)
+    obx = [s.split("|") for s in er7.split("\r") if s.startswith("OBX|")]
+    source = {o[4]: o[5] for o in obx if o[3].startswith("SRCIMG^")}
+    coded = {o[3].split("^")[0]: o[4] for o in obx if o[2] == "CWE" and o[17].startswith("Newcode1")}
+    assert source[coded[codes.LABEL_CODES["Pneumothorax"].value]] == pa.sop_instance_uid
+    assert source[coded[codes.LABEL_CODES["Pleural Effusion"].value]] == ap.sop_instance_uid
+    ood = [o for o in obx if o[3].startswith("OODIMG^")]
+    assert [source[o[4]] for o in ood] == [pa.sop_instance_uid, ap.sop_instance_uid]
+    assert [o[5].split("^")[1] for o in ood] == ["No", "Yes"] and [o[8] for o in ood] == ["N", "A"]
+    assert "|S^Stat^HL70485" in er7, "urgent when any image is"
+    assert sum(s.startswith("MSH|") for s in er7.split("\r")) == 1
+
+    bundle = fhir.build_bundle(content)
+    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert len(observations) == len(LABELS) + 2  # one per label, one out-of-distribution per image
+    effusion = next(o for o in observations if o["code"].get("text") == "Pleural Effusion")
+    assert {"code": fhir.concept(codes.SOURCE_IMAGE), "valueString": ap.sop_instance_uid} in effusion["component"]
+    assert len({e["fullUrl"] for e in bundle["entry"]}) == len(bundle["entry"])
