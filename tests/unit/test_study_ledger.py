@@ -47,25 +47,30 @@ def test_the_last_image_to_reach_the_pacs_sends_and_the_first_waits_for_it(tmp_p
     assert ledger.claim_study(STUDY, STUDY, "fhir:x", "a", 60).ours("a"), "each target on its own"
 
 
+def _finish_together(ledger: Ledger) -> dict[str, Claim]:
+    """Jobs a and b reach the PACS and claim the study's report at the same moment, in two threads."""
+    claims: dict[str, Claim] = {}
+    go = threading.Barrier(2)
+
+    def finish(job_id: str) -> None:
+        go.wait()
+        ledger.record(job_id, PACS)
+        claims[job_id] = ledger.claim_study(STUDY, STUDY, HL7, job_id, 60)
+
+    threads = [threading.Thread(target=finish, args=(j,)) for j in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return claims
+
+
 def test_two_workers_finishing_a_study_at_once_claim_it_once(tmp_path):
     for round_ in range(20):
-        clock = Clock()
-        _, ledger = _store(tmp_path / str(round_), clock, ("a", JobState.SENDING), ("b", JobState.SENDING))
-        claims: dict[str, object] = {}
-        go = threading.Barrier(2)
-
-        def finish(job_id: str) -> None:
-            go.wait()
-            ledger.record(job_id, PACS)
-            claims[job_id] = ledger.claim_study(STUDY, STUDY, HL7, job_id, 60)
-
-        threads = [threading.Thread(target=finish, args=(j,)) for j in ("a", "b")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        _, ledger = _store(tmp_path / str(round_), Clock(), ("a", JobState.SENDING), ("b", JobState.SENDING))
+        claims = _finish_together(ledger)
         ours = [j for j, c in claims.items() if c.ours(j)]
-        assert len(ours) == 1, claims  # never both, never neither
+        assert len(claims) == 2 and len(ours) == 1, claims  # never both, never neither
 
 
 def test_a_dead_claim_is_taken_over_and_a_refused_one_waits_for_a_resend(tmp_path):
