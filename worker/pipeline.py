@@ -573,7 +573,9 @@ def reconcile(ctx: Context, stale_after_s: float, enqueue_infer: Callable[[str],
 
     A job whose worker died max_attempts times (a poison image, a crash in a library) is given
     up: failed with the reason and audited as a serious failure, instead of killing workers forever. Partial
-    writes a killed worker left in the spool's tmp/ are removed once they are that stale too.
+    writes a killed worker left in the spool's tmp/ are removed once they are that stale too. A done
+    job that left its study's RIS/FHIR report to an image that then failed or was dead-lettered goes
+    back to the sender to send it (ris.ledger.Ledger.owed).
     """
     swept = ctx.spool.sweep_tmp(older_than_s=stale_after_s)
     if swept:
