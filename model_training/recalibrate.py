@@ -63,6 +63,9 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
     AEs, devices), recorded in the new card. Raises RecalibrationError when either part is too
     small, when a result kept no box, or when ``out`` holds something already.
     """
+    if len(cases) < 2 * op.MIN_KNOWN:
+        raise RecalibrationError(f"{len(cases)} validated images are too few to recalibrate (at least "
+                                 f"{2 * op.MIN_KNOWN}); wait for more reports, or widen --since")
     if cases.center is None or cases.radius is None:
         raise RecalibrationError("the validated results kept no box (center, radius); they cannot be rescored")
     out = Path(out)

@@ -31,6 +31,10 @@ UNKNOWN_DEVICE = "unknown device"
 _PAGE = 1000
 
 
+class NothingToValidate(ValueError):
+    """No job in the time asked for has both a result of the bundle and a final report."""
+
+
 @dataclass
 class Gathered:
     cases: Cases
@@ -138,19 +142,22 @@ def run_validation(jobs: JobStore, reports: ReportStore, spool: Spool, bundle_ro
     card = read_card(bundle_root)
     gathered = gather(jobs, reports, spool, card["digest"], since, until, calling_aets)
     c = gathered.cases
+    if not len(c):
+        left = ", ".join(f"{k}: {v}" for k, v in gathered.skipped.items()) or "no job received in that time"
+        raise NothingToValidate(f"no study of bundle {card['version']} ({card['digest'][:12]}) with a final report "
+                                f"in that time ({left})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"bundle": _bundle_json(card), "data": gathered.summary(),
               **validate(c, card, n_boot=n_boot, seed=seed)}
     figs: dict[str, Path] = {}
-    if len(c):
-        figs["reliability"] = plots.reliability_diagram(c.y, {"local": c.p}, out / "reliability.png")
-        figs["roc per label"] = plots.roc_per_label(c.y, {"local": c.p}, out / "roc_per_label.png",
-                                                    title="ROC per label (local studies, reports as reference)")
-        by_device = {d: c.subset(c.device == d) for d in sorted(set(c.device.tolist()))}
-        if len(by_device) > 1:  # one y for every curve: each device's own cells, masked elsewhere
-            y_all = {d: np.where((c.device == d)[:, None], c.y, np.nan) for d in by_device}
-            figs["reliability by device"] = _reliability_by_group(y_all, c.p, out / "reliability_by_device.png")
+    figs["reliability"] = plots.reliability_diagram(c.y, {"local": c.p}, out / "reliability.png")
+    figs["roc per label"] = plots.roc_per_label(c.y, {"local": c.p}, out / "roc_per_label.png",
+                                                title="ROC per label (local studies, reports as reference)")
+    devices = sorted(set(c.device.tolist()))
+    if len(devices) > 1:  # one y for every curve: each device's own cells, masked elsewhere
+        y_all = {d: np.where((c.device == d)[:, None], c.y, np.nan) for d in devices}
+        figs["reliability by device"] = _reliability_by_group(y_all, c.p, out / "reliability_by_device.png")
     _write_json(out / "metrics.json", result)
     (out / "report.html").write_text(validation_html(result, result["data"], result["bundle"], figs))
     return result

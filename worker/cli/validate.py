@@ -51,12 +51,16 @@ def validate(since: SinceOpt, out: OutOpt, until: UntilOpt = None, bundle: Bundl
     """The bundle's figures on this site's studies whose report has arrived: per label AUROC,
     sensitivity and specificity at the results' thresholds, Brier, ECE; OOD rate; with bootstrap
     intervals, overall, per calling AE and per device, beside the model card's (metrics.json, report.html)."""
-    from worker.validation import run_validation
+    from worker.validation import NothingToValidate, run_validation
 
     node, root = _parts(config, bundle)
-    result = run_validation(node.jobs, node.reports, node.spool, root, out, _day(since, "--since") or 0.0,
-                            _day(until, "--until"), n_boot=bootstrap, seed=seed,
-                            calling_aets=tuple(calling_aet or ()))
+    try:
+        result = run_validation(node.jobs, node.reports, node.spool, root, out, _day(since, "--since") or 0.0,
+                                _day(until, "--until"), n_boot=bootstrap, seed=seed,
+                                calling_aets=tuple(calling_aet or ()))
+    except NothingToValidate as exc:
+        typer.echo(f"medsam2-cxr validate: {exc}", err=True)
+        raise typer.Exit(1) from None
     o = result["overall"]
     typer.echo(json.dumps({"images": o["n_images"], "report": str(Path(out) / "report.html"),
                            "overall": {k: v.get("value") for k, v in o["overall"].items()},
