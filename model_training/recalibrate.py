@@ -57,7 +57,8 @@ def held_figures(y: np.ndarray, p: np.ndarray) -> dict:
 def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: Mapping, seed: int = 0,
                 held_fraction: float = DEFAULT_HELD_FRACTION, now: dt.datetime | None = None) -> dict:
     """Fit on one patient-level part of ``cases``, measure on the rest, write the new bundle to
-    ``out`` (a new folder) and return what was done (recalibration.json).
+    ``out`` (a new folder) and return what was done (recalibration.json; the "_held" key holds the
+    held-back part's labels and probabilities before and after, for plots).
 
     data: what the local data were (worker.validation.Gathered.summary: counts, date range, calling
     AEs, devices), recorded in the new card. Raises RecalibrationError when either part is too
@@ -106,6 +107,8 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
     _write(bundle.root, out, new)
     load_bundle(out)  # the new version loads and verifies, or this raises before anyone is told to use it
     result["to"] = {"name": new["name"], "version": new["version"], "digest": new["digest"], "path": str(out)}
+    # arrays for the plots, not for JSON (as model_training.measure's "_" keys)
+    result["_held"] = {"y": y_h, "before": before[held_m], "after": after[held_m]}
     return result
 
 

@@ -194,8 +194,7 @@ def run_recalibration(jobs: JobStore, reports: ReportStore, spool: Spool, bundle
     import datetime as dt
 
     from model_training import plots
-    from model_training.recalibrate import box_logits, recalibrate
-    from model_training.split import split_patients
+    from model_training.recalibrate import recalibrate
     from model_training.validation_report import recalibration_html
     from models.bundle import load_bundle
 
@@ -209,15 +208,10 @@ def run_recalibration(jobs: JobStore, reports: ReportStore, spool: Spool, bundle
     summary = gathered.summary()
     result = recalibrate(bundle, gathered.cases, target, version=version, data=summary, seed=seed,
                          held_fraction=held_fraction, now=now)
-    c = gathered.cases
-    _, _, held = split_patients(c.cluster, seed, (1 - held_fraction, 0.0, held_fraction))
-    new = load_bundle(target)
-    from model_training.measure import Scores
-
-    logits = box_logits(bundle, c.center[held], c.radius[held])  # type: ignore[index]  # recalibrate checked the box
-    ps = {f"before ({bundle.card['version']})": Scores(logits, np.zeros(len(logits))).probabilities(bundle.temperature.numpy()),
-          f"after ({version})": Scores(logits, np.zeros(len(logits))).probabilities(new.temperature.numpy())}
-    figs = {"reliability, held-back part": plots.reliability_diagram(c.y[held], ps, out / "recalibration_reliability.png")}
+    held = result.pop("_held")
+    figs = {"reliability, held-back part": plots.reliability_diagram(
+        held["y"], {f"before ({bundle.card['version']})": held["before"], f"after ({version})": held["after"]},
+        out / "recalibration_reliability.png")}
     result["data"] = summary
     result["use"] = (f"the node does not switch bundles by itself: set [model] bundle = \"{target.resolve()}\" in the "
                      "node's configuration (or MEDSAM2_CXR_MODEL__BUNDLE) and restart the GPU workers; every result "
