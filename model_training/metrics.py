@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.labels import LABELS
@@ -23,6 +24,17 @@ def _known(y: np.ndarray) -> np.ndarray:
     return ~np.isnan(np.asarray(y, dtype=np.float64))
 
 
+def binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """AUROC of scores s for 0/1 labels y (both classes present): the Mann-Whitney statistic with
+    ties counted half, which is what `roc_auc_score` returns, without its input checks (about 8 ms
+    a call here), so that a bootstrap over thousands of resamples stays fast."""
+    y = np.asarray(y) == 1
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    ranks = rankdata(np.asarray(s, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def per_label_auroc(y: np.ndarray, p: np.ndarray, labels: Sequence[str] = LABELS) -> dict[str, float | None]:
     """AUROC per label over images whose label is known; None where only one class is present."""
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -30,7 +42,7 @@ def per_label_auroc(y: np.ndarray, p: np.ndarray, labels: Sequence[str] = LABELS
     for k, name in enumerate(labels):
         known = _known(y[:, k])
         yk = y[known, k]
-        out[name] = float(roc_auc_score(yk, p[known, k])) if len(np.unique(yk)) == 2 else None
+        out[name] = binary_auroc(yk, p[known, k]) if len(np.unique(yk)) == 2 else None
     return out
 
 

@@ -54,6 +54,17 @@ class ReportLabels:
         """Positive by both labelers."""
         return all(x.get(label) == POSITIVE for x in (self.lexicon, self.grammar))
 
+    def truth(self, label: str) -> float:
+        """The report as a reference label for local validation: 1 when both labelers read it
+        positive, 0 when neither reads it positive or uncertain (negated or not mentioned: a report
+        names what it sees), nan when they disagree or either reads it uncertain (left out)."""
+        values = {self.lexicon.get(label), self.grammar.get(label)}
+        if values == {POSITIVE}:
+            return 1.0
+        if not values & {POSITIVE, UNCERTAIN}:
+            return 0.0
+        return float("nan")
+
     def state(self, label: str) -> str:
         """What the report says of a label, for the list: positive, uncertain, negative or silent."""
         values = {self.lexicon.get(label), self.grammar.get(label)}

@@ -1,4 +1,4 @@
-"""`status`, `audit` and `resend` where there is no spool: they say which spool they looked for and
+"""`status`, `audit`, `resend`, `validate` and `recalibrate` where there is no spool: they say which spool they looked for and
 how to name the right one, exit non-zero, and create nothing."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def _run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Completed
                           timeout=120, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", [["status"], ["audit"], ["resend"], ["resend", "--failed"]])
+@pytest.mark.parametrize("command", [["status"], ["audit"], ["resend"], ["resend", "--failed"],
+                                     ["validate", "--since", "2026-01-01", "--out", "v"],
+                                     ["recalibrate", "--since", "2026-01-01", "--out", "r"]])
 def test_no_spool_here_says_where_it_looked_and_creates_nothing(tmp_path, command):
     out = _run(tmp_path, *command)
     assert out.returncode == 2, (out.stdout, out.stderr)

@@ -8,7 +8,8 @@ One module per command group; this one only puts them together:
 - worker.cli.training: train, evaluate, build-bundle, phantoms;
 - worker.cli.index: index build/add/evaluate, sources rank;
 - worker.cli.labels: label, label-eval;
-- worker.cli.model: model pull.
+- worker.cli.model: model pull;
+- worker.cli.validate: validate, recalibrate (local validation against the first readers' reports).
 
 The benchmarks have their own entry point, `python -m bench`; the product never imports them.
 """
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import typer
 
-from worker.cli import index, infer, labels, model, node, training
+from worker.cli import index, infer, labels, model, node, training, validate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-for _group in (node, infer, training, model, index, labels):  # each module's commands and sub-groups
+for _group in (node, infer, training, model, index, labels, validate):  # each module's commands and sub-groups
     app.registered_commands += _group.app.registered_commands
     app.registered_groups += _group.app.registered_groups
 
