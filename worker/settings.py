@@ -137,7 +137,9 @@ class Destinations(Destination):
 
 
 class Broker(Section):
-    url: str = ""  # empty: a serverless transport in the spool (single host); or redis://...
+    # empty: a serverless transport in the spool (single host); redis://host:6379/0; or amqp://user:pass@host:5672//
+    # (RabbitMQ: durable quorum queues and publisher confirms, worker/app.py)
+    url: str = ""
 
 
 class Paths(Section):

@@ -109,7 +109,14 @@ def worker(config: ConfigOpt = None,
         queues, ["--pool=threads", f"--concurrency={n}"])
     with common.console(settings) if console else contextlib.nullcontext():
         celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
-                                "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+                                "--without-heartbeat", f"--hostname={node_name(queues)}", *pool])
+
+
+def node_name(queues: str) -> str:
+    """The Celery node name, one per worker process: RabbitMQ gives each node an exclusive
+    control queue, so a second worker of one queue on the same host under the same name exits
+    (RESOURCE_LOCKED)."""
+    return f"{queues.replace(',', '-')}.{os.getpid()}@%h"
 
 
 @app.command("console")
