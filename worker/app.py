@@ -11,7 +11,7 @@ so a broker restart loses nothing. The reconciler runs with every broker: the jo
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.settings import Settings
 
@@ -20,6 +20,7 @@ SEND = "medsam2.send"
 
 
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+AMQP_EXCHANGE = "medsam2"
 
 
 def is_amqp(url: str) -> bool:
@@ -78,8 +79,14 @@ def amqp_queue_settings() -> dict:
     """RabbitMQ: gpu and io as durable quorum queues (RabbitMQ 3.8+), messages persistent.
     Celery sees the quorum queues and uses per-consumer prefetch (quorum queues have no global QoS)."""
     quorum = {"x-queue-type": "quorum"}
+    # A topic exchange: Celery's native delayed delivery (which it turns on with quorum queues)
+    # needs one, and warns on every start with the default direct "celery" exchange.
+    exchange = Exchange(AMQP_EXCHANGE, type="topic", durable=True)
     return {
-        "task_queues": [Queue(name, routing_key=name, durable=True, queue_arguments=quorum) for name in ("gpu", "io")],
+        "task_queues": [Queue(name, exchange, routing_key=name, durable=True, queue_arguments=quorum)
+                        for name in ("gpu", "io")],
+        "task_default_exchange": AMQP_EXCHANGE,
+        "task_default_exchange_type": "topic",
         "task_default_queue_type": "quorum",
         "task_create_missing_queue_type": "quorum",
         "task_default_delivery_mode": "persistent",

@@ -100,6 +100,8 @@ def test_an_amqp_broker_gets_quorum_queues_confirms_and_persistent_messages(tmp_
         queues = {q.name: q for q in conf.task_queues}
         assert set(queues) == {"gpu", "io"}
         assert all(q.durable and q.queue_arguments == {"x-queue-type": "quorum"} for q in queues.values())
+        assert {(q.exchange.name, q.exchange.type, q.routing_key) for q in queues.values()} == {
+            ("medsam2", "topic", "gpu"), ("medsam2", "topic", "io")}
         assert conf.task_default_delivery_mode == "persistent" and conf.task_default_queue_type == "quorum"
     redis = Settings(paths={"spool": str(tmp_path)}, broker={"url": "redis://127.0.0.1:6379/0"})
     assert broker_options(redis)[1] == {"visibility_timeout": 3600}
