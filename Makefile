@@ -34,6 +34,14 @@ peers:
 	   (systemctl stop prometheus 2>/dev/null || service prometheus stop >/dev/null 2>&1 || true))
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
+	@# docker-compose (deploy/compose.multi-host.yml is checked by `docker-compose config`; no daemon needed)
+	@command -v docker-compose >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null)
+	@# RabbitMQ on 127.0.0.1:5672 (the durable broker's fault test takes a private vhost on it)
+	@command -v rabbitmqctl >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null)
+	@rabbitmqctl -q await_startup >/dev/null 2>&1 || service rabbitmq-server start >/dev/null 2>&1 || \
+	  (rabbitmq-server -detached && sleep 5 && rabbitmqctl -q await_startup)
 
 up: install
 	$(VENV)/bin/medsam2-cxr up $(if $(CONFIG),--config $(CONFIG),)

@@ -10,6 +10,7 @@ nothing the modality can notice.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -50,6 +51,20 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, its threads and its children it has reaped
+    (utime, stime, cutime, cstime of /proc/<pid>/stat; Linux)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()  # after "pid (comm)": the comm may hold spaces
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The live children of a process (storescp --fork: one per association)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(c) for c in fh.read().split()]
 
 
 def proc_status_kb(pid: int, key: str) -> int:
@@ -96,8 +111,9 @@ class RssSampler:
 
 # ---------------------------------------------------------------- the node's listener, in a child
 
-def _listener_main(root: str, port: int, log_path: str, conn) -> None:
-    """Child process: the production listener on a fresh spool, until told to stop."""
+def _listener_main(root: str, port: int, log_path: str, conn, processes: int = 1, first: bool = True) -> None:
+    """Child process: the production listener on a fresh spool, until told to stop; one of
+    ``processes`` on the port (SO_REUSEPORT) as [node] processes runs them, the first sweeping."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(fd, 2)  # the node logs JSON lines to stderr, as in production; keep them out of ours
     from dicom_node.config import configure
@@ -108,11 +124,11 @@ def _listener_main(root: str, port: int, log_path: str, conn) -> None:
 
     logs.configure()
     # no free-space watermark: the benchmark measures receiving, not refusing
-    node = Node(Settings.model_validate({"paths": {"spool": root}, "node": {"min_free_mb": 0}}))
+    node = Node(Settings.model_validate({"paths": {"spool": root}, "node": {"min_free_mb": 0, "processes": processes}}))
     configure()  # a spawned process starts bare: chunked receive, quiet pynetdicom
     enqueued: list[str] = []
     server = start_listener(node.listener_config(ae_title=NODE_AET, host="127.0.0.1", port=port), node.spool,
-                            node.jobs, node.audit, enqueued.append)
+                            node.jobs, node.audit, enqueued.append, recover=first)
     conn.send(os.getpid())
     conn.recv()
     server.shutdown()
@@ -120,37 +136,54 @@ def _listener_main(root: str, port: int, log_path: str, conn) -> None:
 
 
 class NodeReceiver:
-    """The listener in a spawned process (no fork of this one's state), with a fresh spool."""
+    """The listener in spawned processes (no fork of this one's state), with a fresh spool:
+    ``processes`` of them on one port, as [node] processes runs them. Memory is the first one's."""
 
     name = "node"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, processes: int = 1) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.root = work / "spool"
         ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_listener_main, args=(str(self.root), self.port, str(work / "listener.log"), child),
-                                daemon=True)
-        self.proc.start()
-        end = time.monotonic() + 60
-        while not self._conn.poll(0.1):
-            if not self.proc.is_alive() or time.monotonic() > end:
-                self.proc.kill()
-                raise RuntimeError(f"the node's listener did not start; see {work / 'listener.log'}")
-        self.pid = self._conn.recv()
+        self._conns, self.procs, self.pids = [], [], []
+        for i in range(processes):  # one after the other: the first sweeps the spool before the rest start
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_listener_main, args=(str(self.root), self.port, str(work / f"listener{i}.log"),
+                                                            child, processes, i == 0), daemon=True)
+            proc.start()
+            end = time.monotonic() + 60
+            while not conn.poll(0.1):
+                if not proc.is_alive() or time.monotonic() > end:
+                    proc.kill()
+                    raise RuntimeError(f"the node's listener did not start; see {work / f'listener{i}.log'}")
+            self._conns.append(conn)
+            self.procs.append(proc)
+            self.pids.append(conn.recv())
+        self.pid = self.pids[0]
         _wait_port(self.port)
         time.sleep(0.2)  # let start-up allocations settle before the baseline is read
         self.baseline_kb = proc_status_kb(self.pid, "VmRSS")
+        self.cpu0 = self.cpu_seconds()
         self.aet = NODE_AET
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
 
     def stop(self) -> dict:
         peak = proc_status_kb(self.pid, "VmHWM")
-        self._conn.send("stop")
-        info = self._conn.recv() if self._conn.poll(60) else {}
-        self.proc.join(30)
-        return {**info, "peak_kb": peak}
+        cpu = self.cpu_seconds() - self.cpu0
+        infos = []
+        for conn in self._conns:
+            conn.send("stop")
+        for conn, proc in zip(self._conns, self.procs):
+            infos.append(conn.recv() if conn.poll(60) else {})
+            proc.join(30)
+        jobs: dict[str, int] = {}
+        for info in infos[:1]:  # one spool, one job table: every process sees all of it
+            jobs = info.get("jobs", {})
+        return {"enqueued": sum(i.get("enqueued", 0) for i in infos), "jobs": jobs, "peak_kb": peak, "cpu_s": cpu}
 
     def received(self) -> int:
         return sum(1 for _ in SpoolLayout(self.root).incoming.glob("*.dcm"))
@@ -170,12 +203,18 @@ class StorescpReceiver:
         self.aet = STORESCP_AET
         self.pid = self.proc.pid
         self.baseline_kb = proc_status_kb(self.pid, "VmRSS")
+        self.cpu0 = cpu_seconds(self.pid)
 
     def stop(self) -> dict:
         peak = proc_status_kb(self.pid, "VmHWM")
+        # Its per-association children count once storescp has reaped them (cutime, cstime).
+        end = time.monotonic() + 20
+        while _children(self.pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        cpu = cpu_seconds(self.pid) - self.cpu0
         self.proc.terminate()
         self.proc.wait(20)
-        return {"peak_kb": peak}
+        return {"peak_kb": peak, "cpu_s": cpu}
 
     def received(self) -> int:
         return sum(1 for p in self.out.iterdir() if p.is_file())
@@ -213,7 +252,9 @@ def one_pass(make: Callable[[Path], NodeReceiver | StorescpReceiver], files: Seq
     if received != len(files):
         raise RuntimeError(f"{rx.name} stored {received} of {len(files)} files; see the logs in {work}")
     mid = t0 + seconds / 2
-    out = {"seconds": round(seconds, 3), "peak_rss_mb": round(info["peak_kb"] / 1024, 1),
+    gb = sum(p.stat().st_size for p in files) / 2**30
+    out = {"seconds": round(seconds, 3), "cpu_s": round(info["cpu_s"], 3),
+           "cpu_s_per_gb": round(info["cpu_s"] / gb, 1), "peak_rss_mb": round(info["peak_kb"] / 1024, 1),
            "rss_growth_mb": round((info["peak_kb"] - rx.baseline_kb) / 1024, 1),
            "rss_growth_first_half_mb": round((rss.peak_between(t0, mid) - rx.baseline_kb) / 1024, 1),
            "rss_growth_second_half_mb": round((rss.peak_between(mid, t1) - rx.baseline_kb) / 1024, 1)}
@@ -240,6 +281,9 @@ def _compare(files: Sequence[Path], senders: int, repeats: int, work: Path) -> d
         "ratio_node_over_storescp": round(node_s / scp_s, 3),
         "node_mb_per_s": round(mb / node_s, 1),
         "storescp_mb_per_s": round(mb / scp_s, 1),
+        # user + sys CPU seconds per GB received: what receiving costs, whatever the core count
+        "node_cpu_s_per_gb": statistics.median(x["cpu_s_per_gb"] for x in runs["node"]),
+        "storescp_cpu_s_per_gb": statistics.median(x["cpu_s_per_gb"] for x in runs["storescp"]),
         "node_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["node"]),
         "node_rss_growth_mb": max(x["rss_growth_mb"] for x in runs["node"]),
         "node_rss_growth_first_half_mb": max(x["rss_growth_first_half_mb"] for x in runs["node"]),
@@ -248,6 +292,19 @@ def _compare(files: Sequence[Path], senders: int, repeats: int, work: Path) -> d
         "node_jobs": runs["node"][-1].get("jobs", {}),
         "runs": runs,
     }
+
+
+def _processes(files: Sequence[Path], senders: int, repeats: int, work: Path, counts: Sequence[int] = (1, 2)) -> dict:
+    """The node alone with 1 and 2 listener processes on one port ([node] processes), the
+    order alternating between repeats: wall time and CPU per GB of each."""
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    for r in range(repeats):
+        for n in (counts if r % 2 == 0 else counts[::-1]):
+            runs[n].append(one_pass(functools.partial(NodeReceiver, processes=n), files, senders, work / f"p{n}"))
+    return {"senders": senders,
+            **{f"node_s_{n}_processes": statistics.median(x["seconds"] for x in runs[n]) for n in counts},
+            **{f"node_cpu_s_per_gb_{n}_processes": statistics.median(x["cpu_s_per_gb"] for x in runs[n]) for n in counts},
+            "cores": os.cpu_count(), "runs": {str(n): v for n, v in runs.items()}}
 
 
 def run(n: int = 40, rows: int = 2500, cols: int = 2048, senders: int = 8, repeats: int = 2,
@@ -279,6 +336,7 @@ def run(n: int = 40, rows: int = 2500, cols: int = 2048, senders: int = 8, repea
         }
         if senders > 1:
             result["concurrent"] = _compare(files, senders, repeats, work / "rx")
+            result["processes"] = _processes(files, senders, repeats, work / "rx")
         if probe_scale:
             small = write_cxr_images(work / "small", n, max(16, int(rows * probe_scale)), max(16, int(cols * probe_scale)))
             probe = one_pass(NodeReceiver, small, 1, work / "rx" / "probe")

@@ -23,6 +23,7 @@ log lines and audit records carry only UIDs, AE titles, job ids and reasons.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import ssl
 import threading
@@ -101,6 +102,9 @@ class ListenerConfig:
     # Site secret of the job table's keyed hashes of Accession Number and Patient ID
     # (dicom_node.lookup); empty: the key the node made in <spool>/secrets/lookup.key.
     lookup_key: bytes = field(default=b"", repr=False)
+    # SO_REUSEPORT on the listening socket: one of several listener processes on this port
+    # ([node] processes); the caps above are then per process.
+    reuse_port: bool = False
 
     def advertised_pdu_size(self) -> int:
         if self.maximum_pdu_size and self.maximum_pdu_size > self.max_pdu_length:
@@ -327,15 +331,19 @@ def start_listener(
     enqueue: Callable[[str], None],
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     on_report: Callable[[Dataset], None] | None = None,
+    recover: bool = True,
 ) -> GuardedServer:
     """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop.
 
-    Only one listener may serve a spool: it sweeps the spool's partial writes on start.
+    With ``recover`` it sweeps the spool's partial writes on start, so only one such listener may
+    serve a spool; the further processes of ``[node] processes`` start with ``recover=False``
+    after the first one swept (worker.cli.serve).
     """
     require_configured()  # chunked receive, no identifiers in pynetdicom's logs (dicom_node.config)
-    swept = recover_spool(spool, jobs)
-    if any(swept.values()):
-        log.warning("spool recovered after an unclean stop", **swept)
+    if recover:
+        swept = recover_spool(spool, jobs)
+        if any(swept.values()):
+            log.warning("spool recovered after an unclean stop", **swept)
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_associations = cfg.max_associations
     ae.maximum_pdu_size = cfg.advertised_pdu_size()
@@ -354,10 +362,12 @@ def start_listener(
         (evt.EVT_REJECTED, handle_rejected, [deps]),
     ]
     server = cast(GuardedServer, ae.make_server((cfg.host, cfg.port), evt_handlers=handlers,
-                                                server_class=GuardedServer, guard=_guard(cfg, deps)))
+                                                server_class=GuardedServer, guard=_guard(cfg, deps),
+                                                reuse_port=cfg.reuse_port))
     thread = threading.Thread(target=server.serve_forever, name=f"listener@{cfg.port}", daemon=True)
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() also stops it, as with ae.start_server
     log.info("listener started", ae_title=cfg.ae_title, host=cfg.host, port=cfg.port, tls=cfg.tls is not None,
-             max_associations=cfg.max_associations, max_associations_per_address=cfg.max_associations_per_address)
+             max_associations=cfg.max_associations, max_associations_per_address=cfg.max_associations_per_address,
+             reuse_port=cfg.reuse_port, pid=os.getpid())
     return server

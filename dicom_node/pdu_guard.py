@@ -432,13 +432,23 @@ class GuardedServer(ThreadedAssociationServer):
     # 1, 3, 7 s, so a real sender waited seconds before the handler even saw it.
     request_queue_size = socket.SOMAXCONN
 
-    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, guard: Guard, reuse_port: bool = False, **kwargs: Any) -> None:
         self.guard = guard
+        self.reuse_port = reuse_port
         self.slots = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: dict[str, list[GuardedRequestHandler]] = {}
         self._arrivals: dict[GuardedRequestHandler, str] = {}  # every pending one, oldest first
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)  # type: ignore[misc]  # args stop before it
+
+    def server_bind(self) -> None:
+        # SO_REUSEPORT ([node] processes > 1): several listener processes bind the one port and the
+        # kernel spreads the connections across them. Each process keeps its own association and
+        # per-address caps, so with N processes a peer may hold up to N times its cap.
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # The TLS handshake is done by the handler thread (see GuardedRequestHandler.handle).

@@ -102,7 +102,7 @@ class Node:
                              max_associations_per_address=n.max_associations_per_address,
                              max_pending_per_address=n.max_pending_per_address, max_pending=n.max_pending,
                              association_request_timeout=n.association_request_timeout_s,
-                             max_pdu_length=n.max_pdu_length, tls=tls,
+                             max_pdu_length=n.max_pdu_length, tls=tls, reuse_port=n.processes > 1,
                              # empty: start_listener reads (or makes) the spool's own key
                              lookup_key=self.secret("lookup", n.lookup_secret) if n.lookup_secret else b"")
         return dataclasses.replace(cfg, **overrides)

@@ -35,6 +35,9 @@ class Node(Section):
     ae_title: str = "MEDSAM2CXR"
     host: str = "0.0.0.0"
     port: int = 11112
+    # listener processes on this port (SO_REUSEPORT), for hosts with more cores; the association
+    # caps below then hold per process (a peer may hold processes x max_associations_per_address)
+    processes: int = Field(default=1, ge=1)
     allowed_calling_aets: list[str] = []  # empty: accept any caller
     allowed_addresses: list[str] = []  # IP addresses or networks ("10.1.0.0/16"); empty: any
     max_associations: int = 16
@@ -137,7 +140,9 @@ class Destinations(Destination):
 
 
 class Broker(Section):
-    url: str = ""  # empty: a serverless transport in the spool (single host); or redis://...
+    # empty: a serverless transport in the spool (single host); redis://host:6379/0; or amqp://user:pass@host:5672//
+    # (RabbitMQ: durable quorum queues and publisher confirms, worker/app.py)
+    url: str = ""
 
 
 class Paths(Section):

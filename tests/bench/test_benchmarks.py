@@ -46,6 +46,16 @@ def test_bench_ingest_stores_every_image_in_both_receivers(tmp_path):
         # timeout or keeps every dataset in memory breaks these.
         assert m["node_s"] < 30, m
         assert m["node_rss_growth_mb"] < 100, m
+        # CPU per GB received, read from /proc: the node's Python listener spends ticks even on four
+        # tiny images; storescp may stay under one 10 ms tick here, so it is only present and not negative.
+        assert m["node_cpu_s_per_gb"] > 0 and m["storescp_cpu_s_per_gb"] >= 0, m
+    # [node] processes: 1 and 2 listener processes on one port both stored every image (one_pass
+    # checks the count) and each figure is there.
+    procs = r["processes"]
+    assert procs["senders"] == 2 and len(procs["runs"]["1"]) == len(procs["runs"]["2"]) == 1
+    assert procs["runs"]["2"][0]["jobs"] == {"queued": 4}
+    assert 0 < procs["node_s_1_processes"] < 30 and 0 < procs["node_s_2_processes"] < 30, procs
+    assert procs["node_cpu_s_per_gb_2_processes"] > 0, procs
     probe = r["memory_vs_size"]
     assert probe["small_rows"] == 32 and probe["small_cols"] == 24
     assert probe["node_rss_growth_small_mb"] < 100 and probe["node_rss_growth_full_mb"] < 100

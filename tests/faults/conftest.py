@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.bundle import read_card
-from tests.faults.harness import Node, Orthanc, Redis, read_sources
+from tests.faults.harness import Node, Orthanc, RabbitMQ, Redis, read_sources
 
 BATCH = 100  # phantom frontal CXRs per scenario
 
@@ -36,11 +36,13 @@ def digest(tiny_bundle) -> str:
 
 @pytest.fixture
 def rig(tmp_path, tiny_bundle) -> Iterator[Callable[..., Node]]:
-    """rig(**overrides) -> a started Node with its own Redis and Orthanc; all stopped after."""
-    made: list[tuple[Node, Redis, Orthanc]] = []
+    """rig(**overrides) -> a started Node with its own broker (a private Redis, or with
+    broker="rabbitmq" a private vhost on the machine's RabbitMQ) and Orthanc; all stopped after."""
+    made: list[tuple[Node, Redis | RabbitMQ, Orthanc]] = []
 
-    def build(start: bool = True, orthanc_port: int | None = None, gpu_workers: int = 2, **overrides) -> Node:
-        redis = Redis(tmp_path)
+    def build(start: bool = True, orthanc_port: int | None = None, gpu_workers: int = 2, broker: str = "redis",
+              **overrides) -> Node:
+        redis: Redis | RabbitMQ = RabbitMQ(tmp_path) if broker == "rabbitmq" else Redis(tmp_path)
         redis.start()
         orthanc = Orthanc(tmp_path, port=orthanc_port)
         orthanc.start()

@@ -1,6 +1,6 @@
 """The fault-injection rig: real processes the tests break on purpose.
 
-A private redis-server, Orthanc as the destination PACS (a Lua filter logs every C-STORE it
+A private redis-server (or a private vhost on the machine's RabbitMQ), Orthanc as the destination PACS (a Lua filter logs every C-STORE it
 receives, so a second delivery of the same result is counted even though Orthanc keeps one
 copy), the node's listener and Celery workers as `python -m worker.cli` processes, and DCMTK
 storescu as the modality. :meth:`Rig.account` turns the job store, the audit trail and Orthanc
@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable
@@ -99,6 +100,57 @@ class Redis:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
+
+
+class RabbitMQ:
+    """A private vhost on the machine's RabbitMQ (127.0.0.1:5672, guest/guest); a restart is
+    rabbitmqctl stop_app / start_app of that node: its quorum queues and persistent messages are on
+    disk and come back. stop() deletes the vhost and leaves RabbitMQ running."""
+
+    def __init__(self, folder: Path) -> None:
+        self.vhost = f"medsam2-test-{os.getpid()}-{free_port()}"
+        self.folder = folder
+        self.ctl = require_peer("rabbitmqctl")
+        self.created = False
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+
+    def _ctl(self, *args: str) -> str:
+        r = subprocess.run([self.ctl, *args], capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}; "
+                               f"is rabbitmq-server running on this host (service rabbitmq-server start)?")
+        return r.stdout
+
+    def start(self) -> None:
+        if not self.created:
+            self._ctl("add_vhost", self.vhost)
+            self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            self.created = True
+        else:
+            self._ctl("start_app")
+        self._ctl("await_startup")
+        wait_for(lambda: port_open(5672), 60, "RabbitMQ to listen on 5672")
+
+    def restart(self, down_s: float) -> None:
+        """The broker node stopped (every connection dropped) for down_s seconds, then started."""
+        self._ctl("stop_app")
+        try:
+            time.sleep(down_s)
+        finally:
+            self.start()
+
+    def queue_types(self) -> dict[str, str]:
+        out = self._ctl("list_queues", "-p", self.vhost, "--quiet", "--no-table-headers", "name", "type", "durable")
+        return {parts[0]: f"{parts[1]} durable={parts[2]}" for parts in (line.split() for line in out.splitlines()) if len(parts) == 3}
+
+    def stop(self) -> None:
+        if self.created:
+            self._ctl("start_app")  # whatever happened, RabbitMQ is left running
+            self._ctl("delete_vhost", self.vhost)
+            self.created = False
 
 
 class Orthanc:
@@ -193,7 +245,7 @@ class Node:
     folder: Path
     bundle: Path
     orthanc: Orthanc
-    redis: Redis
+    broker: Redis | RabbitMQ
     overrides: dict = field(default_factory=dict)
     gpu_workers: int = 2
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -205,7 +257,7 @@ class Node:
         sections = {
             "node": {"port": self.port, "min_free_mb": 1, "max_associations": 32},
             "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
-            "broker": {"url": self.redis.url},
+            "broker": {"url": self.broker.url},
             "paths": {"spool": str(self.spool)},
             "model": {"bundle": str(self.bundle), "device": "cpu"},
             # Enough retries to ride out a 60 s PACS outage (1+2+4+8+8+... s of backoff).

@@ -82,9 +82,9 @@ def test_redis_restarted_loses_every_queued_message(rig, batch, sources, digest)
     sender = threading.Thread(target=storescu, args=(node.port, [s.path for s in sources]))
     sender.start()
     wait_for(lambda: node.counts().get("done", 0) >= 10, 240, "the first results")
-    node.redis.stop()  # keeps nothing on disk: the queues are gone
+    node.broker.stop()  # keeps nothing on disk: the queues are gone
     time.sleep(3)
-    node.redis.start()  # same port, empty
+    node.broker.start()  # same port, empty
     sender.join()
     finish(node, sources, digest, "redis restart", t0)
     requeued = [line for line in (node.logs / "listen.log").read_text().splitlines() if "reconcile.requeued" in line]

@@ -84,3 +84,25 @@ def test_shadow_mode_sends_no_discrepancy_notification(tmp_path):
 
     assert reader("live").notify is not None
     assert reader("shadow").notify is None
+
+
+def test_an_amqp_broker_gets_quorum_queues_confirms_and_persistent_messages(tmp_path):
+    """RabbitMQ is the durable broker: gpu and io are declared as durable quorum queues, a
+    publish waits for the broker's confirm, messages are persistent. Redis keeps its visibility
+    timeout and none of these (they are AMQP's)."""
+    from worker.app import broker_options, make_app
+
+    for scheme in ("amqp", "pyamqp"):
+        settings = Settings(paths={"spool": str(tmp_path)}, broker={"url": f"{scheme}://guest:guest@mq:5672//"})
+        url, options = broker_options(settings)
+        assert url.startswith(scheme) and options == {"confirm_publish": True}
+        conf = make_app(settings).conf
+        queues = {q.name: q for q in conf.task_queues}
+        assert set(queues) == {"gpu", "io"}
+        assert all(q.durable and q.queue_arguments == {"x-queue-type": "quorum"} for q in queues.values())
+        assert {(q.exchange.name, q.exchange.type, q.routing_key) for q in queues.values()} == {
+            ("medsam2", "topic", "gpu"), ("medsam2", "topic", "io")}
+        assert conf.task_default_delivery_mode == "persistent" and conf.task_default_queue_type == "quorum"
+    redis = Settings(paths={"spool": str(tmp_path)}, broker={"url": "redis://127.0.0.1:6379/0"})
+    assert broker_options(redis)[1] == {"visibility_timeout": 3600}
+    assert make_app(redis).conf.task_queues is None

@@ -28,7 +28,7 @@ def up(config: ConfigOpt = None) -> None:
     """Listener, workers (gpu and io queues), sender and reconciler on this host, and the HTTP app
     (\\[console] host:port: /metrics, /healthz, /readyz, the web console)."""
     from worker import model_build
-    from worker.cli.serve import serve, spawn
+    from worker.cli.serve import serve, spawn, spawn_listeners
     from worker.node import Node
 
     settings = common.settings_for(config)
@@ -47,13 +47,14 @@ def up(config: ConfigOpt = None) -> None:
         if not model_build.looks_ready(settings):
             model_build.announce(settings.spool)
             builder = spawn(cli + ["build-default", *cfg])
-        workers = [spawn(cli + ["worker", "--queues", "io", *cfg])]
+        workers = spawn_listeners(node, cli, cfg) + [spawn(cli + ["worker", "--queues", "io", *cfg])]
         if builder is None:
             workers.append(spawn(cli + ["worker", "--queues", "gpu", *cfg]))
         return workers, builder
 
+    node = Node(settings)
     with common.console(settings):
-        serve(Node(settings), launch, start_gpu=lambda: spawn(cli + ["worker", "--queues", "gpu", *cfg]))
+        serve(node, launch, start_gpu=lambda: spawn(cli + ["worker", "--queues", "gpu", *cfg]))
     # Everything is stopped, written and audited: skip the interpreter's teardown, which took 5-8 s
     # on a loaded 2-core host (C-level finalisation of the libraries `up` imports, torch among them).
     sys.stdout.flush()
@@ -74,15 +75,43 @@ def build_default(config: ConfigOpt = None) -> None:
 
 
 @app.command()
-def listen(config: ConfigOpt = None) -> None:
-    """The C-STORE listener, the reconciler and the HTTP app (workers run apart: `medsam2-cxr worker`)."""
-    from worker.cli.serve import serve
+def listen(config: ConfigOpt = None,
+           reconcile: Annotated[bool, typer.Option(help="run the reconciler here too (--no-reconcile: a "
+                                                        "`medsam2-cxr reconcile` runs elsewhere)")] = True) -> None:
+    """The C-STORE listener (\\[node] processes of them on one port), the reconciler and the HTTP app
+    (workers run apart: `medsam2-cxr worker`)."""
+    from worker.cli.serve import serve, spawn_listeners
     from worker.node import Node
 
     settings = common.settings_for(config)
     common.metrics_env(settings)
+    node = Node(settings)
+    cli, cfg = [sys.executable, "-m", "worker.cli"], ["--config", str(config)] if config else []
+    launch = (lambda: (spawn_listeners(node, cli, cfg), None)) if settings.node.processes > 1 else None
     with common.console(settings):
-        serve(Node(settings))
+        serve(node, launch, reconcile=reconcile)
+
+
+@app.command("reconcile")
+def reconcile_role(config: ConfigOpt = None) -> None:
+    """The reconciler alone: re-enqueues from the job table what the broker does not hold (for a
+    host without a listener, or listeners started with --no-reconcile)."""
+    from worker.cli.serve import reconcile_only
+    from worker.node import Node
+
+    settings = common.settings_for(config)
+    reconcile_only(Node(settings))
+
+
+@app.command("listener-process", hidden=True)
+def listener_process(config: ConfigOpt = None) -> None:
+    """One more listener on \\[node] port, started by `listen` or `up` when \\[node] processes > 1."""
+    from worker.cli.serve import listener_process as run
+    from worker.node import Node
+
+    settings = common.settings_for(config)
+    common.metrics_env(settings)
+    run(Node(settings))
 
 
 @app.command()
@@ -109,7 +138,14 @@ def worker(config: ConfigOpt = None,
         queues, ["--pool=threads", f"--concurrency={n}"])
     with common.console(settings) if console else contextlib.nullcontext():
         celery_app.worker_main(["worker", "-Q", queues, "--loglevel=WARNING", "--without-gossip", "--without-mingle",
-                                "--without-heartbeat", f"--hostname={queues.replace(',', '-')}@%h", *pool])
+                                "--without-heartbeat", f"--hostname={node_name(queues)}", *pool])
+
+
+def node_name(queues: str) -> str:
+    """The Celery node name, one per worker process: RabbitMQ gives each node an exclusive
+    control queue, so a second worker of one queue on the same host under the same name exits
+    (RESOURCE_LOCKED)."""
+    return f"{queues.replace(',', '-')}.{os.getpid()}@%h"
 
 
 @app.command("console")

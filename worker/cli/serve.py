@@ -83,8 +83,9 @@ Launch = Callable[[], tuple[list[subprocess.Popen], "subprocess.Popen | None"]]
 
 
 def serve(node: Node, launch: Launch | None = None,
-          start_gpu: Callable[[], subprocess.Popen] | None = None) -> None:
-    """Listener and reconciler here. Once the listener answers, `launch()` gives (workers,
+          start_gpu: Callable[[], subprocess.Popen] | None = None, reconcile: bool = True) -> None:
+    """Listener and reconciler here (reconcile=False: the listener only, a `medsam2-cxr reconcile`
+    runs elsewhere). Once the listener answers, `launch()` gives (workers,
     builder): the workers are supervised (one exiting stops the node); while the builder builds
     the model, images are received and wait; when it is done, `start_gpu()` adds the GPU worker.
     With start_gpu (`up`: the workers are ours), claims left when they are gone are given back."""
@@ -114,7 +115,8 @@ def serve(node: Node, launch: Launch | None = None,
     model_ready = threading.Event()
     if builder is None:
         model_ready.set()
-    _reconciler(node, stop, enqueue_infer, enqueue_send, model_ready)
+    if reconcile:
+        _reconciler(node, stop, enqueue_infer, enqueue_send, model_ready)
     if builder is not None:
         typer.echo("medsam2-cxr: building the default model (first start only, minutes); images are received "
                    "now and wait for it; progress: medsam2-cxr status", err=True)
@@ -147,6 +149,48 @@ def serve(node: Node, launch: Launch | None = None,
             _release_claims(jobs, "stop")
         audit.record("application_stop", ae_title=settings.node.ae_title, pid=os.getpid())
         log.info("up.stopped", seconds=round(time.monotonic() - t0, 1))
+
+
+def reconcile_only(node: Node) -> None:
+    """The reconciler as a role of its own (`medsam2-cxr reconcile`), for a host that runs no
+    listener or listeners started with --no-reconcile; until SIGTERM."""
+    from worker.app import enqueuers, make_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    enqueue_infer, enqueue_send = enqueuers(make_app(node.settings))
+    ready = threading.Event()
+    ready.set()
+    thread = _reconciler(node, stop, enqueue_infer, enqueue_send, ready)
+    typer.echo(f"medsam2-cxr reconciling every {node.settings.worker.reconcile_every_s:g} s", err=True)
+    stop.wait()
+    thread.join(timeout=STOP_GRACE_S)
+
+
+def listener_process(node: Node) -> None:
+    """One more C-STORE listener on the node's port (SO_REUSEPORT), for [node] processes > 1:
+    only the listener, no reconciler, no HTTP app, and no spool sweep (the first listener did it
+    before starting this one). Runs until SIGTERM."""
+    from dicom_node.listener import start_listener
+    from worker.app import enqueuers, make_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    enqueue_infer, _ = enqueuers(make_app(node.settings))
+    reader = node.second_reader()
+    server = start_listener(node.listener_config(), node.spool, node.jobs, node.audit, enqueue_infer,
+                            on_report=_sr_intake(reader) if reader is not None else None, recover=False)
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+
+
+def spawn_listeners(node: Node, cli: list[str], cfg: list[str]) -> list[subprocess.Popen]:
+    """The [node] processes - 1 further listener processes (`cli listener-process cfg`)."""
+    return [spawn([*cli, "listener-process", *cfg]) for _ in range(node.settings.node.processes - 1)]
 
 
 def _sr_intake(reader):
