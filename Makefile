@@ -34,6 +34,9 @@ peers:
 	   (systemctl stop prometheus 2>/dev/null || service prometheus stop >/dev/null 2>&1 || true))
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
+	@# PostgreSQL 15 ([store] url tests): the server on 127.0.0.1:5432 (trust auth) and initdb/pg_ctl for test-owned ones
+	@test -x /usr/lib/postgresql/15/bin/pg_ctl || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null)
 
 up: install
 	$(VENV)/bin/medsam2-cxr up $(if $(CONFIG),--config $(CONFIG),)

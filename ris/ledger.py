@@ -1,4 +1,4 @@
-"""Which targets already have a job's results, in the job store's own SQLite file.
+"""Which targets already have a job's results, in the job store's own database (its SQLite file, or PostgreSQL).
 
 A job is delivered to several targets in turn (the PACS, then the RIS, then a FHIR server); when a
 later one fails and the job is dead-lettered and resent, the ones recorded here are not sent to
@@ -8,20 +8,19 @@ written right after the target acknowledged.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from dicom_node.jobstore import transaction
+from dicom_node.database import Database, Tx, as_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL,
     target TEXT NOT NULL,
     detail TEXT,
-    delivered_at REAL NOT NULL,
+    delivered_at {real} NOT NULL,
     PRIMARY KEY (job_id, target)
 );
 """
@@ -30,14 +29,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
 class Ledger:
     """Delivered (job, target) pairs; safe across threads and processes like the job store."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+    def __init__(self, db: Database | Path, clock: Callable[[], float] = time.time) -> None:
+        """``db``: the job store's database (JobStore.db), or the path of its SQLite file."""
+        self.db = as_database(db)
+        self.path: Path | None = getattr(self.db, "path", None)
         self._clock = clock
-        with self._tx() as db:
-            db.execute(_SCHEMA)
+        self.db.create(_SCHEMA)
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path)
+    def _tx(self) -> AbstractContextManager[Tx]:
+        return self.db.transaction()
 
     def delivered(self, job_id: str, target: str) -> bool:
         with self._tx() as db:
@@ -45,7 +45,8 @@ class Ledger:
 
     def record(self, job_id: str, target: str, detail: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO deliveries (job_id, target, detail, delivered_at) VALUES (?,?,?,?)",
+            db.execute("INSERT INTO deliveries (job_id, target, detail, delivered_at) VALUES (?,?,?,?) "
+                       "ON CONFLICT DO NOTHING",
                        (job_id, target, detail, self._clock()))
 
     def of(self, job_id: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.layout import SpoolLayout
+from dicom_node.stores import check_url
 from index.wording import LANGUAGES
 from models.urgency import DEFAULT_RULES, check_rules
 from worker.errors import ConfigError
@@ -138,6 +139,20 @@ class Destinations(Destination):
 
 class Broker(Section):
     url: str = ""  # empty: a serverless transport in the spool (single host); or redis://...
+
+
+class Store(Section):
+    # Where the shared state is: the job table with its claims and leases, the RIS delivery ledger,
+    # the report store and a copy of the audit trail (dicom_node/stores.py). Empty: SQLite files in
+    # the spool (one host); postgresql://user@host:5432/dbname: one database for every node naming it.
+    url: str = ""
+    pool_size: int = Field(default=4, ge=1)  # connections per process
+    timeout_s: float = Field(default=5.0, gt=0)  # the longest a transaction waits for a connection
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        return check_url(value)
 
 
 class Paths(Section):
@@ -304,6 +319,7 @@ class Settings(BaseSettings):
     node: Node = Field(default_factory=Node)
     destination: Destinations = Field(default_factory=Destinations)
     broker: Broker = Field(default_factory=Broker)
+    store: Store = Field(default_factory=Store)
     paths: Paths = Field(default_factory=Paths)
     model: Model = Field(default_factory=Model)
     sender: Sender = Field(default_factory=Sender)

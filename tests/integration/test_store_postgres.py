@@ -1,0 +1,183 @@
+"""The shared state in PostgreSQL ([store] url): the job store's own unit tests on it, claims raced by
+two processes, the ledger and report store, a schema migration, and a server that goes away and
+comes back (StoreUnavailable, then recovery with the same store object)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dicom_node.database import StoreUnavailable
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.stores import open_database, open_jobs
+from ris.ledger import Ledger
+from ris.reportstore import ReportStore
+from ris.second_read import Discrepancy, ReportLabels
+from tests.conftest import free_port, pg_database
+
+pytestmark = pytest.mark.integration
+
+# The job store's unit tests (tests/unit/test_jobstore.py) that take the `store` fixture, run here on
+# PostgreSQL: the same assertions, the other backend.
+_spec = importlib.util.spec_from_file_location("jobstore_cases", Path(__file__).parents[1] / "unit" / "test_jobstore.py")
+assert _spec is not None and _spec.loader is not None
+_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cases)
+for _name, _test in vars(_cases).items():
+    if _name.startswith("test_") and "store" in inspect.signature(_test).parameters:
+        globals()[_name + "_on_postgresql"] = _test
+_add = _cases._add
+
+
+@pytest.fixture
+def clock():
+    return _cases.FakeClock()
+
+
+@pytest.fixture
+def store(pg_url, clock):
+    return open_jobs(pg_url, Path("/nonexistent/unused.sqlite"), clock=clock)
+
+
+def test_the_unit_cases_were_found():
+    names = [n for n in globals() if n.endswith("_on_postgresql")]
+    assert len(names) >= 8 and "test_claim_compare_and_set_on_postgresql" in names
+
+
+def test_schema_made_once_and_migrated(pg_url):
+    """A table made before the keyed hashes gains them on open, in PostgreSQL as in SQLite."""
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("""CREATE TABLE jobs (id TEXT PRIMARY KEY, sop_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL, calling_aet TEXT NOT NULL,
+            path TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+            created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+            lease_until DOUBLE PRECISION NOT NULL DEFAULT 0)""")
+        c.execute("INSERT INTO jobs VALUES ('old', '1.2', '1.2.840', '1.3', 'MOD', 'incoming/old.dcm', 'done', "
+                  "NULL, 1, 5, 6, 0)")
+    store = open_jobs(pg_url, Path("unused"))
+    assert store.get("old").state == JobState.DONE and store.get("old").accession_hash is None
+    _add(store, "new")
+    open_jobs(pg_url, Path("unused"))  # again: nothing changes
+    assert store.counts() == {"done": 1, "queued": 1}
+    with psycopg.connect(pg_url) as c:
+        kinds = dict(c.execute("SELECT column_name, data_type FROM information_schema.columns "
+                               "WHERE table_name='jobs'").fetchall())
+    assert kinds["accession_hash"] == "text" and kinds["updated_at"] == "double precision"
+
+
+def test_timestamps_keep_their_precision(store):
+    """Seconds since 1970 with microseconds survive the round trip (DOUBLE PRECISION, not REAL)."""
+    store._clock = lambda: 1_764_000_000.123456
+    job, _ = _add(store, "a")
+    assert store.get("a").created_at == job.created_at == 1_764_000_000.123456
+
+
+def _claimer(url: str, ids: list[str], start: float, out) -> None:  # in a spawned process
+    store = JobStore(open_database(url, Path("unused")))
+    while time.time() < start:
+        time.sleep(0.001)
+    won = [i for i in ids if store.claim(i, JobState.QUEUED, JobState.INFERRING, lease_s=600) is not None]
+    out.put(won)
+
+
+def test_two_processes_claiming_the_same_jobs_each_job_has_one_winner(store, pg_url):
+    ids = [f"job{n:03d}" for n in range(60)]
+    for n, i in enumerate(ids):
+        _add(store, i, sop=f"1.2.{n}")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start = time.time() + 4  # both are connected by then; then they race for every row
+    procs = [ctx.Process(target=_claimer, args=(pg_url, ids if k == 0 else ids[::-1], start, out)) for k in range(2)]
+    for p in procs:
+        p.start()
+    won = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(won[0] + won[1]) == ids  # every job claimed, none twice
+    assert won[0] and won[1], "the two claimers never overlapped: the race was not run"
+    assert {(j.state, j.attempts) for i in ids if (j := store.get(i))} == {(JobState.INFERRING, 1)}
+
+
+def test_lease_expiry_lets_a_second_claimer_on_another_store_take_it(pg_url):
+    """Two nodes (two store objects, their own clocks) on one database: a claim whose lease ran
+    out on the first is taken by the second; the first's late advance then fails."""
+    now = [1000.0]
+    a, b = (open_jobs(pg_url, Path("unused"), clock=lambda: now[0]) for _ in range(2))
+    _add(a, "j")
+    assert a.claim("j", JobState.QUEUED, JobState.INFERRING, lease_s=60) is not None
+    assert b.claim("j", JobState.QUEUED, JobState.INFERRING, lease_s=60) is None
+    now[0] += 61
+    taken = b.claim("j", JobState.QUEUED, JobState.INFERRING, lease_s=60)
+    assert taken is not None and taken.attempts == 2
+    assert b.advance("j", JobState.INFERRING, JobState.INFERRED)
+    assert not a.advance("j", JobState.INFERRING, JobState.INFERRED)
+
+
+def test_waiting_skips_rows_a_claimer_holds(store, pg_url):
+    for n in range(3):
+        _add(store, f"w{n}", sop=f"7.{n}")
+    with psycopg.connect(pg_url) as other:  # another worker, mid-claim of w0
+        other.execute("SELECT 1 FROM jobs WHERE id='w0' FOR UPDATE")
+        assert store.waiting(10) == ["w1", "w2"]
+    assert store.waiting(10) == ["w0", "w1", "w2"]
+
+
+def test_ledger_and_report_store_on_postgresql(pg_url):
+    jobs = open_jobs(pg_url, Path("unused"))
+    ledger = Ledger(jobs.db)
+    assert not ledger.delivered("j", "pacs")
+    ledger.record("j", "pacs", "ok")
+    ledger.record("j", "pacs", "again")  # the first stays
+    assert ledger.delivered("j", "pacs") and ledger.of("j") == {"pacs": "ok"}
+
+    reports = ReportStore(open_database(pg_url, Path("unused")))
+    labels = ReportLabels({"Effusion": 1}, {"Effusion": 1})
+    r, new = reports.add(source="hl7", message_id="m1", study_instance_uid="1.2", accession_hash="h",
+                         status="F", text="effusion", labels=labels)
+    again, new2 = reports.add(source="hl7", message_id="m1", study_instance_uid="1.2", accession_hash="h",
+                              status="F", text="effusion", labels=labels)
+    assert new and not new2 and again.id == r.id
+    found = [Discrepancy("Effusion", "missed_by_report", "high", 0.9, "absent")]
+    rows = reports.record(r.id, "j", "1.2", found)
+    assert rows is not None and [d.label for d in rows] == ["Effusion"]
+    assert reports.record(r.id, "j", "1.2", found) is None  # compared once
+    reports.mark_notified([rows[0].id], "sent")
+    assert reports.discrepancies()[0].notified == "sent"
+    assert reports.counts() == {"reports": 1, "waiting": 0, "comparisons": 1, "discrepancies": 1}
+
+
+def test_server_down_raises_store_unavailable_then_the_same_store_recovers(pg_server):
+    with pg_database(pg_server.admin) as url:
+        store = open_jobs(url, Path("unused"), timeout_s=2)
+        _add(store, "before")
+        pg_server.stop()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as down:
+            _add(store, "during", sop="2.2")
+        assert time.monotonic() - t0 < 30 and "127.0.0.1" in str(down.value) and "password" not in str(down.value)
+        with pytest.raises(StoreUnavailable):
+            store.claim("before", JobState.QUEUED, JobState.INFERRING, lease_s=60)
+        pg_server.start()
+        deadline = time.monotonic() + 30
+        while True:  # the pool reconnects by itself: no new store, no restart
+            try:
+                _add(store, "after", sop="3.3")
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not recover after the server came back"
+                time.sleep(0.5)
+        assert store.get("during") is None
+        assert store.counts() == {"queued": 2}
+        assert store.claim("before", JobState.QUEUED, JobState.INFERRING, lease_s=60) is not None
+
+
+def test_a_closed_port_is_unavailable_not_a_crash():
+    with pytest.raises(StoreUnavailable):
+        open_jobs(f"postgresql://postgres@127.0.0.1:{free_port()}/none", Path("unused"), timeout_s=1)
