@@ -11,7 +11,7 @@ assigns), which each backend fills in.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +31,8 @@ class StoreUnavailable(ConnectionError):
 
 
 class Rows(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
@@ -53,10 +54,13 @@ class Tx(Protocol):
 
 class Database(Protocol):
     kind: str  # "sqlite" or "postgresql"
+    # True: other hosts' nodes share these tables, so a claim in them may be another host's
+    # (`up` gives back only claims it knows are its own: none, then; their leases run out instead)
+    shared: bool
 
     def transaction(self) -> AbstractContextManager[Tx]: ...
 
-    def create(self, schema: str, added: dict[str, tuple[tuple[str, str], ...]] | None = None,
+    def create(self, schema: str, added: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
                indexes: str = "") -> None:
         """Tables of ``schema`` (CREATE ... IF NOT EXISTS), then the columns ``added`` to a table
         since its first release (table -> (name, type)), then ``indexes``: safe to run by many
@@ -109,6 +113,7 @@ class SqliteDatabase:
     """A SQLite file (the embedded default: in the spool, one host)."""
 
     kind = "sqlite"
+    shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -119,7 +124,7 @@ class SqliteDatabase:
         with transaction(self.path) as db:
             yield _SqliteTx(db)
 
-    def create(self, schema: str, added: dict[str, tuple[tuple[str, str], ...]] | None = None,
+    def create(self, schema: str, added: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
                indexes: str = "") -> None:
         db = sqlite3.connect(self.path, timeout=30)
         try:

@@ -57,7 +57,7 @@ CREATE INDEX IF NOT EXISTS jobs_sop ON jobs (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 """
 # Columns added after the first release, with their type: a table made before gains them on open.
-_ADDED = {"jobs": (("accession_hash", "TEXT"), ("patient_hash", "TEXT"))}
+_ADDED: dict[str, tuple[tuple[str, str], ...]] = {"jobs": (("accession_hash", "TEXT"), ("patient_hash", "TEXT"))}
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_accession ON jobs (accession_hash);
 CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_hash);

@@ -41,9 +41,9 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import require_configured
+from dicom_node.database import StoreUnavailable
 from dicom_node.filters import OWN_RESULT, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
-from dicom_node.database import StoreUnavailable
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
 from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks

@@ -21,7 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 
@@ -104,6 +104,7 @@ class _PgTx:
 
 class PostgresDatabase:
     kind = "postgresql"
+    shared = True
 
     def __init__(self, url: str, pool_size: int = 4, timeout_s: float = 5.0) -> None:
         self.url = url
@@ -122,7 +123,7 @@ class PostgresDatabase:
             raise StoreUnavailable(f"the store {self._where} is unavailable ({type(exc).__name__}: {exc}); "
                                    f"check that PostgreSQL runs and [store] url", in_doubt=committing) from exc
 
-    def create(self, schema: str, added: dict[str, tuple[tuple[str, str], ...]] | None = None,
+    def create(self, schema: str, added: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
                indexes: str = "") -> None:
         with self.transaction() as tx:  # DDL is transactional: all of it or none
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))

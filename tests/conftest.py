@@ -168,6 +168,7 @@ def require_postgres(admin: str = PG_ADMIN) -> str:
 def pg_database(admin: str) -> Iterator[str]:
     """A new database medsam2_test_<random> on the server of ``admin``, dropped afterwards; yields its URL."""
     import psycopg
+
     from dicom_node.postgres import close_pools
 
     name = f"medsam2_test_{uuid.uuid4().hex[:12]}"

@@ -81,7 +81,13 @@ class Node:
 
     @cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.layout.audit, clock=self.clock.time)
+        """This host's trail in the spool; with a shared store, also a copy there (dicom_node.audit_copy)."""
+        copy = None
+        if self.settings.store.url:  # the embedded default opens no database for its trail
+            from dicom_node.audit_copy import AuditCopy
+
+            copy = AuditCopy(self.jobs.db)
+        return AuditLog(self.layout.audit, clock=self.clock.time, copy=copy)
 
     @cached_property
     def pauses(self) -> Pauses:

@@ -181,3 +181,20 @@ def test_server_down_raises_store_unavailable_then_the_same_store_recovers(pg_se
 def test_a_closed_port_is_unavailable_not_a_crash():
     with pytest.raises(StoreUnavailable):
         open_jobs(f"postgresql://postgres@127.0.0.1:{free_port()}/none", Path("unused"), timeout_s=1)
+
+
+def test_audit_records_are_copied_to_the_shared_store(pg_url, tmp_path):
+    from dicom_node.audit_copy import AuditCopy
+    from worker.node import Node
+    from worker.settings import Settings
+
+    node = Node(Settings(paths={"spool": str(tmp_path / "spool")}, store={"url": pg_url}))
+    node.audit.record("received", job_id="a", calling_aet="MOD")
+    node.audit.record("sent", job_id="a")
+    copy = AuditCopy(node.jobs.db, host="other-host")
+    copy({"time": 1.0, "event": "received", "job_id": "b"})
+    assert [r["job_id"] for r in copy.read()] == ["a", "a", "b"]
+    mine = copy.read(event="sent")
+    assert len(mine) == 1 and mine[0]["host"] != "other-host" and mine[0] == {**next(
+        r for r in node.audit.read() if r["event"] == "sent"), "host": mine[0]["host"]}
+    assert not node.layout.jobs.exists()  # no SQLite job table beside it
