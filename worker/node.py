@@ -91,7 +91,8 @@ class Node:
 
     @cached_property
     def pauses(self) -> Pauses:
-        return Pauses(self.layout.root)
+        """Paused destinations: in the spool, or with [store] url in the store every host's senders read."""
+        return Pauses(self.layout.root, db=self.jobs.db if self.settings.store.url else None)
 
     def secret(self, name: str, configured: str = "") -> bytes:
         """A configured secret, or the key the node made once in <spool>/secrets/<name>.key."""

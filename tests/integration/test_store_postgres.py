@@ -198,3 +198,20 @@ def test_audit_records_are_copied_to_the_shared_store(pg_url, tmp_path):
     assert len(mine) == 1 and mine[0]["host"] != "other-host" and mine[0] == {**next(
         r for r in node.audit.read() if r["event"] == "sent"), "host": mine[0]["host"]}
     assert not node.layout.jobs.exists()  # no SQLite job table beside it
+
+
+def test_a_pause_made_on_one_host_holds_every_hosts_sender(pg_url, tmp_path):
+    from dicom_node.pause import DestinationPaused
+    from worker.node import Node
+    from worker.settings import Settings
+
+    a, b = (Node(Settings(paths={"spool": str(tmp_path / h)}, store={"url": pg_url})) for h in ("a", "b"))
+    assert a.pauses.get("PACS", "10.0.0.1", 104) is None
+    a.pauses.pause("PACS", "10.0.0.1", 104, "alice", now=5.0)
+    with pytest.raises(DestinationPaused, match="alice"):
+        b.pauses.check("PACS", "10.0.0.1", 104)  # the other host's sender waits too
+    b.pauses.pause("PACS", "10.0.0.1", 104, "bob", now=6.0)  # again: the newer record
+    assert a.pauses.get("PACS", "10.0.0.1", 104) == {"destination": "PACS@10.0.0.1:104", "user": "bob", "since": 6.0}
+    assert b.pauses.resume("PACS", "10.0.0.1", 104) and not a.pauses.resume("PACS", "10.0.0.1", 104)
+    a.pauses.check("PACS", "10.0.0.1", 104)
+    assert not (tmp_path / "a" / "paused").exists()  # nothing in either spool
