@@ -215,3 +215,26 @@ def test_a_pause_made_on_one_host_holds_every_hosts_sender(pg_url, tmp_path):
     assert b.pauses.resume("PACS", "10.0.0.1", 104) and not a.pauses.resume("PACS", "10.0.0.1", 104)
     a.pauses.check("PACS", "10.0.0.1", 104)
     assert not (tmp_path / "a" / "paused").exists()  # nothing in either spool
+
+
+def test_two_listeners_recording_the_same_instance_queue_it_once(pg_url):
+    """The same SOP Instance UID received on two hosts at once: one job queued, the other skipped
+    as its duplicate (the advisory lock on the UID stands in for SQLite's file lock)."""
+    import threading
+
+    stores = [open_jobs(pg_url, Path("unused")) for _ in range(2)]
+    start = threading.Barrier(2)
+
+    def receive(k: int) -> None:
+        start.wait()
+        for n in range(40):
+            _add(stores[k], f"h{k}-{n:02d}", sop=f"5.5.{n}")
+
+    threads = [threading.Thread(target=receive, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for n in range(40):
+        states = sorted(j.state for k in range(2) if (j := stores[0].get(f"h{k}-{n:02d}")))
+        assert states == [JobState.QUEUED, JobState.SKIPPED], n
