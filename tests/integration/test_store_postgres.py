@@ -238,3 +238,18 @@ def test_two_listeners_recording_the_same_instance_queue_it_once(pg_url):
     for n in range(40):
         states = sorted(j.state for k in range(2) if (j := stores[0].get(f"h{k}-{n:02d}")))
         assert states == [JobState.QUEUED, JobState.SKIPPED], n
+
+
+def test_a_command_with_the_store_away_says_so_and_exits_3(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "spool").mkdir()
+    env = {**os.environ, "MEDSAM2_CXR_PATHS__SPOOL": str(tmp_path / "spool"),
+           "MEDSAM2_CXR_STORE__URL": f"postgresql://medsam2:s3cret@127.0.0.1:{free_port()}/x",
+           "MEDSAM2_CXR_STORE__TIMEOUT_S": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "is unavailable" in out.stderr and "Traceback" not in out.stderr and "s3cret" not in out.stderr
