@@ -133,7 +133,8 @@ def from_settings(settings: Settings, ledger: Ledger | Path,
     def targets_for(calling_aet: str) -> tuple[Target, ...]:  # TLS contexts made once per route
         return tuple(targets_of(d.for_caller(calling_aet)))
 
-    return Reports(targets_for=lambda aet: list(targets_for(aet.strip())), ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger),
+    ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+    return Reports(targets_for=lambda aet: list(targets_for(aet.strip())), ledger=ledger,
                    sending_application=settings.node.ae_title, attempts=s.attempts, backoff_s=s.backoff_s,
                    max_backoff_s=s.max_backoff_s, timeout_s=s.timeout_s, urgency=urgency)
 

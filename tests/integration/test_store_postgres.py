@@ -253,3 +253,11 @@ def test_a_command_with_the_store_away_says_so_and_exits_3(tmp_path):
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 3, out.stderr[-2000:]
     assert "is unavailable" in out.stderr and "Traceback" not in out.stderr and "s3cret" not in out.stderr
+
+
+def test_every_commit_is_durable_whatever_the_servers_default(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as c:  # a server (or database) tuned for speed
+        c.execute(f"ALTER DATABASE {pg_url.rsplit('/', 1)[1]} SET synchronous_commit = off")
+    store = open_jobs(pg_url, Path("unused"))
+    with store.db.transaction() as tx:
+        assert tx.execute("SHOW synchronous_commit").fetchone() == ("on",)
