@@ -39,11 +39,14 @@ class AuditCopy:
                        (float(record["time"]), self.host, str(record["event"]),
                         json.dumps(record, sort_keys=True, default=str)))
 
-    def read(self, event: str | None = None, limit: int = 1000) -> list[dict]:
-        """The newest ``limit`` records of every host (of ``event``, when given), the oldest first;
-        each with the host it came from."""
-        where, args = ("WHERE event=? ", [event]) if event else ("", [])
+    def read(self, event: str | None = None, limit: int | None = 1000) -> list[dict]:
+        """The newest ``limit`` records (None: all) of every host (of ``event``, when given), the
+        oldest first; each with the host it came from."""
+        where = "WHERE event=? " if event else ""
+        args: list[object] = [event] if event else []
+        sql = f"SELECT host, record FROM audit {where}ORDER BY id DESC"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, max(0, int(limit))]
         with self.db.transaction() as tx:
-            rows = tx.execute(f"SELECT host, record FROM audit {where}ORDER BY id DESC LIMIT ?",
-                              (*args, max(0, int(limit)))).fetchall()
+            rows = tx.execute(sql, args).fetchall()
         return [{**json.loads(r), "host": h} for h, r in reversed(rows)]

@@ -32,6 +32,7 @@ from worker.clock import SYSTEM, Clock
 from worker.settings import Settings
 
 if TYPE_CHECKING:
+    from dicom_node.audit_copy import AuditCopy
     from dicom_node.listener import ListenerConfig
     from dicom_node.sender import ResultDestination
     from models.prediction import Prediction
@@ -82,12 +83,17 @@ class Node:
     @cached_property
     def audit(self) -> AuditLog:
         """This host's trail in the spool; with a shared store, also a copy there (dicom_node.audit_copy)."""
-        copy = None
-        if self.settings.store.url:  # the embedded default opens no database for its trail
-            from dicom_node.audit_copy import AuditCopy
-
-            copy = AuditCopy(self.jobs.db)
+        copy = self.audit_copy
         return AuditLog(self.layout.audit, clock=self.clock.time, copy=copy)
+
+    @cached_property
+    def audit_copy(self) -> AuditCopy | None:
+        """Every host's audit records in the shared store ([store] url); None without one."""
+        if not self.settings.store.url:  # the embedded default opens no database for its trail
+            return None
+        from dicom_node.audit_copy import AuditCopy
+
+        return AuditCopy(self.jobs.db)
 
     @cached_property
     def pauses(self) -> Pauses:

@@ -261,3 +261,29 @@ def test_every_commit_is_durable_whatever_the_servers_default(pg_url):
     store = open_jobs(pg_url, Path("unused"))
     with store.db.transaction() as tx:
         assert tx.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+def test_audit_all_hosts_prints_the_shared_copy(pg_url, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dicom_node.audit_copy import AuditCopy
+    from worker.cli import app
+    from worker.node import Node
+    from worker.settings import Settings
+
+    monkeypatch.setenv("MEDSAM2_CXR_PATHS__SPOOL", str(tmp_path / "spool"))
+    monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", pg_url)
+    Node(Settings()).audit.record("received", job_id="here")
+    AuditCopy(open_database(pg_url, Path("unused")), host="elsewhere")({"time": 9.0, "event": "sent", "job_id": "there"})
+    here = CliRunner().invoke(app, ["audit"])
+    everywhere = CliRunner().invoke(app, ["audit", "--all-hosts"])
+    assert here.exit_code == everywhere.exit_code == 0, here.output + everywhere.output
+    assert [json.loads(line)["job_id"] for line in here.output.splitlines()] == ["here"]
+    rows = [json.loads(line) for line in everywhere.output.splitlines()]
+    assert [(r["job_id"], r["host"] == "elsewhere") for r in rows] == [("here", False), ("there", True)]
+    monkeypatch.delenv("MEDSAM2_CXR_STORE__URL")
+    JobStore(tmp_path / "spool" / "jobs.sqlite")  # an embedded node's spool
+    alone = CliRunner().invoke(app, ["audit", "--all-hosts"])
+    assert alone.exit_code == 2 and "no [store] url" in alone.output
