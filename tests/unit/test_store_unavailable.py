@@ -64,3 +64,24 @@ def test_store_unavailable_answers_out_of_resources(tmp_path, in_doubt):
 
 def test_store_unavailable_is_transient_for_the_workers():
     assert is_transient(StoreUnavailable("away")) and isinstance(StoreUnavailable("away"), ConnectionError)
+
+
+def test_metrics_say_the_store_is_down_and_still_give_the_spools_gauges(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dicom_node.metrics import NodeCollector
+
+    class Down:
+        def counts(self):
+            raise StoreUnavailable("away")
+
+        def oldest_created_at(self, state):
+            raise StoreUnavailable("away")
+
+    spool = Spool(tmp_path / "spool", 0)
+    for jobs, up in ((Down(), 0.0), (JobStore(tmp_path / "jobs.sqlite"), 1.0)):
+        registry = CollectorRegistry()
+        registry.register(NodeCollector(jobs, spool, ["queued"]))
+        text = generate_latest(registry).decode()
+        assert f"medsam2_store_up {up}" in text and "medsam2_spool_free_bytes" in text
+        assert ("medsam2_jobs{" in text) == bool(up)
