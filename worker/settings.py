@@ -331,6 +331,15 @@ class Settings(BaseSettings):
     dicomweb: Dicomweb = Field(default_factory=Dicomweb)
     second_read: SecondRead = Field(default_factory=SecondRead)
 
+    @model_validator(mode="after")
+    def _one_lookup_key_for_a_shared_store(self) -> Settings:
+        # The keyed hashes in a shared job table must be made with one key: a key made per spool
+        # would differ per host (a study sent to two hosts would not be found, nor matched to its report).
+        if self.store.url and not self.node.lookup_secret:
+            raise ValueError("[store] url is set: set [node] lookup_secret too, the same on every host "
+                             "(e.g. `openssl rand -hex 32`), so the keyed hashes in the shared job table agree")
+        return self
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,

@@ -36,7 +36,8 @@ def _c_store(port: int, path: Path) -> int:
 
 def test_store_down_answers_out_of_resources_then_recovers(pg_server, tmp_path):
     with pg_database(pg_server.admin) as url:
-        settings = Settings(paths={"spool": str(tmp_path / "spool")}, store={"url": url, "timeout_s": 2})
+        settings = Settings(paths={"spool": str(tmp_path / "spool")}, store={"url": url, "timeout_s": 2},
+                            node={"lookup_secret": "site-key"})
         node = node_root.Node(settings)
         jobs = node.jobs
         assert jobs.db.kind == "postgresql" and not settings.layout.jobs.exists()  # no SQLite file made

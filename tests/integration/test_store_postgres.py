@@ -188,7 +188,8 @@ def test_audit_records_are_copied_to_the_shared_store(pg_url, tmp_path):
     from worker.node import Node
     from worker.settings import Settings
 
-    node = Node(Settings(paths={"spool": str(tmp_path / "spool")}, store={"url": pg_url}))
+    node = Node(Settings(paths={"spool": str(tmp_path / "spool")}, store={"url": pg_url},
+                         node={"lookup_secret": "site-key"}))
     node.audit.record("received", job_id="a", calling_aet="MOD")
     node.audit.record("sent", job_id="a")
     copy = AuditCopy(node.jobs.db, host="other-host")
@@ -205,7 +206,8 @@ def test_a_pause_made_on_one_host_holds_every_hosts_sender(pg_url, tmp_path):
     from worker.node import Node
     from worker.settings import Settings
 
-    a, b = (Node(Settings(paths={"spool": str(tmp_path / h)}, store={"url": pg_url})) for h in ("a", "b"))
+    a, b = (Node(Settings(paths={"spool": str(tmp_path / h)}, store={"url": pg_url}, node={"lookup_secret": "k"}))
+            for h in ("a", "b"))
     assert a.pauses.get("PACS", "10.0.0.1", 104) is None
     a.pauses.pause("PACS", "10.0.0.1", 104, "alice", now=5.0)
     with pytest.raises(DestinationPaused, match="alice"):
@@ -248,7 +250,7 @@ def test_a_command_with_the_store_away_says_so_and_exits_3(tmp_path):
     (tmp_path / "spool").mkdir()
     env = {**os.environ, "MEDSAM2_CXR_PATHS__SPOOL": str(tmp_path / "spool"),
            "MEDSAM2_CXR_STORE__URL": f"postgresql://medsam2:s3cret@127.0.0.1:{free_port()}/x",
-           "MEDSAM2_CXR_STORE__TIMEOUT_S": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+           "MEDSAM2_CXR_STORE__TIMEOUT_S": "1", "MEDSAM2_CXR_NODE__LOOKUP_SECRET": "site-key", "PYTHONPATH": str(Path(__file__).parents[2])}
     out = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True, env=env,
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 3, out.stderr[-2000:]
@@ -275,6 +277,7 @@ def test_audit_all_hosts_prints_the_shared_copy(pg_url, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEDSAM2_CXR_PATHS__SPOOL", str(tmp_path / "spool"))
     monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", pg_url)
+    monkeypatch.setenv("MEDSAM2_CXR_NODE__LOOKUP_SECRET", "site-key")
     Node(Settings()).audit.record("received", job_id="here")
     AuditCopy(open_database(pg_url, Path("unused")), host="elsewhere")({"time": 9.0, "event": "sent", "job_id": "there"})
     here = CliRunner().invoke(app, ["audit"])

@@ -36,7 +36,8 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir, store, req
 
     build_index(spool / "index", load_bundle(tiny_bundle), manifest_items(phantom_dir), progress=False)
     config = tmp_path / "node.toml"
-    config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
+    secret = 'lookup_secret = "site-key"\n' if url else ""  # one key for every host of a shared store
+    config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n{secret}[destination]\nport = {pacs_port}\n'
                       f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
                       f'[store]\nurl = "{url}"\n')
     log = tmp_path / "up.log"

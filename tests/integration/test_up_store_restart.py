@@ -43,7 +43,7 @@ def test_up_rides_out_a_postgresql_restart(tmp_path, tiny_bundle, phantom_dir, p
         pacs = storescp(received, pacs_port)
         spool = tmp_path / "var"
         config = tmp_path / "node.toml"
-        config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
+        config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\nlookup_secret = "site-key"\n[destination]\nport = {pacs_port}\n'
                           f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
                           f'[store]\nurl = "{url}"\ntimeout_s = 2\n')
         log = tmp_path / "up.log"

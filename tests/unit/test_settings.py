@@ -40,6 +40,9 @@ def test_a_wrong_key_names_the_file(tmp_path):
 def test_store_url_is_empty_or_postgresql(tmp_path, monkeypatch):
     assert load_settings(None).store.url == ""
     monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", "postgresql://medsam2@db:5432/medsam2")
+    with pytest.raises(ConfigError, match=r"set \[node\] lookup_secret too"):  # one key for every host's hashes
+        load_settings(None)
+    monkeypatch.setenv("MEDSAM2_CXR_NODE__LOOKUP_SECRET", "site-key")
     assert load_settings(None).store.url.startswith("postgresql://")
     monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", "mysql://u:secret@db/x")
     with pytest.raises(ConfigError, match="mysql:// is not supported"):
