@@ -25,7 +25,7 @@ PEER_PACKAGES = {
     "dciodvfy": "dicom3tools", "Orthanc": "orthanc", "chromium": "chromium", "promtool": "prometheus",
     "prometheus": "prometheus", "openssl": "openssl", "redis-server": "redis-server",
     "libOrthancDicomWeb.so": "orthanc-dicomweb",
-    "/usr/lib/postgresql/15/bin/initdb": "postgresql-15", "/usr/lib/postgresql/15/bin/pg_ctl": "postgresql-15",
+    "initdb": "postgresql-15", "pg_ctl": "postgresql-15",
 }
 # The PostgreSQL server tests make their databases on ([store] url tests); trust auth on 127.0.0.1.
 PG_ADMIN = os.environ.get("MEDSAM2_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
