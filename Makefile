@@ -42,6 +42,9 @@ peers:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null)
 	@rabbitmqctl -q await_startup >/dev/null 2>&1 || service rabbitmq-server start >/dev/null 2>&1 || \
 	  (rabbitmq-server -detached && sleep 5 && rabbitmqctl -q await_startup)
+	@# PostgreSQL 15 ([store] url tests): the server on 127.0.0.1:5432 (trust auth) and initdb/pg_ctl for test-owned ones
+	@test -x /usr/lib/postgresql/15/bin/pg_ctl || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null)
 
 up: install
 	$(VENV)/bin/medsam2-cxr up $(if $(CONFIG),--config $(CONFIG),)

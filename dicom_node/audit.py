@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import structlog
+
 # PS3.15 A.5 event names our records map onto, with the EventID code (DCM, CID 400), the
 # EventActionCode (C create, R read, U update, D delete, E execute) and the EventOutcomeIndicator
 # (0 success, 4 minor failure, 8 serious failure, 12 major failure) each record carries.
@@ -59,26 +61,36 @@ EVENTS = {name: a5[0] for name, a5 in A5.items()}
 
 
 class AuditLog:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    """The trail in ``path`` (this host's); ``copy``, when given, also gets each record, after the
+    file has it (dicom_node.audit_copy: the shared store's table of every host's records). A copy
+    that fails is logged and the record stands: the file is the trail, the copy a convenience."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time,
+                 copy: Callable[[dict], None] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
+        self._copy = copy
 
     def record(self, event: str, **fields: object) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}; known: {sorted(EVENTS)}")
         name, code, action, outcome = A5[event]
-        line = json.dumps(
-            {"time": round(self._clock(), 3), "event": event, "dicom_event": name, "event_id": code,
-             "event_action": action, "event_outcome": outcome, **fields},
-            sort_keys=True, default=str,
-        )
+        record = {"time": round(self._clock(), 3), "event": event, "dicom_event": name, "event_id": code,
+                  "event_action": action, "event_outcome": outcome, **fields}
+        line = json.dumps(record, sort_keys=True, default=str)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             os.write(fd, (line + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self._copy is not None:
+            try:
+                self._copy(json.loads(line))
+            except Exception as exc:  # noqa: BLE001 - the file has the record; the copy may miss it
+                structlog.get_logger(__name__).warning("audit.copy_failed", audit_event=event,
+                                                       error=type(exc).__name__)
 
     def read(self) -> Iterator[dict]:
         if not self.path.exists():

@@ -1,20 +1,24 @@
-"""The durable job table in the spool: the source of truth for what was received and what is owed.
+"""The durable job table: the source of truth for what was received and what is owed.
 
 The broker may forget messages (Redis here keeps nothing across a restart); this table does not.
-Every state change is a single SQLite transaction with synchronous=FULL, so a row that says
-"queued" survives a power cut, and claims are compare-and-set with a lease so that two workers
-never process the same job at once and a killed worker's job is picked up again.
+Every state change is a single durable transaction (SQLite in the spool with synchronous=FULL, or
+PostgreSQL with synchronous_commit on: dicom_node.database, dicom_node.stores), so a row that
+says "queued" survives a power cut, and claims are compare-and-set with a lease so that two
+workers never process the same job at once and a killed worker's job is picked up again.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from dicom_node.database import Database, StoreUnavailable, Tx, as_database, transaction
+
+__all__ = ["FINAL_FAILURES", "Job", "JobState", "JobStore", "StoreUnavailable", "transaction"]
 
 
 class JobState(StrEnum):
@@ -43,9 +47,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     reason TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    lease_until REAL NOT NULL DEFAULT 0,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    lease_until {real} NOT NULL DEFAULT 0,
     accession_hash TEXT,
     patient_hash TEXT
 );
@@ -53,13 +57,15 @@ CREATE INDEX IF NOT EXISTS jobs_sop ON jobs (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 """
 # Columns added after the first release, with their type: a table made before gains them on open.
-_ADDED = (("accession_hash", "TEXT"), ("patient_hash", "TEXT"))
+_ADDED: dict[str, tuple[tuple[str, str], ...]] = {"jobs": (("accession_hash", "TEXT"), ("patient_hash", "TEXT"))}
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_accession ON jobs (accession_hash);
 CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_hash);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 """
+# attempts less one, never below 0 (two-argument MAX is SQLite's only)
+_ONE_LESS = "CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
 _COLUMNS = ("id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path, state, reason, attempts, "
             "created_at, updated_at, lease_until, accession_hash, patient_hash")
 
@@ -83,52 +89,18 @@ class Job:
     patient_hash: str | None = None
 
 
-@contextmanager
-def transaction(path: Path) -> Iterator[sqlite3.Connection]:
-    """One write transaction on the SQLite file ``path`` (WAL, fsync on commit, taken at once).
-
-    One short-lived connection per transaction: simple across threads and forked processes. The
-    job store and the RIS delivery ledger (ris/ledger.py) both keep their rows this way."""
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    finally:
-        db.close()
-
-
 class JobStore:
-    """SQLite job table; safe to share between the listener thread and worker processes."""
+    """The job table; safe to share between the listener thread and worker processes (and hosts, in PostgreSQL)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, db: Database | Path, clock: Callable[[], float] = time.time) -> None:
+        """``db``: the database (dicom_node.stores.open_database), or the path of a SQLite file."""
+        self.db = as_database(db)
+        self.path: Path | None = getattr(self.db, "path", None)  # the SQLite file; None in PostgreSQL
         self._clock = clock
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)  # executescript commits on its own
-            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED:  # the migration of a table made by an earlier release
-                if name not in have:
-                    try:
-                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-                    except sqlite3.OperationalError as exc:  # another process added it first
-                        if "duplicate column" not in str(exc):
-                            raise
-            db.executescript(_INDEXES)
-        finally:
-            db.close()
+        self.db.create(_SCHEMA, _ADDED, _INDEXES)
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path)
+    def _tx(self) -> AbstractContextManager[Tx]:
+        return self.db.transaction()
 
     @staticmethod
     def _row(row: tuple | None) -> Job | None:
@@ -157,6 +129,7 @@ class JobStore:
         keyed hashes of the source's Accession Number and Patient ID (dicom_node.lookup)."""
         now = self._clock()
         with self._tx() as db:
+            db.lock(f"sop:{sop_instance_uid}")  # two listeners with the same instance: one sees the other's row
             earlier = self._row(
                 db.execute(
                     f"SELECT {_COLUMNS} FROM jobs WHERE sop_instance_uid=? AND state NOT IN (?, ?, ?) "
@@ -185,14 +158,11 @@ class JobStore:
         has moved on (a duplicate message: drop it)."""
         now = self._clock()
         with self._tx() as db:
-            cur = db.execute(
+            return self._row(db.execute(
                 "UPDATE jobs SET state=?, lease_until=?, attempts=attempts+1, updated_at=? "
-                "WHERE id=? AND (state=? OR (state=? AND lease_until<?))",
+                f"WHERE id=? AND (state=? OR (state=? AND lease_until<?)) RETURNING {_COLUMNS}",
                 (to_state, now + lease_s, now, job_id, from_state, to_state, now),
-            )
-            if cur.rowcount != 1:
-                return None
-            return self._row(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone())
+            ).fetchone())
 
     def advance(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None = None) -> bool:
         """Move a claimed job on; False if it was not in from_state (another worker won)."""
@@ -208,7 +178,7 @@ class JobStore:
         attempt: attempts count the claims whose worker never came back (the reconciler gives up
         after max_attempts), and a worker that releases came back (a full spool, a paused
         destination, a broker away)."""
-        return self._move(job_id, claimed_state, back_to, reason, "MAX(attempts - 1, 0)")
+        return self._move(job_id, claimed_state, back_to, reason, _ONE_LESS)
 
     def _move(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None,
               attempts: str) -> bool:
@@ -228,11 +198,11 @@ class JobStore:
         for its lease. Returns the ids given back."""
         now = self._clock()
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state IN (?, ?)",
-                                            (JobState.INFERRING, JobState.SENDING)).fetchall()]
+            ids: list[str] = []
             for claimed, back in ((JobState.INFERRING, JobState.QUEUED), (JobState.SENDING, JobState.INFERRED)):
-                db.execute("UPDATE jobs SET state=?, lease_until=0, updated_at=?, attempts=MAX(attempts-1, 0) "
-                           "WHERE state=?", (back, now, claimed))
+                ids += [r[0] for r in db.execute(f"UPDATE jobs SET state=?, lease_until=0, updated_at=?, "
+                                                 f"attempts={_ONE_LESS} WHERE state=? RETURNING id",
+                                                 (back, now, claimed)).fetchall()]
         return ids
 
     def stale(self, older_than_s: float) -> list[Job]:
@@ -274,7 +244,7 @@ class JobStore:
         """Ids of up to `limit` jobs waiting for inference, oldest first: what a GPU worker may
         gather into one batch (it still claims each one, so a race costs nothing)."""
         with self._tx() as db:
-            rows = db.execute("SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT ?",
+            rows = db.execute("SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT ?" + db.skip_locked,
                               (JobState.QUEUED, max(0, int(limit)))).fetchall()
         return [r[0] for r in rows]
 

@@ -42,6 +42,7 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import require_configured
+from dicom_node.database import StoreUnavailable
 from dicom_node.filters import OWN_RESULT, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
@@ -259,6 +260,13 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
             accession_hash=keyed_hash(deps.lookup_key, ds.get("AccessionNumber")),
             patient_hash=keyed_hash(deps.lookup_key, ds.get("PatientID")),
         )
+    except StoreUnavailable as exc:  # the database is away: the sender retries later, as for a full spool
+        if not exc.in_doubt:  # written or not? keep the bytes: the sweep at start drops them if no row names them
+            path.unlink(missing_ok=True)
+        log.error("job store unavailable; instance refused", job_id=job_id, error=str(exc), in_doubt=exc.in_doubt)
+        _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="job store unavailable")
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="out_of_resources").inc()
+        return Accepted(OUT_OF_RESOURCES, "job store unavailable")
     except Exception as exc:  # noqa: BLE001 - unrecorded bytes are useless: drop them, let the sender retry
         path.unlink(missing_ok=True)
         full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)

@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from dicom_node import metrics_dir
+from dicom_node.database import StoreUnavailable
 from dicom_node.metrics_dir import ENV
 
 UNKNOWN_AE = "unknown"  # a connection refused or violating before any association request was read
@@ -245,15 +246,21 @@ class NodeCollector(Collector):
         self.jobs, self.spool, self.states, self.clock = jobs, spool, tuple(states), clock
 
     def collect(self) -> Iterable[Metric]:
-        counts = self.jobs.counts()
-        per_state = GaugeMetricFamily("medsam2_jobs", "Jobs per state in the job store", labels=["state"])
-        for state in self.states:
-            per_state.add_metric([state], counts.get(state, 0))
-        yield per_state
-        oldest = self.jobs.oldest_created_at("queued")
-        yield GaugeMetricFamily("medsam2_oldest_queued_job_age_seconds",
-                                "Seconds since the oldest job still waiting for inference was received (0: none)",
-                                value=0.0 if oldest is None else max(0.0, self.clock() - oldest))
+        try:
+            counts = self.jobs.counts()
+            oldest = self.jobs.oldest_created_at("queued")
+        except StoreUnavailable:  # [store] url's database away: the spool's gauges still come, the jobs' do not
+            counts = None
+        yield GaugeMetricFamily("medsam2_store_up", "1 when the job store answered this scrape, else 0 "
+                                "(a [store] url database unreachable)", value=float(counts is not None))
+        if counts is not None:
+            per_state = GaugeMetricFamily("medsam2_jobs", "Jobs per state in the job store", labels=["state"])
+            for state in self.states:
+                per_state.add_metric([state], counts.get(state, 0))
+            yield per_state
+            yield GaugeMetricFamily("medsam2_oldest_queued_job_age_seconds",
+                                    "Seconds since the oldest job still waiting for inference was received (0: none)",
+                                    value=0.0 if oldest is None else max(0.0, self.clock() - oldest))
         yield GaugeMetricFamily("medsam2_spool_free_bytes", "Free space on the spool's filesystem",
                                 value=self.spool.free_bytes())
         yield GaugeMetricFamily("medsam2_spool_min_free_bytes", "Below this free space the listener refuses "

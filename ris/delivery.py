@@ -121,9 +121,10 @@ def targets_of(route) -> list[Target]:
     return out
 
 
-def from_settings(settings: Settings, jobs_path: Path,
+def from_settings(settings: Settings, ledger: Ledger | Path,
                   urgency: Callable[[Prediction], bool] | None = None) -> Reports | None:
-    """Reports for a node whose default destination or any route names a RIS or FHIR server; else None."""
+    """Reports for a node whose default destination or any route names a RIS or FHIR server; else None.
+    ``ledger``: the node's delivery ledger (worker.node.Node.ledger), or the job store's SQLite file."""
     d = settings.destination
     routes = [d, *d.routes.values()]
     if not any(r.ris.host or r.fhir.url for r in routes):
@@ -134,7 +135,8 @@ def from_settings(settings: Settings, jobs_path: Path,
     def targets_for(calling_aet: str) -> tuple[Target, ...]:  # TLS contexts made once per route
         return tuple(targets_of(d.for_caller(calling_aet)))
 
-    return Reports(targets_for=lambda aet: list(targets_for(aet.strip())), ledger=Ledger(jobs_path),
+    ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+    return Reports(targets_for=lambda aet: list(targets_for(aet.strip())), ledger=ledger,
                    sending_application=settings.node.ae_title, attempts=s.attempts, backoff_s=s.backoff_s,
                    max_backoff_s=s.max_backoff_s, timeout_s=s.timeout_s, urgency=urgency)
 

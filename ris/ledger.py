@@ -1,4 +1,5 @@
-"""Which targets already have a job's results or a study's report, in the job store's own SQLite file.
+"""Which targets already have a job's results or a study's report, in the job store's own database
+(its SQLite file, or PostgreSQL with [store] url).
 
 The PACS gets each job's DICOM results: one ``deliveries`` row per (job, target), written right
 after the PACS acknowledged, so a job dead-lettered by a later target and resent sends the PACS
@@ -8,7 +9,7 @@ The RIS and the FHIR server get one report per study: one ``study_reports`` row 
 target) that moves owed -> sending (a claim with a lease, compare-and-set as the job store
 claims jobs) -> sent, or -> failed (the target refused it: the claiming job is dead-lettered and
 its resend claims again). The claim and the question "is another image of this study still on
-its way?" are one transaction on the file that also holds the ``jobs`` table, so two io workers
+its way?" are one transaction on the database that also holds the ``jobs`` table, so two io workers
 finishing the two images of a study at the same moment cannot both send, nor both leave it to
 the other.
 """
@@ -16,7 +17,6 @@ the other.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from dicom_node.jobstore import JobState, transaction
+from dicom_node.database import Database, Tx, as_database
+from dicom_node.jobstore import JobState
 
 DICOM_PREFIX = "dicom:"  # the target key of a PACS (ris.delivery.dicom_key): a job's own part of a study
 
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL,
     target TEXT NOT NULL,
     detail TEXT,
-    delivered_at REAL NOT NULL,
+    delivered_at {real} NOT NULL,
     PRIMARY KEY (job_id, target)
 );
 CREATE TABLE IF NOT EXISTS study_reports (
@@ -41,10 +42,10 @@ CREATE TABLE IF NOT EXISTS study_reports (
     target TEXT NOT NULL,
     state TEXT NOT NULL,
     job_id TEXT NOT NULL,
-    lease_until REAL NOT NULL DEFAULT 0,
+    lease_until {real} NOT NULL DEFAULT 0,
     jobs TEXT NOT NULL DEFAULT '[]',
     detail TEXT,
-    updated_at REAL NOT NULL,
+    updated_at {real} NOT NULL,
     PRIMARY KEY (study, target)
 );
 """
@@ -78,19 +79,18 @@ class Claim:
 
 
 class Ledger:
-    """Delivered (job, target) and reported (study, target) pairs; safe across threads and processes
-    like the job store, whose file it shares (``path``: the job store's)."""
+    """Delivered (job, target) and reported (study, target) pairs; safe across threads, processes and
+    hosts like the job store, whose database it shares (the study claim reads its ``jobs`` table)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+    def __init__(self, db: Database | Path, clock: Callable[[], float] = time.time) -> None:
+        """``db``: the job store's database (JobStore.db), or the path of its SQLite file."""
+        self.db = as_database(db)
+        self.path: Path | None = getattr(self.db, "path", None)
         self._clock = clock
-        with self._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        self.db.create(_SCHEMA)
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path)
+    def _tx(self) -> AbstractContextManager[Tx]:
+        return self.db.transaction()
 
     # ---------------------------------------------------------------- per job (the PACS)
 
@@ -100,7 +100,8 @@ class Ledger:
 
     def record(self, job_id: str, target: str, detail: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO deliveries (job_id, target, detail, delivered_at) VALUES (?,?,?,?)",
+            db.execute("INSERT INTO deliveries (job_id, target, detail, delivered_at) VALUES (?,?,?,?) "
+                       "ON CONFLICT DO NOTHING",
                        (job_id, target, detail, self._clock()))
 
     def of(self, job_id: str) -> dict[str, str]:
@@ -112,7 +113,7 @@ class Ledger:
     # ---------------------------------------------------------------- per study (the RIS, the FHIR server)
 
     @staticmethod
-    def _on_its_way(db: sqlite3.Connection, study_uid: str, job_id: str) -> tuple[str, ...]:
+    def _on_its_way(db: Tx, study_uid: str, job_id: str) -> tuple[str, ...]:
         if not study_uid:  # a study without a UID is its job alone
             return ()
         marks = ",".join("?" * len(ON_ITS_WAY))
@@ -130,6 +131,9 @@ class Ledger:
         can a failed one (a resend)."""
         now = self._clock()
         with self._tx() as db:
+            # One claimer of a study at a time (SQLite: the file's write lock; PostgreSQL: an advisory
+            # lock): a second finisher waits here and then sees the first one's PACS delivery.
+            db.lock(f"study-report:{key}")
             row = db.execute("SELECT state, job_id, lease_until, jobs, detail FROM study_reports "
                              "WHERE study=? AND target=?", (key, target)).fetchone()
             if row is not None and row[0] == Report.SENT:
@@ -184,7 +188,8 @@ class Ledger:
         cutoff = self._clock() - older_than_s
         with self._tx() as db:
             rows = db.execute(
-                "SELECT DISTINCT r.job_id, j.study_instance_uid FROM study_reports r JOIN jobs j ON j.id=r.job_id "
-                "WHERE r.state=? AND r.updated_at<? AND j.state=? ORDER BY r.updated_at",
+                "SELECT r.job_id, j.study_instance_uid FROM study_reports r JOIN jobs j ON j.id=r.job_id "
+                "WHERE r.state=? AND r.updated_at<? AND j.state=? "
+                "GROUP BY r.job_id, j.study_instance_uid ORDER BY MIN(r.updated_at)",
                 (Report.OWED, cutoff, JobState.DONE)).fetchall()
             return [job for job, study in rows if not self._on_its_way(db, study, job)]

@@ -1,5 +1,6 @@
 """The first readers' reports and the discrepancies found against them: one SQLite file in the spool
-(``reports.sqlite``, next to the job table), written with the job store's transactions.
+(``reports.sqlite``, next to the job table), or the tables of [store] url's PostgreSQL database
+(dicom_node.stores), written through dicom_node.database like the job table.
 
 A report row holds its text, both labelers' labels and their agreement, the Study Instance UID
 and the keyed hash of its accession number (dicom_node.lookup), never the number itself. A
@@ -11,18 +12,17 @@ and an inference arriving together cannot flag a discrepancy twice.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.jobstore import transaction
+from dicom_node.database import Database, as_database
 from ris.second_read import Discrepancy, ReportLabels, labels_json
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     source TEXT NOT NULL,
     message_id TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
@@ -30,8 +30,8 @@ CREATE TABLE IF NOT EXISTS reports (
     status TEXT NOT NULL,
     text TEXT NOT NULL,
     labels TEXT NOT NULL,
-    agreement REAL NOT NULL,
-    received_at REAL NOT NULL,
+    agreement {real} NOT NULL,
+    received_at {real} NOT NULL,
     UNIQUE (source, message_id)
 );
 CREATE INDEX IF NOT EXISTS reports_study ON reports (study_instance_uid);
@@ -39,21 +39,21 @@ CREATE INDEX IF NOT EXISTS reports_accession ON reports (accession_hash);
 CREATE TABLE IF NOT EXISTS comparisons (
     report_id INTEGER NOT NULL,
     job_id TEXT NOT NULL,
-    compared_at REAL NOT NULL,
+    compared_at {real} NOT NULL,
     found INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (report_id, job_id)
 );
 CREATE TABLE IF NOT EXISTS discrepancies (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     report_id INTEGER NOT NULL,
     job_id TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
     label TEXT NOT NULL,
     direction TEXT NOT NULL,
     tier TEXT NOT NULL,
-    probability REAL NOT NULL,
+    probability {real} NOT NULL,
     report_state TEXT NOT NULL,
-    created_at REAL NOT NULL,
+    created_at {real} NOT NULL,
     notified TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS discrepancies_created ON discrepancies (created_at);
@@ -108,23 +108,19 @@ class ReportStore:
     """SQLite tables of reports, comparisons and discrepancies; shared by the MLLP listener, the
     DICOM listener and the workers, like the job store."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, db: Database | Path, clock: Callable[[], float] = time.time) -> None:
+        """``db``: the database (dicom_node.stores.open_database), or the path of a SQLite file."""
+        self.db = as_database(db)
+        self.path: Path | None = getattr(self.db, "path", None)
         self._clock = clock
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-        finally:
-            db.close()
+        self.db.create(_SCHEMA)
 
     def add(self, *, source: str, message_id: str, study_instance_uid: str, accession_hash: str | None,
             status: str, text: str, labels: ReportLabels) -> tuple[StoredReport, bool]:
         """Keep a report; (the row, True when new). The same (source, message id) again is the same report."""
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             cur = db.execute(
-                f"INSERT OR IGNORE INTO reports ({_R}) VALUES (NULL,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO reports ({_R.removeprefix('id, ')}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (source, message_id, study_instance_uid, accession_hash, status, text,
                  json.dumps(labels_json(labels)), labels.agreement, self._clock()))
             new = cur.rowcount == 1
@@ -133,13 +129,13 @@ class ReportStore:
         return _report(row), new
 
     def get(self, report_id: int) -> StoredReport | None:
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             row = db.execute(f"SELECT {_R} FROM reports WHERE id=?", (report_id,)).fetchone()
         return _report(row) if row else None
 
     def for_study(self, study_instance_uid: str, accession_hash: str | None) -> list[StoredReport]:
         """Reports of a study, by its UID or its accession's keyed hash, the oldest first."""
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             rows = db.execute(
                 f"SELECT {_R} FROM reports WHERE (study_instance_uid=? AND study_instance_uid!='') "
                 "OR (accession_hash=? AND accession_hash IS NOT NULL) ORDER BY id",
@@ -151,40 +147,40 @@ class ReportStore:
         """Record one comparison and its discrepancies in one transaction; None when this pair was
         already compared (by another process: nothing is recorded twice)."""
         now = self._clock()
-        with transaction(self.path) as db:
-            cur = db.execute("INSERT OR IGNORE INTO comparisons VALUES (?,?,?,?)",
+        with self.db.transaction() as db:
+            cur = db.execute("INSERT INTO comparisons VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                              (report_id, job_id, now, len(found)))
             if cur.rowcount != 1:
                 return None
             ids = []
             for d in found:
-                c = db.execute(f"INSERT INTO discrepancies ({_D}) VALUES (NULL,?,?,?,?,?,?,?,?,?,'')",
-                               (report_id, job_id, study_instance_uid, d.label, d.direction, d.tier,
-                                float(d.probability), d.report, now))
-                ids.append(c.lastrowid)
+                c = db.execute(f"INSERT INTO discrepancies ({_D.removeprefix('id, ')}) VALUES (?,?,?,?,?,?,?,?,?,'') "
+                               "RETURNING id", (report_id, job_id, study_instance_uid, d.label, d.direction, d.tier,
+                                                float(d.probability), d.report, now))
+                ids.append(c.fetchone()[0])
             rows = [db.execute(f"SELECT {_D} FROM discrepancies WHERE id=?", (i,)).fetchone() for i in ids]
         return [StoredDiscrepancy(*r) for r in rows]
 
     def compared(self, report_id: int, job_id: str) -> bool:
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             return db.execute("SELECT 1 FROM comparisons WHERE report_id=? AND job_id=?",
                               (report_id, job_id)).fetchone() is not None
 
     def mark_notified(self, discrepancy_ids: list[int], outcome: str) -> None:
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             db.executemany("UPDATE discrepancies SET notified=? WHERE id=?", [(outcome, i) for i in discrepancy_ids])
 
     def discrepancies(self, limit: int = 100, offset: int = 0, label: str | None = None) -> list[StoredDiscrepancy]:
         """The newest first."""
         where, args = ("WHERE label=? ", [label]) if label else ("", [])
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             rows = db.execute(f"SELECT {_D} FROM discrepancies {where}ORDER BY id DESC LIMIT ? OFFSET ?",
                               (*args, max(0, int(limit)), max(0, int(offset)))).fetchall()
         return [StoredDiscrepancy(*r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Reports, reports still waiting for a job with a prediction, comparisons, discrepancies."""
-        with transaction(self.path) as db:
+        with self.db.transaction() as db:
             one = lambda sql: int(db.execute(sql).fetchone()[0])  # noqa: E731
             return {"reports": one("SELECT COUNT(*) FROM reports"),
                     "waiting": one("SELECT COUNT(*) FROM reports WHERE id NOT IN (SELECT report_id FROM comparisons)"),

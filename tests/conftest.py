@@ -3,15 +3,19 @@ check for a peer program a test needs (``require_peer``)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -21,7 +25,11 @@ PEER_PACKAGES = {
     "dciodvfy": "dicom3tools", "Orthanc": "orthanc", "chromium": "chromium", "promtool": "prometheus",
     "prometheus": "prometheus", "openssl": "openssl", "redis-server": "redis-server",
     "libOrthancDicomWeb.so": "orthanc-dicomweb",
+    "initdb": "postgresql-15", "pg_ctl": "postgresql-15",
 }
+# The PostgreSQL server tests make their databases on ([store] url tests); trust auth on 127.0.0.1.
+PG_ADMIN = os.environ.get("MEDSAM2_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 def require_peer(name: str) -> str:
@@ -140,3 +148,85 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     generate(4, out, seed=11, size=512)
     return out
+
+
+def require_postgres(admin: str = PG_ADMIN) -> str:
+    """``admin`` when a PostgreSQL server answers there; else skipped, or failed under CI=true."""
+    import psycopg
+
+    try:
+        psycopg.connect(admin, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        message = f"no PostgreSQL at {admin} ({exc}): `make peers` installs postgresql-15; or set MEDSAM2_TEST_PG"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return admin
+
+
+@contextlib.contextmanager
+def pg_database(admin: str) -> Iterator[str]:
+    """A new database medsam2_test_<random> on the server of ``admin``, dropped afterwards; yields its URL."""
+    import psycopg
+
+    from dicom_node.postgres import close_pools
+
+    name = f"medsam2_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(admin)._replace(path="/" + name))
+    finally:
+        close_pools()
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh database on the shared test server, dropped after the test."""
+    with pg_database(require_postgres()) as url:
+        yield url
+
+
+class PgServer:
+    """A PostgreSQL server of the test's own (Debian's initdb and pg_ctl, run as the postgres user
+    when the tests run as root, on a free port) that the test may stop and start again. Its data
+    lives in a folder of its own under /tmp (pytest's tmp_path is not readable by that user)."""
+
+    def __init__(self) -> None:
+        require_peer(str(PG_BIN / "initdb"))
+        self.folder = Path(tempfile.mkdtemp(prefix="medsam2-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+        self.data, self.port = self.folder / "data", free_port()
+        self._as_postgres(str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(self.data))
+        self.admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *args: str) -> None:
+        cmd = ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data}"
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-w", "-t", "60",
+                          "-l", str(self.folder / "log"), "start")
+
+    def stop(self) -> None:
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PgServer]:
+    """A started test-owned PostgreSQL server, stopped and removed afterwards (see PgServer)."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        from dicom_node.postgres import close_pools
+
+        close_pools()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)

@@ -3,7 +3,8 @@
 The one rule every step (infer_jobs, deliver_job, the Celery tasks, the offline `infer`) uses:
 
 - transient: the spool is full, the broker or another server is unreachable, the job store is
-  busy, memory ran out. The job is given back (released) and the reconciler tries again.
+  busy or unavailable (dicom_node.database.StoreUnavailable, a ConnectionError), memory ran out.
+  The job is given back (released) and the reconciler tries again.
 - permanent: anything else, above all the exceptions a bug or a defect in the data raises
   (ValueError, KeyError, TypeError, AttributeError, pydicom's and highdicom's errors, a file
   that is missing or unreadable). Trying again gives the same error, so the job ends at once in

@@ -20,21 +20,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.audit import AuditLog
+from dicom_node.database import Database
 from dicom_node.jobstore import JobStore
 from dicom_node.layout import SpoolLayout
 from dicom_node.lookup import spool_secret
 from dicom_node.pause import Pauses
 from dicom_node.spool import Spool
+from dicom_node.stores import open_database
 from worker import settings as config
 from worker.clock import SYSTEM, Clock
 from worker.settings import Settings
 
 if TYPE_CHECKING:
+    from dicom_node.audit_copy import AuditCopy
     from dicom_node.listener import ListenerConfig
     from dicom_node.sender import ResultDestination
     from models.prediction import Prediction
     from ris.inbound import ReportListener
     from ris.intake import SecondReader
+    from ris.ledger import Ledger
     from ris.reportstore import ReportStore
     from worker.pipeline import Context, Reporter
 
@@ -60,17 +64,41 @@ class Node:
     def spool(self) -> Spool:
         return Spool(self.layout.root, min_free_bytes=self.settings.node.min_free_mb * 2**20)
 
+    def database(self, sqlite_path: Path) -> Database:
+        """[store] url's database, or (empty) the SQLite file ``sqlite_path`` of the spool."""
+        st = self.settings.store
+        return open_database(st.url, sqlite_path, pool_size=st.pool_size, timeout_s=st.timeout_s)
+
     @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(self.layout.jobs, clock=self.clock.time)
+        return JobStore(self.database(self.layout.jobs), clock=self.clock.time)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        """Which targets have a job's results: in the job store's database."""
+        from ris.ledger import Ledger
+
+        return Ledger(self.jobs.db, clock=self.clock.time)
 
     @cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.layout.audit, clock=self.clock.time)
+        """This host's trail in the spool; with a shared store, also a copy there (dicom_node.audit_copy)."""
+        copy = self.audit_copy
+        return AuditLog(self.layout.audit, clock=self.clock.time, copy=copy)
+
+    @cached_property
+    def audit_copy(self) -> AuditCopy | None:
+        """Every host's audit records in the shared store ([store] url); None without one."""
+        if not self.settings.store.url:  # the embedded default opens no database for its trail
+            return None
+        from dicom_node.audit_copy import AuditCopy
+
+        return AuditCopy(self.jobs.db)
 
     @cached_property
     def pauses(self) -> Pauses:
-        return Pauses(self.layout.root)
+        """Paused destinations: in the spool, or with [store] url in the store every host's senders read."""
+        return Pauses(self.layout.root, db=self.jobs.db if self.settings.store.url else None)
 
     def secret(self, name: str, configured: str = "") -> bytes:
         """A configured secret, or the key the node made once in <spool>/secrets/<name>.key."""
@@ -176,7 +204,7 @@ class Node:
     def reports(self) -> ReportStore:
         from ris.reportstore import ReportStore
 
-        return ReportStore(self.layout.reports, clock=self.clock.time)
+        return ReportStore(self.database(self.layout.reports), clock=self.clock.time)
 
     def load_prediction(self, job_id: str) -> Prediction | None:
         """A job's saved prediction, None while it has none (worker.pipeline.load_prediction)."""
@@ -247,6 +275,6 @@ class Node:
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
                        clock=self.clock, urgent_rules=s.urgent.rules, shadow=self.shadow,
                        qa_destination=self.qa_destination(), site_label=self.site_labels(),
-                       reports=delivery.from_settings(s, self.jobs.path,
+                       reports=delivery.from_settings(s, self.ledger,
                                                       urgency=lambda p: assess(p, s.urgent.rules).is_urgent),
                        second_read=reader.job_inferred if reader is not None else None)

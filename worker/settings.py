@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.layout import SpoolLayout
+from dicom_node.stores import check_url
 from index.wording import LANGUAGES
 from models.urgency import DEFAULT_RULES, check_rules
 from worker.errors import ConfigError
@@ -143,6 +144,20 @@ class Broker(Section):
     # empty: a serverless transport in the spool (single host); redis://host:6379/0; or amqp://user:pass@host:5672//
     # (RabbitMQ: durable quorum queues and publisher confirms, worker/app.py)
     url: str = ""
+
+
+class Store(Section):
+    # Where the shared state is: the job table with its claims and leases, the RIS delivery ledger,
+    # the report store and a copy of the audit trail (dicom_node/stores.py). Empty: SQLite files in
+    # the spool (one host); postgresql://user@host:5432/dbname: one database for every node naming it.
+    url: str = ""
+    pool_size: int = Field(default=4, ge=1)  # connections per process
+    timeout_s: float = Field(default=5.0, gt=0)  # the longest a transaction waits for a connection
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        return check_url(value)
 
 
 class Paths(Section):
@@ -309,6 +324,7 @@ class Settings(BaseSettings):
     node: Node = Field(default_factory=Node)
     destination: Destinations = Field(default_factory=Destinations)
     broker: Broker = Field(default_factory=Broker)
+    store: Store = Field(default_factory=Store)
     paths: Paths = Field(default_factory=Paths)
     model: Model = Field(default_factory=Model)
     sender: Sender = Field(default_factory=Sender)
@@ -319,6 +335,15 @@ class Settings(BaseSettings):
     console: Console = Field(default_factory=Console)
     dicomweb: Dicomweb = Field(default_factory=Dicomweb)
     second_read: SecondRead = Field(default_factory=SecondRead)
+
+    @model_validator(mode="after")
+    def _one_lookup_key_for_a_shared_store(self) -> Settings:
+        # The keyed hashes in a shared job table must be made with one key: a key made per spool
+        # would differ per host (a study sent to two hosts would not be found, nor matched to its report).
+        if self.store.url and not self.node.lookup_secret:
+            raise ValueError("[store] url is set: set [node] lookup_secret too, the same on every host "
+                             "(e.g. `openssl rand -hex 32`), so the keyed hashes in the shared job table agree")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

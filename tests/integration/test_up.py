@@ -21,7 +21,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir, store, request):
+    """The same round trip with the job table in the spool's SQLite file (the default) and, with
+    [store] url, in PostgreSQL (a database of this test's own)."""
+    url = request.getfixturevalue("pg_url") if store == "postgresql" else ""
     node_port, pacs_port = free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
@@ -32,8 +36,10 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
 
     build_index(spool / "index", load_bundle(tiny_bundle), manifest_items(phantom_dir), progress=False)
     config = tmp_path / "node.toml"
-    config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n[destination]\nport = {pacs_port}\n'
-                      f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n')
+    secret = 'lookup_secret = "site-key"\n' if url else ""  # one key for every host of a shared store
+    config.write_text(f'[node]\nport = {node_port}\nmin_free_mb = 16\n{secret}[destination]\nport = {pacs_port}\n'
+                      f'[paths]\nspool = "{spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
+                      f'[store]\nurl = "{url}"\n')
     log = tmp_path / "up.log"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -75,3 +81,11 @@ def test_up_serverless_round_trip(tmp_path, tiny_bundle, phantom_dir):
     events = [json.loads(line)["event"] for line in (spool / "audit.jsonl").read_text().splitlines()]
     assert events[0] == "application_start" and events[-1] == "application_stop"
     assert {"received", "skipped", "inferred", "sent"} <= set(events)
+    assert (spool / "jobs.sqlite").exists() == (store == "sqlite")  # with [store] url, no job table in the spool
+    if url:
+        from dicom_node.audit_copy import AuditCopy
+        from dicom_node.stores import open_jobs
+
+        jobs = open_jobs(url, spool / "jobs.sqlite")
+        assert jobs.counts() == {"done": 1, "skipped": 1}
+        assert [r["event"] for r in AuditCopy(jobs.db).read(limit=10_000)] == events  # the copy has every record

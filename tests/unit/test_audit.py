@@ -60,3 +60,17 @@ def test_reader_command_filters_by_event(tmp_path):
     assert out.exit_code == 0, out.output
     [line] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert line["calling_aet"] == "INTRUDER" and line["event_id"] == "110113"
+
+
+def test_a_copy_gets_each_record_and_a_failing_copy_loses_nothing(tmp_path):
+    copies: list[dict] = []
+    log = AuditLog(tmp_path / "audit.jsonl", clock=lambda: 5.0, copy=copies.append)
+    log.record("received", job_id="a")
+    assert copies == list(log.read()) and copies[0]["job_id"] == "a"
+
+    def down(record: dict) -> None:
+        raise ConnectionError("store away")
+
+    broken = AuditLog(tmp_path / "audit.jsonl", copy=down)
+    broken.record("sent", job_id="a")  # no exception: the file has it
+    assert [r["event"] for r in log.read()] == ["received", "sent"]

@@ -35,3 +35,32 @@ def test_a_wrong_key_names_the_file(tmp_path):
     cfg.write_text("[node]\nprot = 1\n")
     with pytest.raises(ConfigError, match="bad.toml"):
         load_settings(cfg)
+
+
+def test_store_url_is_empty_or_postgresql(tmp_path, monkeypatch):
+    assert load_settings(None).store.url == ""
+    monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", "postgresql://medsam2@db:5432/medsam2")
+    with pytest.raises(ConfigError, match=r"set \[node\] lookup_secret too"):  # one key for every host's hashes
+        load_settings(None)
+    monkeypatch.setenv("MEDSAM2_CXR_NODE__LOOKUP_SECRET", "site-key")
+    assert load_settings(None).store.url.startswith("postgresql://")
+    monkeypatch.setenv("MEDSAM2_CXR_STORE__URL", "mysql://u:secret@db/x")
+    with pytest.raises(ConfigError, match="mysql:// is not supported"):
+        load_settings(None)
+
+
+def test_an_empty_store_url_opens_the_spools_sqlite_file(tmp_path):
+    import sys
+
+    from dicom_node.stores import open_database, open_jobs
+
+    db = open_database("", tmp_path / "jobs.sqlite")
+    assert (db.kind, db.shared, db.describe()) == ("sqlite", False, f"sqlite:{tmp_path / 'jobs.sqlite'}")
+    jobs = open_jobs("", tmp_path / "jobs.sqlite")
+    assert jobs.path == tmp_path / "jobs.sqlite" and jobs.path.is_file() and jobs.counts() == {}
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from dicom_node.stores import open_jobs; "
+            f"open_jobs('', Path({str(tmp_path / 'j2.sqlite')!r})); print('psycopg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the embedded default loads no PostgreSQL driver

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from dicom_node.jobstore import JobState, JobStore
 from ris.ledger import Claim, Ledger, Report
@@ -18,20 +22,31 @@ class Clock:
         return self.t
 
 
-def _store(tmp_path, clock, *jobs: tuple[str, JobState]) -> tuple[JobStore, Ledger]:
-    store = JobStore(tmp_path / "jobs.sqlite", clock=clock)
+MakeStore = Callable[[Path, Callable[[], float]], JobStore]
+
+
+@pytest.fixture
+def make_store() -> MakeStore:
+    """An empty job store (its SQLite file in ``folder``; tests/integration/test_store_postgres.py
+    runs these tests again with one in PostgreSQL)."""
+    return lambda folder, clock: JobStore(folder / "jobs.sqlite", clock=clock)
+
+
+def _store(make_store: MakeStore, tmp_path, clock, *jobs: tuple[str, JobState]) -> tuple[JobStore, Ledger]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    store = make_store(tmp_path, clock)
     for i, (job_id, state) in enumerate(jobs):
         store.add(job_id=job_id, sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
                   study_instance_uid=STUDY, calling_aet="CR1", path=f"incoming/{job_id}.dcm", state=JobState.QUEUED)
         if state != JobState.QUEUED:
             with store._tx() as db:  # the state a test starts from
                 db.execute("UPDATE jobs SET state=? WHERE id=?", (state, job_id))
-    return store, Ledger(store.path, clock=clock)
+    return store, Ledger(store.db, clock=clock)
 
 
-def test_the_last_image_to_reach_the_pacs_sends_and_the_first_waits_for_it(tmp_path):
+def test_the_last_image_to_reach_the_pacs_sends_and_the_first_waits_for_it(make_store, tmp_path):
     clock = Clock()
-    _, ledger = _store(tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.INFERRED), ("c", JobState.FAILED))
+    _, ledger = _store(make_store, tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.INFERRED), ("c", JobState.FAILED))
     ledger.record("a", PACS)
     first = ledger.claim_study(STUDY, STUDY, HL7, "a", 60)
     assert first.state == Report.OWED and first.waiting_for == ("b",) and not first.ours("a")
@@ -65,17 +80,17 @@ def _finish_together(ledger: Ledger) -> dict[str, Claim]:
     return claims
 
 
-def test_two_workers_finishing_a_study_at_once_claim_it_once(tmp_path):
+def test_two_workers_finishing_a_study_at_once_claim_it_once(make_store, tmp_path):
     for round_ in range(20):
-        _, ledger = _store(tmp_path / str(round_), Clock(), ("a", JobState.SENDING), ("b", JobState.SENDING))
+        _, ledger = _store(make_store, tmp_path / str(round_), Clock(), ("a", JobState.SENDING), ("b", JobState.SENDING))
         claims = _finish_together(ledger)
         ours = [j for j, c in claims.items() if c.ours(j)]
         assert len(claims) == 2 and len(ours) == 1, claims  # never both, never neither
 
 
-def test_a_dead_claim_is_taken_over_and_a_refused_one_waits_for_a_resend(tmp_path):
+def test_a_dead_claim_is_taken_over_and_a_refused_one_waits_for_a_resend(make_store, tmp_path):
     clock = Clock()
-    _, ledger = _store(tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.SENDING))
+    _, ledger = _store(make_store, tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.SENDING))
     ledger.record("a", PACS)
     ledger.record("b", PACS)
     assert ledger.claim_study(STUDY, STUDY, HL7, "a", 60).ours("a")
@@ -89,9 +104,9 @@ def test_a_dead_claim_is_taken_over_and_a_refused_one_waits_for_a_resend(tmp_pat
     assert ledger.claim_study(STUDY, STUDY, HL7, "b", 60).ours("b"), "the resend claims again"
 
 
-def test_a_report_owed_to_an_image_that_failed_is_handed_back(tmp_path):
+def test_a_report_owed_to_an_image_that_failed_is_handed_back(make_store, tmp_path):
     clock = Clock()
-    store, ledger = _store(tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.INFERRING))
+    store, ledger = _store(make_store, tmp_path, clock, ("a", JobState.SENDING), ("b", JobState.INFERRING))
     ledger.record("a", PACS)
     assert ledger.claim_study(STUDY, STUDY, HL7, "a", 60).waiting_for == ("b",)
     store.advance("a", JobState.SENDING, JobState.DONE)
@@ -101,9 +116,9 @@ def test_a_report_owed_to_an_image_that_failed_is_handed_back(tmp_path):
     assert ledger.owed(300) == ["a"] and ledger.owed(900) == []
 
 
-def test_a_study_reported_per_job_by_an_earlier_release_is_not_reported_again(tmp_path):
+def test_a_study_reported_per_job_by_an_earlier_release_is_not_reported_again(make_store, tmp_path):
     clock = Clock()
-    _, ledger = _store(tmp_path, clock, ("a", JobState.DONE), ("b", JobState.SENDING))
+    _, ledger = _store(make_store, tmp_path, clock, ("a", JobState.DONE), ("b", JobState.SENDING))
     ledger.record("a", HL7, "{'control_id': 'OLD'}")
     claim = ledger.claim_study(STUDY, STUDY, HL7, "b", 60)
     assert claim.state == Report.SENT and claim.job_id == "a"

@@ -26,8 +26,17 @@ for _group in (node, infer, training, model, index, labels, validate):  # each m
     app.registered_groups += _group.app.registered_groups
 
 
+# Exit code of a command that found [store] url's database unreachable (dicom_node.database).
+STORE_UNAVAILABLE_EXIT = 3
+
+
 def main() -> None:
     from dicom_node.config import configure
+    from dicom_node.database import StoreUnavailable
 
     configure()  # every pynetdicom/pydicom process-wide switch, once, before any command runs
-    app()
+    try:
+        app()
+    except StoreUnavailable as exc:  # a database away is said, not a traceback; a running node never gets here
+        typer.echo(f"medsam2-cxr: {exc}", err=True)
+        raise SystemExit(STORE_UNAVAILABLE_EXIT) from None

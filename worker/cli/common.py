@@ -61,9 +61,10 @@ def console(settings: Settings) -> Iterator[object]:
 
 
 def require_spool(settings: Settings, config: Path | None) -> Path:
-    """The spool `status`, `audit` and `resend` read; exits 2, creating nothing, when there is none."""
+    """The spool `status`, `audit` and `resend` read; exits 2, creating nothing, when there is none.
+    With [store] url the job table is in that database and the spool folder is what must exist."""
     root, jobs = settings.spool, settings.layout.jobs
-    if jobs.is_file():
+    if jobs.is_file() or (settings.store.url and root.is_dir()):
         return root
     where = f"the configuration {config}" if config else "no --config, so the default ./var of this folder"
     typer.echo(f"medsam2-cxr: no spool at {root} (looked for {jobs}; {where}). Run this where "

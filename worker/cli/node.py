@@ -251,13 +251,23 @@ def _destinations(node: Node, timeout: float) -> list[dict]:
 
 
 @app.command()
-def audit(config: ConfigOpt = None, event: Annotated[str | None, typer.Option()] = None) -> None:
+def audit(config: ConfigOpt = None, event: Annotated[str | None, typer.Option()] = None,
+          all_hosts: Annotated[bool, typer.Option("--all-hosts", help="every host's records, from the "
+                                                  "[store] url database's copy")] = False) -> None:
     """Print the audit trail (JSON lines), optionally one event type. Exits 2 when there is no
-    spool here (it creates none)."""
+    spool here (it creates none), or with --all-hosts when there is no [store] url."""
     from worker.node import Node
 
     settings = common.settings_for(config)
     require_spool(settings, config)
-    for rec in Node(settings).audit.read():
-        if event is None or rec["event"] == event:
-            typer.echo(json.dumps(rec, sort_keys=True))
+    node = Node(settings)
+    if all_hosts:
+        if node.audit_copy is None:
+            typer.echo("medsam2-cxr audit --all-hosts: no [store] url, so no shared copy; this host's trail is "
+                       "`medsam2-cxr audit`", err=True)
+            raise typer.Exit(2)
+        records = node.audit_copy.read(event, limit=None)
+    else:
+        records = [rec for rec in node.audit.read() if event is None or rec["event"] == event]
+    for rec in records:
+        typer.echo(json.dumps(rec, sort_keys=True))

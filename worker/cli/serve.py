@@ -210,6 +210,11 @@ def _sr_intake(reader):
 
 
 def _release_claims(jobs: JobStore, when: str) -> None:
+    """Give back the claims of this node's workers, gone now. In a store other hosts share, a
+    claim may be theirs: none is given back, the reconciler takes each when its lease runs out."""
+    if jobs.db.shared:
+        log.info("up.claims_left_to_leases", when=when, store=jobs.db.describe())
+        return
     ids = jobs.release_claims()
     if ids:
         log.warning("up.claims_released", when=when, jobs=ids)
