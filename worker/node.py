@@ -23,6 +23,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobStore
 from dicom_node.layout import SpoolLayout
 from dicom_node.lookup import spool_secret
+from dicom_node.objects import Objects, open_objects
 from dicom_node.pause import Pauses
 from dicom_node.spool import Spool
 from worker import settings as config
@@ -59,6 +60,13 @@ class Node:
     @cached_property
     def spool(self) -> Spool:
         return Spool(self.layout.root, min_free_bytes=self.settings.node.min_free_mb * 2**20)
+
+    @cached_property
+    def objects(self) -> Objects:
+        """Instances, predictions and results: the spool itself, or [objects] url's S3 store with the
+        spool as this host's scratch (dicom_node.objects)."""
+        o = self.settings.objects
+        return open_objects(o.url, o.endpoint, self.spool)
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -183,8 +191,10 @@ class Node:
         from worker.pipeline import PREDICTION, load_prediction
 
         folder = self.spool.result_dir(job_id)
-        if not (folder / PREDICTION).exists():
+        key = self.spool.relative(folder / PREDICTION)
+        if not self.objects.exists(key):
             return None
+        self.objects.fetch_prefix(self.spool.relative(folder))
         return load_prediction(folder)[0]
 
     def second_reader(self) -> SecondReader | None:
@@ -243,7 +253,7 @@ class Node:
 
         s = self.settings
         reader = self.second_reader()
-        return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
+        return Context(spool=self.spool, objects=self.objects, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
                        clock=self.clock, urgent_rules=s.urgent.rules, shadow=self.shadow,
                        qa_destination=self.qa_destination(), site_label=self.site_labels(),

@@ -140,6 +140,22 @@ class Broker(Section):
     url: str = ""  # empty: a serverless transport in the spool (single host); or redis://...
 
 
+class Objects(Section):
+    # Received instances, predictions and result objects (dicom_node/objects.py). "" : files in the spool
+    # (one host); "s3://bucket/prefix": an S3-compatible store, the spool then only this host's scratch.
+    url: str = ""
+    endpoint: str = ""  # e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); credentials from the usual AWS_* variables
+
+    @field_validator("url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        from dicom_node.objects import Location
+
+        if value:
+            Location.parse(value)
+        return value
+
+
 class Paths(Section):
     spool: Path = Path("./var")
 
@@ -304,6 +320,7 @@ class Settings(BaseSettings):
     node: Node = Field(default_factory=Node)
     destination: Destinations = Field(default_factory=Destinations)
     broker: Broker = Field(default_factory=Broker)
+    objects: Objects = Field(default_factory=Objects)
     paths: Paths = Field(default_factory=Paths)
     model: Model = Field(default_factory=Model)
     sender: Sender = Field(default_factory=Sender)

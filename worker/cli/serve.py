@@ -100,7 +100,7 @@ def serve(node: Node, launch: Launch | None = None,
     audit, jobs = node.audit, node.jobs
     reader = node.second_reader()
     server = start_listener(node.listener_config(), node.spool, jobs, audit, enqueue_infer,
-                            on_report=_sr_intake(reader) if reader is not None else None)
+                            on_report=_sr_intake(reader) if reader is not None else None, objects=node.objects)
     reports = node.report_listener(reader) if reader is not None else None
     if reports is not None:
         reports.start()
