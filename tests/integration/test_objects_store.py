@@ -24,13 +24,15 @@ from dicom_node.sender import Destination
 from dicom_node.spool import Spool
 from models.bundle import load_bundle
 from models.predictor import Predictor
+from tests import seaweed
 from tests.conftest import free_port, require_peer
-from tests.seaweed import BUCKET, SeaweedFS, s3_env, seaweedfs, weed_binary  # noqa: F401 - fixtures
+from tests.seaweed import BUCKET, SeaweedFS, weed_binary
 from worker import node as node_root
 from worker import pipeline
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
+seaweedfs, s3_env = seaweed.seaweedfs, seaweed.s3_env  # the fixtures: one SeaweedFS for the session
 
 SCU_AET = "MODALITY1"
 
