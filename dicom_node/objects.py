@@ -17,14 +17,21 @@ store answered the PUT, whose bytes it checked against their Content-MD5), so a 
 credentials) raises :class:`ObjectsUnavailable`: a ``ConnectionError``, so the pipeline treats it
 as transient (worker.failures) and the listener answers Out of Resources, as for a full spool.
 A missing key raises ``FileNotFoundError``, as a missing file does.
+
+Folders built once and used by every host (the model bundle, the similar-cases index) are
+published as objects with a manifest of sha256 digests (:func:`publish_folder`); each host
+fetches them into its spool and checks every file before it is used (:func:`fetch_folder`).
+Dead letters and the quarantine stay in the spool of the host that made them.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from dicom_node.spool import Spool
+from models.digests import file_digest
 
 _PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _CHUNK = 1 << 20
@@ -277,3 +285,67 @@ def open_objects(url: str, endpoint: str, local: Spool) -> SpoolObjects | S3Obje
         return SpoolObjects(local)
     where = Location.parse(url)
     return S3Objects(s3_client(endpoint), where.bucket, where.prefix, local)
+
+
+# ---------------------------------------------------------------- folders built once, fetched by every host
+
+class DigestMismatch(ValueError):
+    """A fetched file's sha256 is not the one its manifest states: nothing of it was put in place."""
+
+
+def manifest_path(folder: Path) -> Path:
+    """Where a fetched folder's manifest is kept beside it (``<folder>.manifest.json``)."""
+    return folder.with_name(folder.name + ".manifest.json")
+
+
+def publish_folder(objects: Objects, folder: Path, prefix: str) -> dict[str, str]:
+    """Put every file of ``folder`` (a model bundle, a similar-cases index) under ``prefix``, then
+    ``<prefix>/manifest.json``: name -> sha256. The manifest goes last, so a host that finds it
+    finds every file it names. Returns the manifest."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: nothing to publish (no files)")
+    manifest = {str(p.relative_to(folder)): file_digest(p) for p in files}
+    for p in files:
+        objects.put(f"{_prefix(prefix)}files/{p.relative_to(folder)}", p)
+    objects.put(f"{_prefix(prefix)}manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def fetch_folder(objects: Objects, prefix: str, dest: Path) -> Path:
+    """This host's copy of the folder published under ``prefix``: each file fetched, checked
+    against the manifest's sha256 and the whole renamed into place at ``dest`` (a reader never sees
+    half of it). Kept as it is when its manifest is the store's. ``DigestMismatch`` when a file
+    differs from its manifest (the old copy stays); ``FileNotFoundError`` when nothing is published."""
+    dest = Path(dest)
+    mine = manifest_path(dest)
+    staged = objects.fetch(f"{_prefix(prefix)}manifest.json")
+    text = staged.read_text()
+    objects.evict(f"{_prefix(prefix)}manifest.json")
+    if dest.is_dir() and mine.is_file() and mine.read_text() == text:
+        return dest
+    manifest: dict[str, str] = json.loads(text)
+    partial = dest.with_name(dest.name + ".fetching")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for name, digest in sorted(manifest.items()):
+            key = f"{_prefix(prefix)}files/{check_key(name)}"
+            got = objects.fetch(key)
+            have = file_digest(got)
+            if have != digest:
+                objects.evict(key)
+                raise DigestMismatch(f"{key}: sha256 {have}, its manifest says {digest}; nothing replaced. "
+                                     f"Publish the folder again from the host that built it")
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, partial / name)
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(partial, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        objects.local.write_atomic(mine, text.encode())
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest

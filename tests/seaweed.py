@@ -96,13 +96,13 @@ class SeaweedFS:
         raise RuntimeError(f"SeaweedFS not ready after {timeout_s:.0f} s ({last}); see {self.folder / 'weed.log'}")
 
     def stop(self) -> None:
-        """SIGTERM the whole process group (SIGKILL after 20 s); the data stay in ``folder``."""
+        """SIGTERM the whole process group (SIGKILL after 5 s: what it acknowledged is on disk); the data stay in ``folder``."""
         if self.process is None or self.process.poll() is not None:
             self.process = None
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(20)
+            self.process.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)

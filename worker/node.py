@@ -23,7 +23,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.jobstore import JobStore
 from dicom_node.layout import SpoolLayout
 from dicom_node.lookup import spool_secret
-from dicom_node.objects import Objects, open_objects
+from dicom_node.objects import Objects, SpoolObjects, fetch_folder, open_objects, publish_folder
 from dicom_node.pause import Pauses
 from dicom_node.spool import Spool
 from worker import settings as config
@@ -67,6 +67,44 @@ class Node:
         spool as this host's scratch (dicom_node.objects)."""
         o = self.settings.objects
         return open_objects(o.url, o.endpoint, self.spool)
+
+    # -- what every host loads: the model bundle and the similar-cases index ---------------------------
+    SHARED = ("bundle", "index")
+
+    def shared_folder(self, name: str) -> Path:
+        """This host's path of the bundle or the index (settings.bundle_path, <spool>/index or [index] path)."""
+        if name == "bundle":
+            return self.settings.bundle_path
+        if name == "index":
+            return self.settings.index_path or self.layout.index
+        raise ValueError(f"no shared folder {name!r}: {' or '.join(self.SHARED)}")
+
+    def publish_shared(self) -> list[str]:
+        """Put this host's bundle and index (those it has) into an S3 object store as shared/<name>,
+        with their digests, for GPU and io workers on hosts that share nothing else. Returns what
+        was published; nothing with the spool as the store (every process reads the spool's own)."""
+        if isinstance(self.objects, SpoolObjects):
+            return []
+        done = []
+        for name in self.SHARED:
+            folder = self.shared_folder(name)
+            if folder.is_dir():
+                publish_folder(self.objects, folder, f"shared/{name}")
+                done.append(name)
+        return done
+
+    def fetch_shared(self, name: str) -> Path | None:
+        """The bundle or index this host uses: its own, or, with an S3 store and none here, the one
+        published under shared/<name>, fetched into the spool and checked by digest
+        (dicom_node.objects.fetch_folder). None when there is none anywhere."""
+        folder = self.shared_folder(name)
+        own = self.settings.model.bundle if name == "bundle" else self.settings.index.path
+        if isinstance(self.objects, SpoolObjects) or own:
+            return folder if folder.is_dir() else None
+        try:
+            return fetch_folder(self.objects, f"shared/{name}", folder)
+        except FileNotFoundError:  # not published (yet): this host's own, if any
+            return folder if folder.is_dir() else None
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -240,7 +278,7 @@ class Node:
         """The similar-cases drafter, opened on its first draft; None when there is no index."""
         from worker.reporter import LazyReporter
 
-        index = self.settings.index_path
+        index = self.settings.index_path if isinstance(self.objects, SpoolObjects) else self.fetch_shared("index")
         if index is None:
             return None
         return LazyReporter(index, self.settings.index.extractor, self.settings.report.language)

@@ -237,3 +237,40 @@ def test_store_stopped_out_of_resources_then_recovers(tmp_path, monkeypatch, pha
         assert got == sent
     finally:
         own.stop()
+
+
+# ---------------------------------------------------------------- the bundle and index: built once, fetched by digest
+
+def _node(spool: Path, url: str, endpoint: str) -> node_root.Node:
+    return node_root.Node(Settings(paths={"spool": spool}, objects={"url": url, "endpoint": endpoint}))
+
+
+def test_bundle_published_once_fetched_and_verified_by_each_host(s3_env, tmp_path, tiny_bundle):
+    import shutil
+
+    from dicom_node.objects import DigestMismatch, manifest_path
+    from models.digests import file_digest
+
+    url = f"s3://{BUCKET}/shared-{uuid.uuid4().hex[:8]}"
+    builder = _node(tmp_path / "listener", url, s3_env.endpoint)
+    shutil.copytree(tiny_bundle, builder.layout.default_bundle)  # what the first start built on this host
+    assert builder.publish_shared() == ["bundle"]  # no index built here: only the bundle
+
+    gpu = _node(tmp_path / "gpu", url, s3_env.endpoint)
+    got = gpu.fetch_shared("bundle")
+    assert got == gpu.layout.default_bundle
+    assert {p.name: file_digest(p) for p in got.iterdir()} == {p.name: file_digest(p) for p in tiny_bundle.iterdir()}
+    assert load_bundle(got).digest == load_bundle(tiny_bundle).digest
+    assert gpu.fetch_shared("index") is None  # none published, none here: no similar cases
+    stamp = {p.name: p.stat().st_mtime_ns for p in got.iterdir()}
+    assert gpu.fetch_shared("bundle") == got and {p.name: p.stat().st_mtime_ns for p in got.iterdir()} == stamp
+
+    # an object changed in the store after publishing: a new host refuses it, a host with the good copy keeps it
+    name = sorted(p.name for p in tiny_bundle.iterdir())[0]
+    prefix = url.split("/", 3)[3]
+    s3_env.client().put_object(Bucket=BUCKET, Key=f"{prefix}/shared/bundle/files/{name}", Body=b"tampered")
+    late = _node(tmp_path / "gpu2", url, s3_env.endpoint)
+    with pytest.raises(DigestMismatch, match=name):
+        late.fetch_shared("bundle")
+    assert not late.layout.default_bundle.exists() and not manifest_path(late.layout.default_bundle).exists()
+    assert gpu.fetch_shared("bundle") == got and file_digest(got / name) == file_digest(tiny_bundle / name)

@@ -114,6 +114,7 @@ def serve(node: Node, launch: Launch | None = None,
     model_ready = threading.Event()
     if builder is None:
         model_ready.set()
+        _publish_shared(node)
     _reconciler(node, stop, enqueue_infer, enqueue_send, model_ready)
     if builder is not None:
         typer.echo("medsam2-cxr: building the default model (first start only, minutes); images are received "
@@ -123,6 +124,7 @@ def serve(node: Node, launch: Launch | None = None,
             if builder is not None and builder.poll() is not None:
                 code, builder = builder.returncode, None
                 if code == 0 and start_gpu is not None:
+                    _publish_shared(node)
                     workers.append(start_gpu())
                     model_ready.set()
                     log.info("up.model_ready", bundle=str(settings.bundle_path))
@@ -147,6 +149,17 @@ def serve(node: Node, launch: Launch | None = None,
             _release_claims(jobs, "stop")
         audit.record("application_stop", ae_title=settings.node.ae_title, pid=os.getpid())
         log.info("up.stopped", seconds=round(time.monotonic() - t0, 1))
+
+
+def _publish_shared(node: Node) -> None:
+    """The bundle and index this host has, into an S3 object store for the other hosts (worker.node)."""
+    try:
+        published = node.publish_shared()
+    except OSError as exc:  # the store away: workers elsewhere use what they fetched before
+        log.error("objects.publish_failed", error=str(exc))
+        return
+    if published:
+        log.info("objects.published", folders=published)
 
 
 def _sr_intake(reader):
