@@ -227,6 +227,7 @@ def fail_job(ctx: Context, job: Job, claimed: JobState, stage: str, what: str, e
     if redact is None:
         try:
             redact = identifiers_of(ctx.source(job))
+            ctx.store.evict(job.path)  # fetched only to read its identifiers (an S3 store)
         except OSError:  # the store is away or the instance gone: nothing read, nothing to redact from it
             redact = []
     reason = f"{what}: {describe(exc, redact)}"
