@@ -217,6 +217,7 @@ def test_store_stopped_out_of_resources_then_recovers(tmp_path, monkeypatch, pha
             r = _storescu(port, second)
             refused_s = time.monotonic() - t0
             assert "Received Store Response (Refused: OutOfResources)" in r.stdout + r.stderr, r.stdout + r.stderr
+            print(f"[objects] store stopped: C-STORE refused with Out of Resources in {refused_s:.1f} s")
             assert refused_s < 30
             assert jobs.counts() == {JobState.QUEUED.value: 1} and len(enqueued) == 1  # no row for the refused one
             assert _files(spool.incoming) == [] and _files(spool.tmp) == []  # nothing half-kept
