@@ -45,7 +45,7 @@ from dicom_node.filters import OWN_RESULT, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
-from dicom_node.objects import Objects, ObjectsUnavailable, SpoolObjects
+from dicom_node.objects import Objects, ObjectsUnavailable, SpoolObjects, sweep_unrecorded
 from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks
 from dicom_node.sop import BASIC_TEXT_SR, IMAGE_STORAGE, STORED_AND_SKIPPED, TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.spool import OutOfSpace, Spool
@@ -340,10 +340,17 @@ def _guard(cfg: ListenerConfig, deps: Intake) -> Guard:
                  max_pending_per_address=cfg.max_pending_per_address, max_pending=cfg.max_pending, on_refused=refused, on_violation=violation)
 
 
-def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:
-    """Before serving: drop partial writes and instance files no job records (see Spool.sweep_*)."""
-    return {"partial_writes": spool.sweep_tmp(),
-            "unrecorded_instances": spool.sweep_incoming(lambda job_id: jobs.get(job_id) is not None)}
+def recover_spool(spool: Spool, jobs: JobStore, objects: Objects | None = None) -> dict[str, int]:
+    """Before serving: drop partial writes and instance files no job records (see Spool.sweep_*),
+    and, with a remote object store, instance objects no job records (objects.sweep_unrecorded)."""
+    known = lambda job_id: jobs.get(job_id) is not None  # noqa: E731
+    swept = {"partial_writes": spool.sweep_tmp(), "unrecorded_instances": spool.sweep_incoming(known)}
+    if objects is not None and not isinstance(objects, SpoolObjects):
+        try:
+            swept["unrecorded_objects"] = sweep_unrecorded(objects, known)
+        except ObjectsUnavailable as exc:  # the listener serves anyway: it refuses until the store is back
+            log.warning("object store unavailable at start; unrecorded objects not swept", error=str(exc))
+    return swept
 
 
 def start_listener(
@@ -361,7 +368,7 @@ def start_listener(
     Only one listener may serve a spool: it sweeps the spool's partial writes on start.
     """
     require_configured()  # chunked receive, no identifiers in pynetdicom's logs (dicom_node.config)
-    swept = recover_spool(spool, jobs)
+    swept = recover_spool(spool, jobs, objects)
     if any(swept.values()):
         log.warning("spool recovered after an unclean stop", **swept)
     ae = AE(ae_title=cfg.ae_title)

@@ -32,8 +32,9 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,11 +82,14 @@ class Objects(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` (and its local copy); a missing key is no error."""
 
-    def list(self, prefix: str) -> list[str]:
+    def keys(self, prefix: str) -> list[str]:
         """The keys under ``prefix``, sorted."""
 
     def evict(self, key: str) -> None:
         """Drop the local copy of ``key`` (the spool backend keeps it: it is the object)."""
+
+    def stale(self, prefix: str, older_than_s: float) -> list[str]:
+        """The keys under ``prefix`` not written for ``older_than_s`` seconds (by the store's clock)."""
 
 
 @dataclass
@@ -113,7 +117,7 @@ class SpoolObjects:
         return path
 
     def fetch_prefix(self, prefix: str) -> list[Path]:
-        return [self.path(k) for k in self.list(prefix)]
+        return [self.path(k) for k in self.keys(prefix)]
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -121,7 +125,7 @@ class SpoolObjects:
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
-    def list(self, prefix: str) -> list[str]:
+    def keys(self, prefix: str) -> list[str]:
         folder = self.local.root / _prefix(prefix)
         if not folder.is_dir():
             return []
@@ -129,6 +133,10 @@ class SpoolObjects:
 
     def evict(self, key: str) -> None:
         check_key(key)
+
+    def stale(self, prefix: str, older_than_s: float) -> list[str]:
+        cutoff = time.time() - older_than_s
+        return [k for k in self.keys(prefix) if self.path(k).stat().st_mtime < cutoff]
 
 
 def _md5(data: bytes | Path) -> str:
@@ -217,7 +225,7 @@ class S3Objects:
                                      f"{type(exc).__name__}") from exc
 
     def fetch_prefix(self, prefix: str) -> list[Path]:
-        return [self.fetch(k) for k in self.list(prefix)]
+        return [self.fetch(k) for k in self.keys(prefix)]
 
     def exists(self, key: str) -> bool:
         try:
@@ -230,16 +238,23 @@ class S3Objects:
         self._call("delete", key, self.client.delete_object, Key=self._name(key))
         self.evict(key)
 
-    def list(self, prefix: str) -> list[str]:
+    def _listing(self, prefix: str) -> Iterator[dict]:
         start = self.prefix + _prefix(prefix)
-        keys: list[str] = []
         token: dict[str, str] = {}
         while True:
             page = self._call("list", prefix, self.client.list_objects_v2, Prefix=start, **token)
-            keys += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
+            yield from page.get("Contents", [])
             if not page.get("IsTruncated"):
-                return sorted(keys)
+                return
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(o["Key"][len(self.prefix):] for o in self._listing(prefix))
+
+    def stale(self, prefix: str, older_than_s: float) -> list[str]:
+        cutoff = time.time() - older_than_s
+        return sorted(o["Key"][len(self.prefix):] for o in self._listing(prefix)
+                      if o["LastModified"].timestamp() < cutoff)
 
     def evict(self, key: str) -> None:
         (self.local.root / check_key(key)).unlink(missing_ok=True)
@@ -291,6 +306,24 @@ def open_objects(url: str, endpoint: str, local: Spool) -> SpoolObjects | S3Obje
 
 class DigestMismatch(ValueError):
     """A fetched file's sha256 is not the one its manifest states: nothing of it was put in place."""
+
+
+UNRECORDED_AFTER_S = 3600.0  # an instance object older than this with no job row was never acknowledged
+
+
+def sweep_unrecorded(objects: Objects, known: Callable[[str], bool],
+                     older_than_s: float = UNRECORDED_AFTER_S) -> int:
+    """Delete ``incoming/<id>.dcm`` objects no job records (``known(id)`` false) that are older than
+    ``older_than_s``; returns how many. A listener leaves one when the job row failed after the PUT
+    and the store then refused the delete too: the sender got no success and sends again. The age
+    keeps a second listener's instance, between its PUT and its row, out of reach."""
+    n = 0
+    for key in objects.stale("incoming", older_than_s):
+        stem = key.rsplit("/", 1)[-1].removesuffix(".dcm")
+        if key.count("/") == 1 and key.endswith(".dcm") and not known(stem):
+            objects.delete(key)
+            n += 1
+    return n
 
 
 def manifest_path(folder: Path) -> Path:

@@ -489,7 +489,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
         prediction, model = load_prediction(folder)
         urgency = load_urgency(folder, prediction)
         files = result_files(folder, ctx.reporter is not None, urgency.is_urgent)
-        kept = set(ctx.store.list(ctx.key(folder)))
+        kept = set(ctx.store.keys(ctx.key(folder)))
         if not all(ctx.key(f) in kept for f in files):
             source = pydicom.dcmread(ctx.source(job))
             results = encode_results(source, read_image(source), prediction, model, ctx.clock.now(), ctx.reporter,

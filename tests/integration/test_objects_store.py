@@ -72,8 +72,8 @@ def test_exists_list_delete(host):
     a, b = host("listener"), host("gpu")
     for key in ("results/j1/prediction.json", "results/j1/saliency.npz", "results/j10/prediction.json"):
         a.put(key, key.encode())
-    assert b.list("results/j1") == ["results/j1/prediction.json", "results/j1/saliency.npz"]  # not j10
-    assert b.list("results/j1/") == b.list("results/j1") and b.list("results/nothing") == []
+    assert b.keys("results/j1") == ["results/j1/prediction.json", "results/j1/saliency.npz"]  # not j10
+    assert b.keys("results/j1/") == b.keys("results/j1") and b.keys("results/nothing") == []
     assert [p.read_bytes() for p in b.fetch_prefix("results/j1")] == [b"results/j1/prediction.json",
                                                                       b"results/j1/saliency.npz"]
     assert b.exists("results/j1/saliency.npz") and not b.exists("results/j2/saliency.npz")
@@ -96,6 +96,19 @@ def test_evict_drops_only_a_local_copy(host):
     assert local.exists() == isinstance(b, SpoolObjects)  # the spool's file is the object itself
 
 
+def test_unrecorded_instance_objects_swept_once_old(host):
+    from dicom_node.objects import sweep_unrecorded
+
+    a = host("listener")
+    for key in ("incoming/orphan.dcm", "incoming/recorded.dcm", "results/orphan/sr.dcm"):
+        a.put(key, b"x")
+    known = {"recorded"}.__contains__
+    assert sweep_unrecorded(a, known, older_than_s=3600) == 0  # a listener may be between its PUT and its row
+    time.sleep(1.5)  # S3 LastModified has whole seconds
+    assert sweep_unrecorded(a, known, older_than_s=1) == 1
+    assert a.keys("incoming") == ["incoming/recorded.dcm"] and a.exists("results/orphan/sr.dcm")
+
+
 @pytest.mark.parametrize("key", ["", "../jobs.sqlite", "/etc/passwd", "incoming//j.dcm", "incoming/./j.dcm",
                                  "incoming/j 1.dcm", "a/../../b"])
 def test_keys_are_node_made_relative_paths(host, key):
@@ -113,7 +126,7 @@ def test_unreachable_store_raises_objects_unavailable(tmp_path):
     t0 = time.monotonic()
     for call in (lambda: away.put("incoming/j.dcm", b"b"), lambda: away.put("incoming/j.dcm", src),
                  lambda: away.fetch("incoming/j.dcm"), lambda: away.exists("incoming/j.dcm"),
-                 lambda: away.list("incoming"), lambda: away.delete("incoming/j.dcm")):
+                 lambda: away.keys("incoming"), lambda: away.delete("incoming/j.dcm")):
         with pytest.raises(ObjectsUnavailable, match="unreachable"):
             call()
     assert time.monotonic() - t0 < 60  # prompt: a refusal, not a sender's timeout
@@ -173,7 +186,7 @@ def test_listener_gpu_and_io_hosts_share_only_the_store(s3_env, tmp_path, predic
     sends: list[str] = []
     assert pipeline.infer_jobs([job_id], gpu, predictor, sends.append) == [job_id]
     assert sends == [job_id] and jobs.get(job_id).state == JobState.INFERRED
-    assert objects["io"].list(f"results/{job_id}") == [f"results/{job_id}/prediction.json",
+    assert objects["io"].keys(f"results/{job_id}") == [f"results/{job_id}/prediction.json",
                                                        f"results/{job_id}/saliency.npz"]
 
     io = pipeline.Context(spool=hosts["io"], objects=objects["io"], jobs=jobs, audit=audits["io"], lease_s=60)
@@ -184,7 +197,7 @@ def test_listener_gpu_and_io_hosts_share_only_the_store(s3_env, tmp_path, predic
     assert state == JobState.DONE
     modalities = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(b)).Modality for b in delivered]
     assert modalities[:3] == ["SR", "OT", "PR"]
-    kept = objects["listener"].list(f"results/{job_id}")
+    kept = objects["listener"].keys(f"results/{job_id}")
     assert {"sr.dcm", "sc.dcm", "pr.dcm"} <= {k.rsplit("/", 1)[1] for k in kept}  # the results are objects too
     source = pydicom.dcmread(objects["listener"].fetch(job.path), stop_before_pixels=True)
     assert source.SOPInstanceUID == pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID
