@@ -100,6 +100,12 @@ def worker(config: ConfigOpt = None,
     settings = common.settings_for(config)
     common.metrics_env(settings)
     if "gpu" in queues.split(","):
+        if settings.objects.url:  # another host built them: fetch and check what it published, build nothing
+            from worker.node import Node
+
+            node = Node(settings)
+            for name in Node.SHARED:
+                node.fetch_shared(name)
         ensure_bundle(settings)
     from worker.app import make_app
 
