@@ -86,6 +86,27 @@ def listen(config: ConfigOpt = None) -> None:
 
 
 @app.command()
+def _fetch_shared(settings, attempts: int = 20, wait_s: float = 3.0) -> None:
+    """The bundle and index another host published in the object store, fetched and checked
+    (worker.node.Node.fetch_shared); a store that is away (or just starting) is tried for a minute."""
+    import time
+
+    from dicom_node.objects import ObjectsUnavailable
+    from worker.node import Node
+
+    node = Node(settings)
+    for attempt in range(attempts):
+        try:
+            for name in Node.SHARED:
+                node.fetch_shared(name)
+            return
+        except ObjectsUnavailable as exc:
+            if attempt == attempts - 1:
+                raise
+            typer.echo(f"medsam2-cxr worker: {exc}; trying again in {wait_s:.0f} s", err=True)
+            time.sleep(wait_s)
+
+
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
            concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0,
@@ -101,11 +122,7 @@ def worker(config: ConfigOpt = None,
     common.metrics_env(settings)
     if "gpu" in queues.split(","):
         if settings.objects.url:  # another host built them: fetch and check what it published, build nothing
-            from worker.node import Node
-
-            node = Node(settings)
-            for name in Node.SHARED:
-                node.fetch_shared(name)
+            _fetch_shared(settings)
         ensure_bundle(settings)
     from worker.app import make_app
 
