@@ -85,7 +85,6 @@ def listen(config: ConfigOpt = None) -> None:
         serve(Node(settings))
 
 
-@app.command()
 def _fetch_shared(settings, attempts: int = 20, wait_s: float = 3.0) -> None:
     """The bundle and index another host published in the object store, fetched and checked
     (worker.node.Node.fetch_shared); a store that is away (or just starting) is tried for a minute."""
@@ -107,6 +106,7 @@ def _fetch_shared(settings, attempts: int = 20, wait_s: float = 3.0) -> None:
             time.sleep(wait_s)
 
 
+@app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
            concurrency: Annotated[int, typer.Option(help="io processes (0: one per CPU core)")] = 0,
