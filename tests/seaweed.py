@@ -88,6 +88,11 @@ class SeaweedFS:
                     client.create_bucket(Bucket=BUCKET)
                 client.put_object(Bucket=BUCKET, Key="ready/probe", Body=b"ok")  # volumes are up, not only the gateway
                 client.delete_object(Bucket=BUCKET, Key="ready/probe")
+                try:  # and its lookups: a gateway whose filer link is not up yet answers 500 here, not 404
+                    client.get_object(Bucket=BUCKET, Key="ready/missing")
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchKey":
+                        raise
                 return
             except (BotoCoreError, ClientError) as exc:
                 last = exc
