@@ -273,7 +273,8 @@ def create_app(settings: Settings, readiness: Readiness | None = None) -> FastAP
     app.include_router(build_router(settings))
     from dicom_node.stow import build_router as stow_router  # STOW-RS in: POST /dicomweb/studies
 
-    app.include_router(stow_router(settings, *node.intake_parts(), enqueue=node.enqueue_infer))
+    app.include_router(stow_router(settings, *node.intake_parts(), enqueue=node.enqueue_infer,
+                                   objects=node.objects))
     return app
 
 

@@ -203,17 +203,27 @@ def timeline(ctx: Context, job_id: str) -> list[dict]:
     return [{**r, "at": iso(r.get("time"))} for r in ctx.audit.read() if job_id in (r.get("job"), r.get("job_id"))]
 
 
+def _fetched(ctx: Context, path: Path) -> Path | None:
+    """A results/ or incoming/ file of this host's spool, fetched from the object store when it is
+    remote ([objects] url); None when it is not there (or the store cannot be reached now)."""
+    try:
+        return ctx.store.fetch(ctx.key(path))
+    except OSError:  # FileNotFoundError, ObjectsUnavailable
+        return None
+
+
 def result_file(ctx: Context, job_id: str, name: str) -> Path | None:
-    """A result file of the job: in results/ (owed or sent) or dead-letter/ (given up on)."""
-    for folder in (ctx.spool.results / job_id, ctx.spool.dead / job_id):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    """A result file of the job: in results/ (owed or sent) or dead-letter/ (given up on, this host's)."""
+    found = _fetched(ctx, ctx.spool.results / job_id / name)
+    if found is not None:
+        return found
+    dead = ctx.spool.dead / job_id / name
+    return dead if dead.is_file() else None
 
 
 def findings(ctx: Context, job_id: str) -> dict | None:
-    path = ctx.spool.results / job_id / PREDICTION
-    if not path.is_file():
+    path = _fetched(ctx, ctx.spool.results / job_id / PREDICTION)
+    if path is None:
         return None
     body = json.loads(path.read_text())
     return {"findings": body.get("findings", []), "ood_score": body.get("ood_score"),
@@ -282,8 +292,8 @@ def identifiers(ctx: Context, job: Job) -> dict:
     """Patient identifiers from the job's source header in the spool (incoming or quarantine)."""
     import pydicom
 
-    for path in (ctx.spool.root / job.path, ctx.spool.quarantine_dir / f"{job.id}.dcm"):
-        if path.is_file():
+    for path in (_fetched(ctx, ctx.spool.root / job.path), ctx.spool.quarantine_dir / f"{job.id}.dcm"):
+        if path is not None and path.is_file():
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             return {k: str(ds.get(k, "") or "") for k in
                     ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "StudyID")}

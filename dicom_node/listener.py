@@ -47,6 +47,7 @@ from dicom_node.filters import OWN_RESULT, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
+from dicom_node.objects import Objects, ObjectsUnavailable, SpoolObjects, sweep_unrecorded
 from dicom_node.pdu_guard import Guard, GuardedServer, parse_networks
 from dicom_node.sop import BASIC_TEXT_SR, IMAGE_STORAGE, STORED_AND_SKIPPED, TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.spool import OutOfSpace, Spool
@@ -130,6 +131,12 @@ class Intake:
     # a Basic Text SR (not our own) is also a first reader's report: the second read's intake
     # (ris.intake via worker.cli.serve); None: stored and skipped like any SR
     on_report: Callable[[Dataset], None] | None = None
+    # where the instance is kept for the workers (dicom_node.objects); None: the spool itself
+    objects: Objects | None = None
+
+    @property
+    def store(self) -> Objects:
+        return self.objects if self.objects is not None else SpoolObjects(self.spool)
 
 
 def _calling_aet(event: evt.Event) -> str:
@@ -199,7 +206,9 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
 
     ``received`` is the finished file (it stays for its owner to remove); ``context`` the SOP
     class the sender declared (the presentation context's, or the STOW-RS part's file meta).
-    Success only once the spool file and the job row are durable.
+    Success only once the instance is in the object store (the spool's file by default) and
+    the job row is durable; a store that cannot be reached refuses it with Out of Resources and
+    keeps nothing of it, so the sender's retry finds the node as new.
     """
     ae = deps.ae_label(calling)
     job_id = deps.new_id()
@@ -247,6 +256,16 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
     assert ds is not None
     sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
     study = str(ds.get("StudyInstanceUID", "") or "")
+    key = deps.spool.relative(path)
+    store = deps.store
+    try:
+        store.put(key, path)  # the spool's own file is the object; an S3 store gets a PUT
+    except ObjectsUnavailable as exc:
+        path.unlink(missing_ok=True)
+        log.error("object store unavailable, refusing instance", job_id=job_id, calling_aet=calling, error=str(exc))
+        _audit_quietly(deps, "failed", job_id=job_id, calling_aet=calling, reason="object store unavailable")
+        metrics.INSTANCES_REFUSED.labels(calling_aet=ae, reason="out_of_resources").inc()
+        return Accepted(OUT_OF_RESOURCES, "object store unavailable")
     try:
         job, _earlier = deps.jobs.add(
             job_id=job_id,
@@ -254,7 +273,7 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
             sop_class_uid=sop_class,
             study_instance_uid=study,
             calling_aet=calling,
-            path=deps.spool.relative(path),
+            path=key,
             state=JobState.QUEUED if decision.process else JobState.SKIPPED,
             reason=decision.reason,
             accession_hash=keyed_hash(deps.lookup_key, ds.get("AccessionNumber")),
@@ -269,6 +288,10 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
         return Accepted(OUT_OF_RESOURCES, "job store unavailable")
     except Exception as exc:  # noqa: BLE001 - unrecorded bytes are useless: drop them, let the sender retry
         path.unlink(missing_ok=True)
+        try:
+            store.delete(key)
+        except OSError:  # an object no job row names: nothing ever reads it (it is not swept yet)
+            log.warning("unrecorded object left in the store", job_id=job_id)
         full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
         log.error("job table write failed; instance refused", job_id=job_id, error=type(exc).__name__,
                   disk_full=full)
@@ -295,6 +318,10 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
             deps.on_report(ds)
         except Exception as exc:  # noqa: BLE001 - the instance is stored; the report can be sent again
             log.error("report intake failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
+    try:
+        store.evict(key)  # this host's copy of an object kept elsewhere (the spool's own file stays)
+    except OSError as exc:
+        log.warning("local copy not removed", job_id=job.id, error=type(exc).__name__)
     if queued:
         try:
             deps.enqueue(job.id)
@@ -325,10 +352,17 @@ def _guard(cfg: ListenerConfig, deps: Intake) -> Guard:
                  max_pending_per_address=cfg.max_pending_per_address, max_pending=cfg.max_pending, on_refused=refused, on_violation=violation)
 
 
-def recover_spool(spool: Spool, jobs: JobStore) -> dict[str, int]:
-    """Before serving: drop partial writes and instance files no job records (see Spool.sweep_*)."""
-    return {"partial_writes": spool.sweep_tmp(),
-            "unrecorded_instances": spool.sweep_incoming(lambda job_id: jobs.get(job_id) is not None)}
+def recover_spool(spool: Spool, jobs: JobStore, objects: Objects | None = None) -> dict[str, int]:
+    """Before serving: drop partial writes and instance files no job records (see Spool.sweep_*),
+    and, with a remote object store, instance objects no job records (objects.sweep_unrecorded)."""
+    known = lambda job_id: jobs.get(job_id) is not None  # noqa: E731
+    swept = {"partial_writes": spool.sweep_tmp(), "unrecorded_instances": spool.sweep_incoming(known)}
+    if objects is not None and not isinstance(objects, SpoolObjects):
+        try:
+            swept["unrecorded_objects"] = sweep_unrecorded(objects, known)
+        except ObjectsUnavailable as exc:  # the listener serves anyway: it refuses until the store is back
+            log.warning("object store unavailable at start; unrecorded objects not swept", error=str(exc))
+    return swept
 
 
 def start_listener(
@@ -340,6 +374,7 @@ def start_listener(
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     on_report: Callable[[Dataset], None] | None = None,
     recover: bool = True,
+    objects: Objects | None = None,
 ) -> GuardedServer:
     """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop.
 
@@ -349,7 +384,7 @@ def start_listener(
     """
     require_configured()  # chunked receive, no identifiers in pynetdicom's logs (dicom_node.config)
     if recover:
-        swept = recover_spool(spool, jobs)
+        swept = recover_spool(spool, jobs, objects)
         if any(swept.values()):
             log.warning("spool recovered after an unclean stop", **swept)
     ae = AE(ae_title=cfg.ae_title)
@@ -363,7 +398,7 @@ def start_listener(
     ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
 
     deps = Intake(cfg, spool, jobs, audit, enqueue, new_id, cfg.lookup_key or spool_secret(spool.root, "lookup"),
-                 on_report=on_report, ae_label=metrics.AeLabels(cfg.allowed_calling_aets))
+                 on_report=on_report, ae_label=metrics.AeLabels(cfg.allowed_calling_aets), objects=objects)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),

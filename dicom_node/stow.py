@@ -49,6 +49,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.inspect import inflate_limit
 from dicom_node.jobstore import JobStore
 from dicom_node.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, ListenerConfig, accept_instance
+from dicom_node.objects import Objects
 from dicom_node.sop import IMAGE_STORAGE, STORED_AND_SKIPPED, TRANSFER_SYNTAXES
 from dicom_node.spool import OutOfSpace, Spool
 
@@ -321,14 +322,16 @@ def _accepts_json(accept: str | None) -> bool:
 
 def build_router(settings, cfg: ListenerConfig, spool: Spool, jobs: JobStore, audit: AuditLog, lookup_key: bytes,
                  *, enqueue: Callable[[str], None],
-                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> APIRouter:
+                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex, objects: Objects | None = None) -> APIRouter:
     """The STOW-RS routes for the node these settings describe; the spool, job store, audit log and
     listener configuration are the node's own (worker.node.Node), shared with its C-STORE listener.
 
-    ``enqueue``: the inference enqueuer (worker.node.Node.enqueue_infer: the node's broker).
+    ``enqueue``: the inference enqueuer (worker.node.Node.enqueue_infer: the node's broker);
+    ``objects``: where instances are kept (worker.node.Node.objects; None: the spool itself).
     """
     tokens = Tokens(settings.dicomweb.clients)
-    intake = Intake(cfg, spool, jobs, audit, enqueue, new_id, lookup_key, metrics.AeLabels(tokens.names))
+    intake = Intake(cfg, spool, jobs, audit, enqueue, new_id, lookup_key, metrics.AeLabels(tokens.names),
+                    objects=objects)
     receiver = Receiver(intake)
     limit = inflate_limit(cfg.max_pixels)
     router = APIRouter(prefix=PREFIX, tags=["dicomweb"])

@@ -24,6 +24,7 @@ from dicom_node.database import Database
 from dicom_node.jobstore import JobStore
 from dicom_node.layout import SpoolLayout
 from dicom_node.lookup import spool_secret
+from dicom_node.objects import Objects, SpoolObjects, fetch_folder, open_objects, publish_folder
 from dicom_node.pause import Pauses
 from dicom_node.spool import Spool
 from dicom_node.stores import open_database
@@ -68,6 +69,51 @@ class Node:
         """[store] url's database, or (empty) the SQLite file ``sqlite_path`` of the spool."""
         st = self.settings.store
         return open_database(st.url, sqlite_path, pool_size=st.pool_size, timeout_s=st.timeout_s)
+
+    @cached_property
+    def objects(self) -> Objects:
+        """Instances, predictions and results: the spool itself, or [objects] url's S3 store with the
+        spool as this host's scratch (dicom_node.objects)."""
+        o = self.settings.objects
+        return open_objects(o.url, o.endpoint, self.spool)
+
+    # -- what every host loads: the model bundle and the similar-cases index ---------------------------
+    SHARED = ("bundle", "index")
+
+    def shared_folder(self, name: str) -> Path:
+        """This host's path of the bundle or the index (settings.bundle_path, <spool>/index or [index] path)."""
+        if name == "bundle":
+            return self.settings.bundle_path
+        if name == "index":
+            return self.settings.index_path or self.layout.index
+        raise ValueError(f"no shared folder {name!r}: {' or '.join(self.SHARED)}")
+
+    def publish_shared(self) -> list[str]:
+        """Put this host's bundle and index (those it has) into an S3 object store as shared/<name>,
+        with their digests, for GPU and io workers on hosts that share nothing else. Returns what
+        was published; nothing with the spool as the store (every process reads the spool's own)."""
+        if isinstance(self.objects, SpoolObjects):
+            return []
+        done = []
+        for name in self.SHARED:
+            folder = self.shared_folder(name)
+            if folder.is_dir():
+                publish_folder(self.objects, folder, f"shared/{name}")
+                done.append(name)
+        return done
+
+    def fetch_shared(self, name: str) -> Path | None:
+        """The bundle or index this host uses: its own, or, with an S3 store and none here, the one
+        published under shared/<name>, fetched into the spool and checked by digest
+        (dicom_node.objects.fetch_folder). None when there is none anywhere."""
+        folder = self.shared_folder(name)
+        own = self.settings.model.bundle if name == "bundle" else self.settings.index.path
+        if isinstance(self.objects, SpoolObjects) or own:
+            return folder if folder.is_dir() else None
+        try:
+            return fetch_folder(self.objects, f"shared/{name}", folder)
+        except FileNotFoundError:  # not published (yet): this host's own, if any
+            return folder if folder.is_dir() else None
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -211,8 +257,10 @@ class Node:
         from worker.pipeline import PREDICTION, load_prediction
 
         folder = self.spool.result_dir(job_id)
-        if not (folder / PREDICTION).exists():
+        key = self.spool.relative(folder / PREDICTION)
+        if not self.objects.exists(key):
             return None
+        self.objects.fetch_prefix(self.spool.relative(folder))
         return load_prediction(folder)[0]
 
     def second_reader(self) -> SecondReader | None:
@@ -258,7 +306,7 @@ class Node:
         """The similar-cases drafter, opened on its first draft; None when there is no index."""
         from worker.reporter import LazyReporter
 
-        index = self.settings.index_path
+        index = self.settings.index_path if isinstance(self.objects, SpoolObjects) else self.fetch_shared("index")
         if index is None:
             return None
         return LazyReporter(index, self.settings.index.extractor, self.settings.report.language)
@@ -271,7 +319,7 @@ class Node:
 
         s = self.settings
         reader = self.second_reader()
-        return Context(spool=self.spool, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
+        return Context(spool=self.spool, objects=self.objects, jobs=self.jobs, audit=self.audit, lease_s=s.worker.lease_s,
                        send_lease_s=self.send_lease_s, reporter=self.reporter(), language=s.report.language,
                        clock=self.clock, urgent_rules=s.urgent.rules, shadow=self.shadow,
                        qa_destination=self.qa_destination(), site_label=self.site_labels(),

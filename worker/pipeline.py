@@ -1,10 +1,13 @@
 """The pipeline as plain functions: no Celery here. Tasks, `up` and the offline `infer` call them.
 
-infer_jobs: spool image -> predictor (a batch) -> prediction files in the spool.
+infer_jobs: received image -> predictor (a batch) -> prediction files in the object store.
 deliver_job: prediction -> SR + SC (+ a text SR with the draft report when a similar cases index is
 configured; deterministic UIDs) -> C-STORE -> done or dead letter. In shadow mode the results stay
 in the spool (or go to the QA destination only) and the job ends done with reason "shadow".
 Each step claims its job in the job store first, so a duplicate message does nothing.
+Instances, predictions and results are objects (dicom_node.objects): the spool's own files by
+default; with [objects] url an S3 store, each step fetching what it reads into this host's spool
+(its scratch), putting what it writes, and dropping the local copies when the job is done.
 An error that will not go away (worker.failures) ends the job at once in FAILED, with its reason,
 audited and logged; a transient one gives the job back for the reconciler to retry.
 """
@@ -42,6 +45,7 @@ from dicom_node.encoders.sr import encode_sr
 from dicom_node.encoders.text import encode_text_sr
 from dicom_node.identifiers import describe, identifiers_of
 from dicom_node.jobstore import FINAL_FAILURES, Job, JobState, JobStore
+from dicom_node.objects import Objects, ObjectsUnavailable, SpoolObjects
 from dicom_node.sender import DeliveryFailed, Destination, Priority, ResultDestination
 from dicom_node.spool import OutOfSpace, Spool
 from dicom_node.uids import ResultUIDs
@@ -96,6 +100,35 @@ class Context:
     # calling AE title -> the bounded `site` label of the drift metrics ([node] allowed_calling_aets and the
     # DICOMweb clients are their own labels; without an allow list the first 64 titles are)
     site_label: Callable[[str], str] = field(default_factory=metrics.AeLabels)
+    # where instances, predictions and results are kept (dicom_node.objects); None: the spool itself
+    objects: Objects | None = None
+
+    def __post_init__(self) -> None:
+        if self.objects is None:
+            self.objects = SpoolObjects(self.spool)
+
+    @property
+    def store(self) -> Objects:
+        """The object store (``objects``, set in __post_init__)."""
+        assert self.objects is not None
+        return self.objects
+
+    def key(self, path: Path) -> str:
+        """The object key of a path in this host's spool (the same relative path)."""
+        return self.spool.relative(path)
+
+    def source(self, job: Job) -> Path:
+        """The job's received instance as a local file (fetched from the object store when remote)."""
+        return self.store.fetch(job.path)
+
+    def evict(self, job: Job) -> None:
+        """Drop this host's copies of a finished job's objects (none with the spool as the store)."""
+        folder = self.spool.results / job.id
+        for key in [job.path, *((self.key(f) for f in folder.iterdir()) if folder.is_dir() else ())]:
+            try:
+                self.store.evict(key)
+            except OSError as exc:
+                log.warning("objects.evict_failed", job=job.id, error=type(exc).__name__)
 
 
 # ---------------------------------------------------------------- results, shared with `infer`
@@ -146,16 +179,18 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def save_prediction(spool: Spool, folder: Path, prediction: Prediction, model: ModelIdentity,
+def save_prediction(store: Spool | Objects, folder: Path, prediction: Prediction, model: ModelIdentity,
                     urgency: Urgency | None = None) -> None:
-    """prediction.json (findings, OOD, model, and the study's urgency: decided once, here) and the saliency maps."""
+    """prediction.json (findings, OOD, model, and the study's urgency: decided once, here) and the saliency maps,
+    into the object store (a Spool: its own files) at the keys of ``folder``, a folder of its spool."""
+    objects = SpoolObjects(store) if isinstance(store, Spool) else store
     urgency = urgency if urgency is not None else assess(prediction)
     body = {**prediction.to_json(), "urgency": urgency.to_json(), "model": dataclasses.asdict(model),
             "center": prediction.center.tolist(), "radius": prediction.radius.tolist()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **prediction.saliency)  # type: ignore[arg-type]  # numpy's stub: **kwds as allow_pickle
-    spool.write_atomic(folder / SALIENCY, buf.getvalue())
-    spool.write_atomic(folder / PREDICTION, json.dumps(body, indent=1).encode())
+    objects.put(objects.local.relative(folder / SALIENCY), buf.getvalue())
+    objects.put(objects.local.relative(folder / PREDICTION), json.dumps(body, indent=1).encode())
 
 
 def load_prediction(folder: Path) -> tuple[Prediction, ModelIdentity]:
@@ -190,7 +225,11 @@ def fail_job(ctx: Context, job: Job, claimed: JobState, stage: str, what: str, e
     failure and logged once. False when the job was no longer ours (its lease ran out and another
     worker took it). Nothing retries it; ``medsam2-cxr resend`` brings it back."""
     if redact is None:
-        redact = identifiers_of(ctx.spool.root / job.path)
+        try:
+            redact = identifiers_of(ctx.source(job))
+            ctx.store.evict(job.path)  # fetched only to read its identifiers (an S3 store)
+        except OSError:  # the store is away or the instance gone: nothing read, nothing to redact from it
+            redact = []
     reason = f"{what}: {describe(exc, redact)}"
     if not ctx.jobs.advance(job.id, claimed, JobState.FAILED, reason=reason):
         log.warning("job.failed_not_ours", job=job.id, stage=stage, error=type(exc).__name__)
@@ -220,15 +259,28 @@ def _predict_each(predictor, images: list) -> list:
         return [_predict_each(predictor, [image])[0] for image in images]
 
 
+def _fetch(ctx: Context, job: Job) -> BaseException | None:
+    """Bring the job's instance to its path in this host's spool; the error when it cannot be."""
+    try:
+        ctx.source(job)
+    except Exception as exc:  # noqa: BLE001 - ObjectsUnavailable gives the job back, a missing one fails it
+        return exc
+    return None
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
+
+
 def _submit(decode: Executor, path: str, size: int) -> Future:
     """model_input in the decode pool; a pool that cannot take it (broken: one of its processes
     was killed) gives a future holding that error, decided per job like any decode error."""
     try:
         return decode.submit(model_input, path, size)
     except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool, transient (worker.failures)
-        future: Future = Future()
-        future.set_exception(exc)
-        return future
+        return _failed(exc)
 
 
 def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Callable[[str], None],
@@ -255,7 +307,9 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
 
     size = predictor.bundle.image_size
     paths = [str(ctx.spool.root / job.path) for job in jobs]
-    loading = [_submit(decode, path, size) if decode else None for path in paths]
+    fetched = [_fetch(ctx, job) for job in jobs]  # None, or why the instance is not here (decided below)
+    loading = [_failed(missing) if missing is not None else _submit(decode, path, size) if decode else None
+               for path, missing in zip(paths, fetched)]
     claimed, images = [], []
     transient: list[BaseException] = []
 
@@ -279,6 +333,7 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
                 try:  # the bytes the model cannot take leave the incoming folder; resend brings them back
                     ctx.spool.quarantine_file(ctx.spool.root / job.path, f"cannot read image: {describe(exc, redact)}",
                                               job.id, stage="worker", calling_aet=job.calling_aet)
+                    ctx.store.delete(job.path)  # an S3 store's object (the spool's file moved already)
                 except OSError:
                     log.exception("infer.quarantine_failed", job=job.id)
     predictions: list = []
@@ -307,8 +362,9 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             continue
         try:
             urgency = assess(pred, ctx.urgent_rules)
-            save_prediction(ctx.spool, ctx.spool.result_dir(job.id), pred, model, urgency)
-        except OutOfSpace:  # a full spool: give the unsaved jobs back now, not when their lease runs out
+            save_prediction(ctx.store, ctx.spool.result_dir(job.id), pred, model, urgency)
+        except (OutOfSpace, ObjectsUnavailable):  # a full spool, a store away: give the unsaved jobs back now,
+            # not when their lease runs out
             for rest in claimed[i:]:
                 ctx.jobs.release(rest.id, JobState.INFERRING, JobState.QUEUED)
             raise
@@ -318,6 +374,8 @@ def infer_jobs(job_ids: Sequence[str], ctx: Context, predictor, enqueue_send: Ca
             else:
                 fail_job(ctx, job, JobState.INFERRING, "infer", "cannot save prediction", exc)
             continue
+        with contextlib.suppress(OSError):
+            ctx.store.evict(job.path)  # this host's copy; the io step fetches it again where it runs
         if ctx.jobs.advance(job.id, JobState.INFERRING, JobState.INFERRED):
             figures = drift.image_figures(pred)  # the console's daily drift figures read them back (models.drift)
             ctx.audit.record("inferred", job=job.id, sop_instance_uid=job.sop_instance_uid, model_digest=model.digest,
@@ -406,11 +464,12 @@ def report_content(ctx: Context, jobs: Sequence[Job], reports: Reports) -> Repor
     images = []
     for job in jobs:
         folder = ctx.spool.result_dir(job.id)
+        ctx.store.fetch_prefix(ctx.key(folder))  # its prediction and text SR (an S3 store)
         if not (folder / PREDICTION).exists():
             continue  # failed before inference, or its prediction is not written yet
         prediction, model = load_prediction(folder)
         urgent = bool(reports.urgency(prediction)) if reports.urgency is not None else False
-        images.append(Inferred(job.id, ctx.spool.root / job.path, prediction, model, folder / TEXT_FILE, urgent))
+        images.append(Inferred(job.id, ctx.source(job), prediction, model, folder / TEXT_FILE, urgent))
     return gather(images, ctx.clock.now(), ctx.language)
 
 
@@ -433,15 +492,18 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
     urgency = Urgency((), True)
     stage = "encode"
     try:
+        ctx.store.fetch_prefix(ctx.key(folder))  # the prediction, and results encoded before (an S3 store)
         prediction, model = load_prediction(folder)
         urgency = load_urgency(folder, prediction)
         files = result_files(folder, ctx.reporter is not None, urgency.is_urgent)
-        if not all(f.exists() for f in files):
-            source = pydicom.dcmread(ctx.spool.root / job.path)
+        kept = set(ctx.store.keys(ctx.key(folder)))
+        if not all(ctx.key(f) in kept for f in files):
+            source = pydicom.dcmread(ctx.source(job))
             results = encode_results(source, read_image(source), prediction, model, ctx.clock.now(), ctx.reporter,
                                      ctx.language, urgency)
             for path, ds in zip(files, results, strict=True):
                 ctx.spool.write_atomic(path, to_bytes(ds))
+                ctx.store.put(ctx.key(path), path)  # the spool's file is the object; else a PUT
         stage = "send"
         if ctx.shadow:
             return _shadow(ctx, job, files, urgency, send)
@@ -474,6 +536,7 @@ def deliver_job(job_id: str, ctx: Context, destination_for: Callable[[str], Resu
     ctx.audit.record("sent", job=job_id, sop_instance_uid=job.sop_instance_uid, destination=dest.ae_title,
                      results=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
                      seconds=round(sent_s, 3), since_received=round(since_received, 3), urgent=urgency.labels)
+    ctx.evict(job)
     return JobState.DONE
 
 
@@ -512,6 +575,7 @@ def _shadow(ctx: Context, job: Job, files: list[Path], urgency: Urgency,
                      qa_destination=None if qa is None else qa.ae_title,
                      seconds=round(time.perf_counter() - t0, 3), urgent=urgency.labels)
     log.info("deliver.shadow", job=job.id, results=len(files), qa_destination=None if qa is None else qa.ae_title)
+    ctx.evict(job)
     return JobState.DONE
 
 
@@ -527,15 +591,22 @@ def resend(job_id: str, ctx: Context, enqueue_send: Callable[[str], None],
         raise ValueError(f"job {job_id}: not dead-lettered or failed ({job.state if job else 'unknown job'})")
     folder = ctx.spool.result_dir(job_id)
     if job.state == JobState.DEAD:
-        ctx.spool.take_back_dead_letter(job_id)
+        try:
+            ctx.spool.take_back_dead_letter(job_id)
+        except FileNotFoundError:
+            if isinstance(ctx.store, SpoolObjects):
+                raise
+            # dead-lettered on another host (dead letters stay local): the results are in the object store
     else:
         for name in (SR_FILE, SC_FILE, TEXT_FILE, PR_FILE, KO_FILE):
-            (folder / name).unlink(missing_ok=True)
+            ctx.store.delete(ctx.key(folder / name))
         source = ctx.spool.root / job.path
-        if not source.exists():
+        if not ctx.store.exists(job.path):
             with contextlib.suppress(FileNotFoundError):
-                ctx.spool.take_back_quarantined(job_id, source)
-    inferred = (folder / PREDICTION).exists()
+                ctx.spool.take_back_quarantined(job_id, source)  # quarantined on this host
+                ctx.store.put(job.path, source)
+                ctx.store.evict(job.path)
+    inferred = ctx.store.exists(ctx.key(folder / PREDICTION))
     back_to = JobState.INFERRED if inferred or enqueue_infer is None else JobState.QUEUED
     if not ctx.jobs.reopen(job_id, job.state, back_to, reason="resend requested"):
         raise ValueError(f"job {job_id}: changed state during the resend")

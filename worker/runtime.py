@@ -48,7 +48,8 @@ class Runtime:
                 from models.bundle import load_bundle
                 from models.predictor import Predictor
 
-                self._predictor = Predictor(load_bundle(self.settings.bundle_path, self.settings.model.operating_points),
+                bundle = self.node.fetch_shared("bundle") or self.settings.bundle_path  # an S3 store's copy if need be
+                self._predictor = Predictor(load_bundle(bundle, self.settings.model.operating_points),
                                             device=self.settings.model.device or None)
                 device = self._predictor.device
                 metrics.MODEL_LOADED.labels(model=metrics.model_label(self._predictor.bundle.digest),

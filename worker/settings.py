@@ -160,6 +160,22 @@ class Store(Section):
         return check_url(value)
 
 
+class Objects(Section):
+    # Received instances, predictions and result objects (dicom_node/objects.py). "" : files in the spool
+    # (one host); "s3://bucket/prefix": an S3-compatible store, the spool then only this host's scratch.
+    url: str = ""
+    endpoint: str = ""  # e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); credentials from the usual AWS_* variables
+
+    @field_validator("url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        from dicom_node.objects import Location
+
+        if value:
+            Location.parse(value)
+        return value
+
+
 class Paths(Section):
     spool: Path = Path("./var")
 
@@ -325,6 +341,7 @@ class Settings(BaseSettings):
     destination: Destinations = Field(default_factory=Destinations)
     broker: Broker = Field(default_factory=Broker)
     store: Store = Field(default_factory=Store)
+    objects: Objects = Field(default_factory=Objects)
     paths: Paths = Field(default_factory=Paths)
     model: Model = Field(default_factory=Model)
     sender: Sender = Field(default_factory=Sender)

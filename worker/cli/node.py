@@ -114,6 +114,27 @@ def listener_process(config: ConfigOpt = None) -> None:
     run(Node(settings))
 
 
+def _fetch_shared(settings, attempts: int = 20, wait_s: float = 3.0) -> None:
+    """The bundle and index another host published in the object store, fetched and checked
+    (worker.node.Node.fetch_shared); a store that is away (or just starting) is tried for a minute."""
+    import time
+
+    from dicom_node.objects import ObjectsUnavailable
+    from worker.node import Node
+
+    node = Node(settings)
+    for attempt in range(attempts):
+        try:
+            for name in Node.SHARED:
+                node.fetch_shared(name)
+            return
+        except ObjectsUnavailable as exc:
+            if attempt == attempts - 1:
+                raise
+            typer.echo(f"medsam2-cxr worker: {exc}; trying again in {wait_s:.0f} s", err=True)
+            time.sleep(wait_s)
+
+
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
@@ -129,6 +150,8 @@ def worker(config: ConfigOpt = None,
     settings = common.settings_for(config)
     common.metrics_env(settings)
     if "gpu" in queues.split(","):
+        if settings.objects.url:  # another host built them: fetch and check what it published, build nothing
+            _fetch_shared(settings)
         ensure_bundle(settings)
     from worker.app import make_app
 

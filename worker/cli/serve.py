@@ -101,7 +101,7 @@ def serve(node: Node, launch: Launch | None = None,
     audit, jobs = node.audit, node.jobs
     reader = node.second_reader()
     server = start_listener(node.listener_config(), node.spool, jobs, audit, enqueue_infer,
-                            on_report=_sr_intake(reader) if reader is not None else None)
+                            on_report=_sr_intake(reader) if reader is not None else None, objects=node.objects)
     reports = node.report_listener(reader) if reader is not None else None
     if reports is not None:
         reports.start()
@@ -115,6 +115,7 @@ def serve(node: Node, launch: Launch | None = None,
     model_ready = threading.Event()
     if builder is None:
         model_ready.set()
+        _publish_shared(node)
     if reconcile:
         _reconciler(node, stop, enqueue_infer, enqueue_send, model_ready)
     if builder is not None:
@@ -125,6 +126,7 @@ def serve(node: Node, launch: Launch | None = None,
             if builder is not None and builder.poll() is not None:
                 code, builder = builder.returncode, None
                 if code == 0 and start_gpu is not None:
+                    _publish_shared(node)
                     workers.append(start_gpu())
                     model_ready.set()
                     log.info("up.model_ready", bundle=str(settings.bundle_path))
@@ -181,7 +183,8 @@ def listener_process(node: Node) -> None:
     enqueue_infer, _ = enqueuers(make_app(node.settings))
     reader = node.second_reader()
     server = start_listener(node.listener_config(), node.spool, node.jobs, node.audit, enqueue_infer,
-                            on_report=_sr_intake(reader) if reader is not None else None, recover=False)
+                            on_report=_sr_intake(reader) if reader is not None else None, recover=False,
+                            objects=node.objects)
     try:
         stop.wait()
     finally:
@@ -191,6 +194,17 @@ def listener_process(node: Node) -> None:
 def spawn_listeners(node: Node, cli: list[str], cfg: list[str]) -> list[subprocess.Popen]:
     """The [node] processes - 1 further listener processes (`cli listener-process cfg`)."""
     return [spawn([*cli, "listener-process", *cfg]) for _ in range(node.settings.node.processes - 1)]
+
+
+def _publish_shared(node: Node) -> None:
+    """The bundle and index this host has, into an S3 object store for the other hosts (worker.node)."""
+    try:
+        published = node.publish_shared()
+    except OSError as exc:  # the store away: workers elsewhere use what they fetched before
+        log.error("objects.publish_failed", error=str(exc))
+        return
+    if published:
+        log.info("objects.published", folders=published)
 
 
 def _sr_intake(reader):
