@@ -41,7 +41,7 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import require_configured
-from dicom_node.filters import OWN_RESULT, classify
+from dicom_node.filters import OWN_RESULT, TO_RELAY, Decision, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
@@ -101,6 +101,9 @@ class ListenerConfig:
     # Site secret of the job table's keyed hashes of Accession Number and Patient ID
     # (dicom_node.lookup); empty: the key the node made in <spool>/secrets/lookup.key.
     lookup_key: bytes = field(default=b"", repr=False)
+    # An edge's listener for its hub's results (worker/edge.py): every instance is queued as a result
+    # to relay (reason TO_RELAY), not classified (a result of ours is otherwise stored and skipped).
+    relay: bool = False
 
     def advertised_pdu_size(self) -> int:
         if self.maximum_pdu_size and self.maximum_pdu_size > self.max_pdu_length:
@@ -224,7 +227,8 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
     if reason is None:
         assert ds is not None  # inspect_instance gives a data set or a reason, never neither
         try:
-            decision = classify(ds, own_manufacturer=deps.cfg.own_manufacturer)
+            decision = (Decision(True, TO_RELAY) if deps.cfg.relay
+                        else classify(ds, own_manufacturer=deps.cfg.own_manufacturer))
         except Exception as exc:  # noqa: BLE001
             reason = f"unclassifiable header: {type(exc).__name__}"
     if reason is not None:
@@ -327,13 +331,15 @@ def start_listener(
     enqueue: Callable[[str], None],
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     on_report: Callable[[Dataset], None] | None = None,
+    sweep: bool = True,
 ) -> GuardedServer:
     """Start the Storage/Verification SCP in background threads; call ``.shutdown()`` to stop.
 
-    Only one listener may serve a spool: it sweeps the spool's partial writes on start.
+    Only one listener may sweep a spool's partial writes on start; a second one on the same spool
+    (an edge's listener for its hub) passes ``sweep=False``.
     """
     require_configured()  # chunked receive, no identifiers in pynetdicom's logs (dicom_node.config)
-    swept = recover_spool(spool, jobs)
+    swept = recover_spool(spool, jobs) if sweep else {}
     if any(swept.values()):
         log.warning("spool recovered after an unclean stop", **swept)
     ae = AE(ae_title=cfg.ae_title)

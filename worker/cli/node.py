@@ -32,6 +32,9 @@ def up(config: ConfigOpt = None) -> None:
     from worker.node import Node
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":  # no model, no workers: listeners and the relay (worker/edge.py)
+        _edge(settings)
+        return
     if settings.model.bundle:
         from models.bundle import read_card
 
@@ -80,9 +83,22 @@ def listen(config: ConfigOpt = None) -> None:
     from worker.node import Node
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":
+        _edge(settings)
+        return
     common.metrics_env(settings)
     with common.console(settings):
         serve(Node(settings))
+
+
+def _edge(settings: Settings) -> None:
+    """`up` and `listen` of an edge ([node] role = "edge"): its listeners and relay, and the HTTP app."""
+    from worker.edge import serve_edge
+    from worker.node import Node
+
+    common.metrics_env(settings, clean=True)
+    with common.console(settings):
+        serve_edge(Node(settings))
 
 
 @app.command()
@@ -98,6 +114,10 @@ def worker(config: ConfigOpt = None,
     from worker.model_build import ensure_bundle
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":
+        from worker.edge import refuse_worker
+
+        refuse_worker(config)
     common.metrics_env(settings)
     if "gpu" in queues.split(","):
         ensure_bundle(settings)
