@@ -53,6 +53,7 @@ def _source(burned: str = "NO") -> Dataset:
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Hakata^Hanako=博多^花子=はかた^はなこ", "JP-0001", "19610401"
     ds.AccessionNumber, ds.Modality, ds.BurnedInAnnotation = "ACC-7", "DX", burned
+    ds.FrameOfReferenceUID = generate_uid()
     return ds
 
 
@@ -99,6 +100,8 @@ def test_forwarded_de_identified_kept_while_the_hub_is_away_then_results_come_ba
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sent.SOPClassUID, sent.SOPInstanceUID
     result.ReferencedImageSequence = [ref]
+    result.FrameOfReferenceUID = sent.FrameOfReferenceUID
+    assert sent.FrameOfReferenceUID != src.FrameOfReferenceUID
     back_job = receive(result, "HUB", TO_RELAY)
     pacs.down = True
     assert relay.run_once() == 0 and jobs.get(back_job).state == JobState.QUEUED
@@ -108,6 +111,7 @@ def test_forwarded_de_identified_kept_while_the_hub_is_away_then_results_come_ba
     assert str(stored.PatientName) == str(src.PatientName) and stored.PatientID == "JP-0001"
     assert stored.StudyInstanceUID == src.StudyInstanceUID and stored.AccessionNumber == "ACC-7"
     assert stored.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert stored.FrameOfReferenceUID == src.FrameOfReferenceUID
     assert stored.SOPInstanceUID == result.SOPInstanceUID and stored.SeriesInstanceUID == result.SeriesInstanceUID
 
 

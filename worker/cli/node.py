@@ -191,8 +191,11 @@ def status(config: ConfigOpt = None,
     recent = [{"job": j.id, "state": j.state.value, "reason": j.reason, "sop_instance_uid": j.sop_instance_uid,
                "since": dt.datetime.fromtimestamp(j.updated_at, dt.UTC).isoformat(timespec="seconds")}
               for j in jobs.recent(FINAL_FAILURES, failures)]
+    hub = settings.edge.hub
+    model = (_model_status(settings) if settings.node.role != "edge" else  # an edge runs none: its hub does
+             {"state": "at the hub", "hub": {"ae_title": hub.ae_title, "host": hub.host, "port": hub.port}})
     typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent, "spool": str(root), "mode": node.mode(),
-                           "model": _model_status(settings), "destinations": _destinations(node, echo_timeout)},
+                           "model": model, "destinations": _destinations(node, echo_timeout)},
                           sort_keys=True))
 
 
