@@ -173,5 +173,6 @@ def serve_edge(node: Node) -> None:
 
 def refuse_worker(path: Path | None) -> None:
     """An edge runs no model: `worker` on an edge's configuration is a mistake, said plainly."""
-    raise typer.BadParameter(f"{path or 'the configuration'}: [node] role = \"edge\" runs no worker (no model); "
-                             "`medsam2-cxr up` runs its listeners and relay")
+    typer.echo(f"{path or 'the configuration'}: [node] role = \"edge\" runs no worker (no model: the hub runs "
+               "it); `medsam2-cxr up` runs the edge's listeners and relay", err=True)
+    raise typer.Exit(2)

@@ -96,6 +96,22 @@ def _grep(root_files: list[Path], needles: dict[str, bytes]) -> list[str]:
     return hits
 
 
+def _client_certificate(folder: Path, name: str) -> None:
+    """<name>.crt/.key for TLS client authentication, signed by the test CA in ``folder``
+    (issue_server_certificate made it): each side of the link proves who it is."""
+    openssl = require_peer("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+        "-out", f"{name}.csr", "-subj", f"/CN={name}")
+    (folder / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                                        "extendedKeyUsage=clientAuth\n")
+    run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+
+
 def _config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -113,13 +129,17 @@ def test_island_edge_forwards_to_hub_and_stores_reidentified_results(tiny_bundle
     for name, folder in certs.items():
         folder.mkdir()
         issue_server_certificate(folder, name.split("_")[0])
+    _client_certificate(certs["hub_tls"], "edge-client")  # the hub trusts its own CA's clients only
+    _client_certificate(certs["edge_tls"], "hub-client")  # and the edge its own
     hub_spool, edge_spool = tmp_path / "hub-spool", tmp_path / "edge-spool"
     hub_cfg = _config(tmp_path / "hub.toml", (
         f'[node]\nae_title = "HUB"\nport = {hub_port}\nmin_free_mb = 16\nallowed_calling_aets = ["EDGE"]\n'
         f'[node.tls]\ncert = "{certs["hub_tls"] / "hub.crt"}"\nkey = "{certs["hub_tls"] / "hub.key"}"\n'
+        f'ca = "{certs["hub_tls"] / "ca.crt"}"\nrequire_client_cert = true\n'
         f'[destination]\nae_title = "NOWHERE"\nport = {free_port()}\n'
         f'[destination.routes.EDGE]\nae_title = "EDGE"\nhost = "127.0.0.1"\nport = {edge_return}\n'
-        f'tls.ca = "{certs["edge_tls"] / "ca.crt"}"\n'
+        f'tls.ca = "{certs["edge_tls"] / "ca.crt"}"\ntls.cert = "{certs["edge_tls"] / "hub-client.crt"}"\n'
+        f'tls.key = "{certs["edge_tls"] / "hub-client.key"}"\n'
         f'[paths]\nspool = "{hub_spool}"\n[model]\nbundle = "{tiny_bundle}"\ndevice = "cpu"\n'
         f'[index]\npath = "{tmp_path / "index"}"\n[console]\nport = 0\n'
         f'[sender]\nattempts = 3\nbackoff_s = 1.0\n[worker]\nreconcile_every_s = 2\nstale_after_s = 20\n'))
@@ -130,8 +150,10 @@ def test_island_edge_forwards_to_hub_and_stores_reidentified_results(tiny_bundle
         '# the phantoms burn in a laterality marker and a device label, no identifier\n'
         'allow_burned_in_annotation = true\n'
         f'tls.cert = "{certs["edge_tls"] / "edge.crt"}"\ntls.key = "{certs["edge_tls"] / "edge.key"}"\n'
+        f'tls.ca = "{certs["edge_tls"] / "ca.crt"}"\ntls.require_client_cert = true\n'
         f'[edge.hub]\nae_title = "HUB"\nhost = "127.0.0.1"\nport = {hub_port}\n'
-        f'tls.ca = "{certs["hub_tls"] / "ca.crt"}"\n'
+        f'tls.ca = "{certs["hub_tls"] / "ca.crt"}"\ntls.cert = "{certs["hub_tls"] / "edge-client.crt"}"\n'
+        f'tls.key = "{certs["hub_tls"] / "edge-client.key"}"\n'
         f'[paths]\nspool = "{edge_spool}"\n[console]\nport = 0\n'))
     (tmp_path / "autoroute.lua").write_text((REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
     (tmp_path / "orthanc.json").write_text(json.dumps({
@@ -184,6 +206,10 @@ def test_island_edge_forwards_to_hub_and_stores_reidentified_results(tiny_bundle
         _wait(lambda: _try(lambda: _get(base + "/system")), 30, "Orthanc to start")
         _wait(lambda: "listening" in hub_log.read_text() and "edge listening" in edge_log.read_text(), 90,
               lambda: f"the hub and the edge to listen:\n{hub_log.read_text()[-2000:]}\n{edge_log.read_text()[-2000:]}")
+        for port, aets in ((hub_port, ["-aet", "EDGE", "-aec", "HUB"]), (edge_return, ["-aet", "HUB", "-aec", "EDGE"])):
+            plain = subprocess.run([require_peer("echoscu"), *aets, "127.0.0.1", str(port)], capture_output=True,
+                                   timeout=60)
+            assert plain.returncode != 0, f"port {port} answered plain DICOM: the link must be TLS"
         t0 = time.time()
         for src in sources[:2]:
             send(src)
