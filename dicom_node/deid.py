@@ -109,6 +109,25 @@ def _uid_pairs(original: Dataset, pseudo: Dataset) -> list[tuple[str, str]]:
     return pairs
 
 
+# Text VRs whose de-identified value a result may echo (the encoders copy the source's equipment,
+# acquisition date and description, encoders.header.COPIED): put back when the result holds exactly
+# the pseudonymous value, so a reader sees the site's own, never the hub's.
+_ECHOED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"}
+
+
+def _value_pairs(original: Dataset, pseudo: Dataset) -> list[tuple[str, str, str]]:
+    """(keyword, pseudonym, original) for every top-level single-valued text attribute the
+    de-identification changed (UIDs are _uid_pairs'; removed attributes cannot come back)."""
+    out = []
+    for elem in original:
+        if elem.VR not in _ECHOED_VRS or elem.VM != 1 or not elem.keyword or elem.keyword not in pseudo:
+            continue
+        mine, theirs = str(elem.value), str(pseudo[elem.tag].value)
+        if mine != theirs and theirs:
+            out.append((elem.keyword, theirs, mine))
+    return out
+
+
 class ReidentificationMap:
     """Pseudonym -> original, kept in ``<spool>/reid.sqlite`` at the sending site only."""
 
@@ -118,6 +137,8 @@ class ReidentificationMap:
         with closing(sqlite3.connect(self.path)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS uid_map (pseudo TEXT PRIMARY KEY, original TEXT NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS patient_map (pseudo_study TEXT PRIMARY KEY, identity TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS value_map (pseudo_study TEXT NOT NULL, keyword TEXT NOT NULL, "
+                       "pseudo TEXT NOT NULL, original TEXT NOT NULL, PRIMARY KEY (pseudo_study, keyword, pseudo))")
 
     def record(self, original: Dataset, pseudo: Dataset) -> None:
         pairs = _uid_pairs(original, pseudo)
@@ -126,10 +147,18 @@ class ReidentificationMap:
             db.executemany("INSERT OR REPLACE INTO uid_map VALUES (?, ?)", pairs)
             db.execute("INSERT OR REPLACE INTO patient_map VALUES (?, ?)",
                        (str(pseudo.StudyInstanceUID), json.dumps(identity)))
+            db.executemany("INSERT OR REPLACE INTO value_map VALUES (?, ?, ?, ?)",
+                           [(str(pseudo.StudyInstanceUID), *p) for p in _value_pairs(original, pseudo)])
 
     def original_uid(self, pseudo: str) -> str | None:
         with closing(sqlite3.connect(self.path)) as db:
             row = db.execute("SELECT original FROM uid_map WHERE pseudo=?", (pseudo,)).fetchone()
+        return row[0] if row else None
+
+    def original_value(self, pseudo_study_uid: str, keyword: str, pseudo: str) -> str | None:
+        with closing(sqlite3.connect(self.path)) as db:
+            row = db.execute("SELECT original FROM value_map WHERE pseudo_study=? AND keyword=? AND pseudo=?",
+                             (pseudo_study_uid, keyword, pseudo)).fetchone()
         return row[0] if row else None
 
     def identity(self, pseudo_study_uid: str) -> dict[str, str] | None:
@@ -146,7 +175,9 @@ def forward(ds: Dataset, key: str, reid: ReidentificationMap, allow_burned_in_an
 
 
 def reidentify(result: Dataset, reid: ReidentificationMap) -> Dataset:
-    """A copy of a hub's result with the real patient, study and referenced UIDs put back.
+    """A copy of a hub's result with the real patient, study and referenced UIDs put back, and
+    each other attribute that holds exactly a pseudonymous value of the source (the acquisition
+    date, the station name) its original.
 
     Raises
     ------
@@ -158,6 +189,12 @@ def reidentify(result: Dataset, reid: ReidentificationMap) -> Dataset:
         raise KeyError(f"study {result.get('StudyInstanceUID')} was not forwarded from this site; "
                        "it cannot be re-identified here")
     out = copy.deepcopy(result)
+    study = str(result.get("StudyInstanceUID", ""))
+    for elem in out.iterall():  # the source's equipment, dates and descriptions the result echoes, nested too
+        if elem.VR in _ECHOED_VRS and elem.VM == 1 and elem.keyword:
+            original = reid.original_value(study, elem.keyword, str(elem.value))
+            if original is not None:
+                elem.value = original
     own = str(out.get("SOPInstanceUID", ""))
     for elem in out.iterall():
         if elem.VR != "UI" or not elem.value:

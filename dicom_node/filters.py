@@ -54,6 +54,8 @@ from dicom_node.sop import (  # noqa: F401 - CR_IMAGE, DX_*: this module's vocab
 LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT"})
 FRONTAL_VIEW_POSITIONS = frozenset({"PA", "AP"})
 OWN_RESULT = "own result (no loop)"  # the reason of a skipped result of ours (the listener's report intake reads it)
+# An edge node's listener for its hub (worker/edge.py) takes every instance as a result to pass on, unclassified.
+TO_RELAY = "result from the hub, to re-identify and store"
 
 # View Code Sequence codes meaning a lateral projection (SNOMED CT and the legacy SRT ids).
 LATERAL_VIEW_CODES = frozenset({

@@ -43,7 +43,7 @@ from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import require_configured
 from dicom_node.database import StoreUnavailable
-from dicom_node.filters import OWN_RESULT, classify
+from dicom_node.filters import OWN_RESULT, TO_RELAY, Decision, classify
 from dicom_node.inspect import MAX_PIXELS, inspect_instance
 from dicom_node.jobstore import Job, JobState, JobStore
 from dicom_node.lookup import keyed_hash, spool_secret
@@ -107,6 +107,9 @@ class ListenerConfig:
     # SO_REUSEPORT on the listening socket: one of several listener processes on this port
     # ([node] processes); the caps above are then per process.
     reuse_port: bool = False
+    # An edge's listener for its hub's results (worker/edge.py): every instance is queued as a result
+    # to relay (reason TO_RELAY), not classified (a result of ours is otherwise stored and skipped).
+    relay: bool = False
 
     def advertised_pdu_size(self) -> int:
         if self.maximum_pdu_size and self.maximum_pdu_size > self.max_pdu_length:
@@ -238,7 +241,8 @@ def accept_instance(deps: Intake, received: Path, calling: str, peer: str, conte
     if reason is None:
         assert ds is not None  # inspect_instance gives a data set or a reason, never neither
         try:
-            decision = classify(ds, own_manufacturer=deps.cfg.own_manufacturer)
+            decision = (Decision(True, TO_RELAY) if deps.cfg.relay
+                        else classify(ds, own_manufacturer=deps.cfg.own_manufacturer))
         except Exception as exc:  # noqa: BLE001
             reason = f"unclassifiable header: {type(exc).__name__}"
     if reason is not None:
@@ -380,7 +384,7 @@ def start_listener(
 
     With ``recover`` it sweeps the spool's partial writes on start, so only one such listener may
     serve a spool; the further processes of ``[node] processes`` start with ``recover=False``
-    after the first one swept (worker.cli.serve).
+    after the first one swept (worker.cli.serve), and so does an edge's listener for its hub (worker/edge.py).
     """
     require_configured()  # chunked receive, no identifiers in pynetdicom's logs (dicom_node.config)
     if recover:

@@ -59,6 +59,9 @@ class Node(Section):
     # everything is computed and kept in the spool (audited "shadow"), nothing goes to the PACS, RIS or
     # FHIR server; only [node.qa_destination], when set, receives the DICOM results. Run it before going live.
     mode: Literal["live", "shadow"] = "live"
+    # "node": the model runs here. "edge": an island site without a GPU (worker/edge.py, [edge]): each
+    # instance is de-identified and forwarded to a hub node, its results re-identified and stored here.
+    role: Literal["node", "edge"] = "node"
     qa_destination: QaDestination | None = None  # DICOM results in shadow mode (C-STORE or STOW-RS); none: nowhere
 
     @model_validator(mode="after")
@@ -334,6 +337,29 @@ class SecondRead(Section):
         return value
 
 
+class EdgeHub(Section):
+    # The hub node an edge forwards de-identified instances to, over DICOM TLS (tls.ca is required).
+    ae_title: str = ""
+    host: str = ""
+    port: int = 11112
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+
+
+class Edge(Section):
+    # [node] role = "edge" (worker/edge.py). The hub's route for this node's AE title points back at
+    # host:port here, where the hub's results arrive over DICOM TLS (tls.cert/key) from hub.ae_title only;
+    # they are re-identified from <spool>/reid.sqlite (never sent anywhere) and stored to [destination].
+    hub: EdgeHub = Field(default_factory=EdgeHub)
+    host: str = "0.0.0.0"
+    port: int = 11113
+    tls: NodeTls = Field(default_factory=NodeTls)
+    deid_secret: str = ""  # key of the pseudonyms and UIDs; empty: a random key made once in <spool>/secrets/deid.key
+    retry_every_s: float = 5.0  # how often what could not be forwarded or stored is tried again
+    # The Basic profile leaves pixels as they are: an image saying Burned In Annotation YES is FAILED
+    # unless the site knows its modalities burn in no identifier (a laterality marker, a device label).
+    allow_burned_in_annotation: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDSAM2_CXR_", env_nested_delimiter="__", extra="forbid")
 
@@ -352,6 +378,15 @@ class Settings(BaseSettings):
     console: Console = Field(default_factory=Console)
     dicomweb: Dicomweb = Field(default_factory=Dicomweb)
     second_read: SecondRead = Field(default_factory=SecondRead)
+    edge: Edge = Field(default_factory=Edge)
+
+    @model_validator(mode="after")
+    def _edge_has_a_hub(self) -> Settings:
+        e = self.edge
+        if self.node.role == "edge" and not (e.hub.ae_title and e.hub.host and e.hub.tls.ca and e.tls.cert):
+            raise ValueError("[node] role = \"edge\" needs [edge.hub] ae_title, host and tls.ca (DICOM TLS to the "
+                             "hub) and [edge.tls] cert and key (the listener the hub's results come back to)")
+        return self
 
     @model_validator(mode="after")
     def _one_lookup_key_for_a_shared_store(self) -> Settings:

@@ -92,3 +92,24 @@ def test_deidentify_a_phantom_file(phantom_dir):
     ds = pydicom.dcmread(f)
     out = deidentify(ds, "k", allow_burned_in_annotation=True)
     assert str(ds.PatientID) not in str(out) and out.PixelData == ds.PixelData
+
+
+def test_echoed_pseudonymous_values_are_put_back_and_the_results_own_are_kept(tmp_path):
+    reid = ReidentificationMap(tmp_path / "reid.sqlite")
+    src = _source()
+    src.AcquisitionDate, src.StationName, src.ContentDate = "20240301", "XRAY-ROOM-3", "20240301"
+    sent = forward(src, "site-secret", reid)
+    assert sent.AcquisitionDate != "20240301" and sent.StationName != "XRAY-ROOM-3"
+    result = Dataset()  # a hub's SC echoing the source's acquisition date and station, made today
+    result.SOPClassUID, result.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    result.StudyInstanceUID, result.SeriesInstanceUID = sent.StudyInstanceUID, generate_uid()
+    result.AcquisitionDate, result.StationName, result.ContentDate = sent.AcquisitionDate, sent.StationName, "20261203"
+    result.SeriesDescription = "medsam2-cxr saliency"
+    equipment = Dataset()  # the SC's "acquisition equipment" item echoes the source's institution
+    equipment.InstitutionName, equipment.Manufacturer = sent.InstitutionName, "ACME"
+    result.ContributingEquipmentSequence = Sequence([equipment])
+    back = reidentify(result, reid)
+    assert back.ContributingEquipmentSequence[0].InstitutionName == "St Elsewhere"
+    assert (back.AcquisitionDate, back.StationName) == ("20240301", "XRAY-ROOM-3")
+    assert back.ContentDate == "20261203" and back.SeriesDescription == "medsam2-cxr saliency"
+    assert back.StudyDate == "20240301" and back.ReferringPhysicianName == "HOUSE^GREG"

@@ -32,6 +32,9 @@ def up(config: ConfigOpt = None) -> None:
     from worker.node import Node
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":  # no model, no workers: listeners and the relay (worker/edge.py)
+        _edge(settings)
+        return
     if settings.model.bundle:
         from models.bundle import read_card
 
@@ -84,6 +87,9 @@ def listen(config: ConfigOpt = None,
     from worker.node import Node
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":
+        _edge(settings)
+        return
     common.metrics_env(settings)
     node = Node(settings)
     cli, cfg = [sys.executable, "-m", "worker.cli"], ["--config", str(config)] if config else []
@@ -135,6 +141,16 @@ def _fetch_shared(settings, attempts: int = 20, wait_s: float = 3.0) -> None:
             time.sleep(wait_s)
 
 
+def _edge(settings: Settings) -> None:
+    """`up` and `listen` of an edge ([node] role = "edge"): its listeners and relay, and the HTTP app."""
+    from worker.edge import serve_edge
+    from worker.node import Node
+
+    common.metrics_env(settings, clean=True)
+    with common.console(settings):
+        serve_edge(Node(settings))
+
+
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="gpu, io or gpu,io")] = "gpu,io",
@@ -148,6 +164,10 @@ def worker(config: ConfigOpt = None,
     from worker.model_build import ensure_bundle
 
     settings = common.settings_for(config)
+    if settings.node.role == "edge":
+        from worker.edge import refuse_worker
+
+        refuse_worker(config)
     common.metrics_env(settings)
     if "gpu" in queues.split(","):
         if settings.objects.url:  # another host built them: fetch and check what it published, build nothing
@@ -230,8 +250,11 @@ def status(config: ConfigOpt = None,
     recent = [{"job": j.id, "state": j.state.value, "reason": j.reason, "sop_instance_uid": j.sop_instance_uid,
                "since": dt.datetime.fromtimestamp(j.updated_at, dt.UTC).isoformat(timespec="seconds")}
               for j in jobs.recent(FINAL_FAILURES, failures)]
+    hub = settings.edge.hub
+    model = (_model_status(settings) if settings.node.role != "edge" else  # an edge runs none: its hub does
+             {"state": "at the hub", "hub": {"ae_title": hub.ae_title, "host": hub.host, "port": hub.port}})
     typer.echo(json.dumps({"counts": jobs.counts(), "failures": recent, "spool": str(root), "mode": node.mode(),
-                           "model": _model_status(settings), "destinations": _destinations(node, echo_timeout)},
+                           "model": model, "destinations": _destinations(node, echo_timeout)},
                           sort_keys=True))
 
 
