@@ -31,6 +31,7 @@ from model_training import metrics, plots
 from model_training.data import TRAIN_SHIFT_RANGE, Dataset
 from model_training.measure import measure, public
 from model_training.train import VARIANTS, FeatureSet, build_description, calibrate, fit_head, text_features
+from models import operating_points
 from models.features import FeatureExtractor
 from models.labels import LABELS
 
@@ -188,6 +189,8 @@ def aggregate(runs: list[dict], name: str, cfg: EvalConfig, shift_method: str) -
         "elementwise_accuracy_other": _summ(runs, "elementwise_accuracy_other"),
         "operating_points": _operating_points(runs),
         "criteria": criteria_summary({k: v["criterion"] for k, v in r0["operating_points"].items()}),
+        # labels whose criterion's rate target the validation split could not estimate (the default instead)
+        "not_estimable": r0.get("not_estimable", {}),
         "brier": _summ(runs, "brier", False),
         "ece": _summ(runs, "ece", False),
         "ood_score": r0["ood_score"],
@@ -251,6 +254,7 @@ def run_evaluation(dataset: Dataset, extract: FeatureExtractor, out: Path, encod
                 r = measure(head, v, cal, y_te, x_te, f.test_shifted, f.ood, cfg.tta_ns)
                 r["seed"] = seed
                 r["temperatures_mean"] = float(np.mean(list(cal["temperatures"].values())))
+                r["not_estimable"] = cal["operating_points"].get("not_estimable", {})
                 runs.append(r)
                 bar.update(1)
             plot_runs[name] = runs[0]
@@ -427,7 +431,9 @@ def render_table(report: dict) -> str:
                  f"{_fmt(r['ece'])} | " + " | ".join(oods) + f" | {_fmt(r.get('shift_drop_at_2'))} |")
     L += ["", "Elementwise accuracy: at each model's per-label thresholds, fitted on its calibrated validation "
           "probabilities by the criterion its bundle uses (\"thresholds by\": accuracy = best validation accuracy, "
-          "ties towards 0.5; sensitivity:X = the highest threshold with validation sensitivity >= X), and at 0.5; "
+          "ties towards 0.5; expected_accuracy = calibrated p >= 0.5; sensitivity:X = the highest threshold with "
+          "validation sensitivity >= X, used only where validation has at least "
+          f"{operating_points.MIN_CLASS_COUNT} positives of the label, else expected_accuracy), and at 0.5; "
           "\"acc. urgent labels\" is the same over the urgent findings' columns only (their high-sensitivity "
           "points), \"acc. other labels\" over the rest. "
           "OOD score: mean log radius of the box for B3-B5; the point-embedding baselines "

@@ -22,7 +22,7 @@ from model_training.measure import measure, public, score
 from model_training.variants import VARIANTS, Variant
 from models import drift, operating_points
 from models.boxhead import BoxHead
-from models.calibration import fit_temperature
+from models.calibration import LOG_T_PRIOR_SD, fit_temperature
 from models.digests import bytes_digest
 from models.features import FeatureExtractor
 from models.labels import LABELS
@@ -161,8 +161,9 @@ def calibrate(head: BoxHead, variant: Variant, val: FeatureSet, ood_percentile: 
     """Temperatures, operating points, OOD threshold and validation figures for the model card.
 
     Thresholds are chosen after calibration, on the calibrated validation probabilities, by each
-    label's criterion (models.operating_points: best accuracy; sensitivity >= 0.90 for the
-    urgent findings; `criteria` overrides per label).
+    label's criterion (models.operating_points: calibrated p >= 0.5; sensitivity >= 0.90 for the
+    urgent findings where validation has the positives to fit it; `criteria` overrides per label).
+    Temperatures: per label with a prior around the pooled one (models.calibration.fit_temperature).
     """
     sc = score(head, val.x, variant.tta_n)
     temperature = fit_temperature(sc.logits_n, val.y) if variant.calibrate else np.ones(len(LABELS))
@@ -324,12 +325,15 @@ def build_description(variant: Variant, seed: int, split_seed: int, epochs: int,
         "optimiser": f"AdamW lr 1e-3 wd 1e-3, batch 128, {epochs} epochs",
         "inference": (f"BL-TTA N={variant.tta_n} (scrambled Sobol, antithetic)" if variant.tta_n > 1
                       else "center point only"),
-        "calibration": ("per-label temperature on validation (grid search, BCE)" if variant.calibrate else "none (T=1)"),
+        "calibration": ("per-label temperature on validation (grid search, summed BCE plus a normal prior on log T "
+                        f"around the pooled temperature, sd {LOG_T_PRIOR_SD})" if variant.calibrate else "none (T=1)"),
         "thresholds": ("per label on the calibrated validation probabilities: "
                        f"{operating_points.DEFAULT_CRITERION} ({operating_points.describe(operating_points.DEFAULT_CRITERION)}; "
                        "ties towards 0.5), "
                        f"{operating_points.URGENT_CRITERION} ({operating_points.describe(operating_points.URGENT_CRITERION)}) "
-                       f"for the urgent findings {', '.join(operating_points.URGENT_LABELS)}"),
+                       f"for the urgent findings {', '.join(operating_points.URGENT_LABELS)} where the validation split "
+                       f"has at least {operating_points.MIN_CLASS_COUNT} positives (else "
+                       f"{operating_points.DEFAULT_CRITERION}; the card's not_estimable says which)"),
     }
     if variant.invariance:
         d["invariance"] = (f"one shifted copy per training image, intensity uniform in {list(TRAIN_SHIFT_RANGE)} "

@@ -26,6 +26,15 @@ Criteria (the spec strings a card and a configuration use):
 - "threshold:X": a fixed threshold X in (0, 1), fitted on nothing.
 A label whose validation split has fewer than MIN_KNOWN known images or one class only gets 0.5,
 and the card says so.
+
+A rate target needs the images it is a rate of: "sensitivity:X" fitted on fewer than
+MIN_CLASS_COUNT validation positives (or "specificity:X" on fewer negatives) is no point a reader
+can trust, since one image moves the rate by more than 10 points. On 800 phantoms of seed 3131
+Pneumothorax had 2 validation positives: every variant's sensitivity point caught at most one of
+them, and its specificity floor flagged one normal image in five. A bundle's own fit therefore
+gives such a label the default criterion instead (`fit`; the card lists it under "not_estimable"
+with the counts). A site that names the rate target in its configuration still gets it (`apply`);
+the card's "not_estimable" entry says on how few images it rests.
 """
 
 from __future__ import annotations
@@ -231,14 +240,33 @@ class RocTable:
                    np.asarray(d["fp"], np.int64), int(d["n_pos"]), int(d["n_neg"]))
 
 
+def estimable(criterion: str | Criterion, table: RocTable) -> bool:
+    """Whether the validation split holds enough images to fit the criterion's rate target: at
+    least MIN_CLASS_COUNT positives for a sensitivity, negatives for a specificity. Other criteria
+    (and a table `usable` says is not) are judged elsewhere."""
+    c = Criterion.parse(criterion)
+    if not table.usable or c.kind not in ("sensitivity", "specificity"):
+        return True
+    return (table.n_pos if c.kind == "sensitivity" else table.n_neg) >= MIN_CLASS_COUNT
+
+
 def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None) -> dict:
     """The card's "operating_points" entry and the thresholds it implies, from validation scores.
 
     p, y: (B, L) calibrated validation probabilities and labels (nan = unknown). Returns
-    {"thresholds": {label: t}, "operating_points": {...}}.
+    {"thresholds": {label: t}, "operating_points": {...}}. A rate target the validation split
+    cannot estimate (`estimable`) gives way to DEFAULT_CRITERION; "not_estimable" says which and why.
     """
     criteria = {**default_criteria(), **(criteria or {})}
     tables = {k: RocTable.from_scores(p[:, i], y[:, i]) for i, k in enumerate(LABELS)}
+    not_estimable = {}
+    for k in LABELS:
+        if not estimable(criteria[k], tables[k]):
+            c = Criterion.parse(criteria[k])
+            n, of = (tables[k].n_pos, "positives") if c.kind == "sensitivity" else (tables[k].n_neg, "negatives")
+            not_estimable[k] = (f"{c} needs at least {MIN_CLASS_COUNT} validation {of}, {n} here: "
+                                f"{DEFAULT_CRITERION} instead")
+            criteria[k] = DEFAULT_CRITERION
     thresholds = {k: tables[k].choose(criteria[k]) for k in LABELS}
     fallback = {k: (f"{tables[k].n_pos + tables[k].n_neg} known validation images, {tables[k].n_pos} positive: "
                     f"threshold {FALLBACK_THRESHOLD}") for k in LABELS
@@ -256,6 +284,7 @@ def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None)
             "criteria": {k: str(Criterion.parse(criteria[k])) for k in LABELS},
             "descriptions": {k: describe(criteria[k]) for k in LABELS},
             "fallback": fallback,
+            "not_estimable": not_estimable,
             "thin": thin,
             "validation_roc": {k: tables[k].to_json() for k in LABELS},
         },

@@ -105,6 +105,29 @@ def test_temperature_undoes_overconfidence():
     assert tier(0.97, 0.5, 0.01) == "high" and tier(0.52, 0.5, 0.01) == "low"
 
 
+def test_temperature_prior_pulls_a_thin_label_to_the_pooled_fit_and_leaves_a_rich_one_alone():
+    # Label 0: 2000 images, 3x overconfident. Label 1: 85 images, 2 positives that happen to
+    # score high: alone it takes a very sharp temperature; with the prior it stays near label 0's.
+    rng = np.random.default_rng(1)
+    n = 2000
+    true = rng.normal(0, 2, n)
+    y = np.full((n, 2), np.nan)
+    y[:, 0] = rng.random(n) < 1 / (1 + np.exp(-true))
+    logits = np.zeros((n, 1, 2))
+    logits[:, 0, 0] = 3 * true
+    y[:85, 1] = 0
+    y[:2, 1] = 1
+    logits[:85, 0, 1] = np.r_[4.0, 3.5, rng.normal(-3, 1.5, 83)]
+    alone = fit_temperature(logits, y, prior_sd=None)
+    shrunk = fit_temperature(logits, y)
+    assert alone[1] < 0.6 and 2.4 < alone[0] < 3.8  # the thin label alone: sharpened
+    assert abs(np.log(shrunk[1] / shrunk[0])) < abs(np.log(alone[1] / shrunk[0])) - 0.5  # pulled towards the pool
+    assert abs(np.log(shrunk[0] / alone[0])) < 0.06  # 2000 images outweigh the prior (one grid step is 0.054)
+    one_class = np.where(np.isnan(y), np.nan, 0.0)
+    one_class[:, 0] = y[:, 0]
+    assert fit_temperature(logits, one_class)[1] == fit_temperature(logits, one_class)[0]  # nothing to fit: the pool
+
+
 def _synthetic_features(n=300, d=24, seed=0):
     rng = np.random.default_rng(seed)
     y = (rng.random((n, len(LABELS))) < 0.3).astype(float)

@@ -111,20 +111,36 @@ def test_one_class_or_too_few_images_fall_back_to_one_half_and_the_card_says_so(
     assert fitted["operating_points"]["criteria"]["Cardiomegaly"] == "expected_accuracy"
 
 
-def test_a_point_fitted_on_few_validation_positives_is_named_thin():
+def test_a_rate_target_on_too_few_validation_positives_gives_way_to_the_default_and_the_card_says_why():
     # 80 validation images: Pneumothorax with 2 positives (as on phantoms of seed 3131), Pleural
-    # Effusion with 12; the card must say that the first urgent point rests on two images.
+    # Effusion with 12. A sensitivity point on 2 positives is chance: the bundle's own fit uses
+    # the default criterion for Pneumothorax and names why; Pleural Effusion keeps its point.
     rng = np.random.default_rng(3)
     p = rng.random((80, len(LABELS)))
     y = np.zeros_like(p)
-    y[:2, LABELS.index("Pneumothorax")] = 1
-    y[:12, LABELS.index("Pleural Effusion")] = 1
+    pn, pe = LABELS.index("Pneumothorax"), LABELS.index("Pleural Effusion")
+    y[:2, pn] = 1
+    y[:12, pe] = 1
     y[:2, LABELS.index("Cardiomegaly")] = 1  # expected_accuracy: fitted on nothing, so never thin
-    ops = op.fit(p, y, {"Fracture": "f1"})  # Fracture: f1 on a one-class label falls back, not thin
-    thin = ops["operating_points"]["thin"]
-    assert set(thin) == {"Pneumothorax"}
-    assert thin["Pneumothorax"] == "fitted on 2 validation positives and 78 negatives"
-    assert "Fracture" in ops["operating_points"]["fallback"]
+    y[:75, LABELS.index("Edema")] = 1  # 5 negatives: a specificity target cannot be fitted either
+    ops = op.fit(p, y, {"Fracture": "f1", "Edema": "specificity:0.9", "Atelectasis": "sensitivity:0.8"})
+    o = ops["operating_points"]
+    assert o["criteria"]["Pneumothorax"] == op.DEFAULT_CRITERION and ops["thresholds"]["Pneumothorax"] == 0.5
+    assert o["not_estimable"]["Pneumothorax"] == ("sensitivity:0.9,min_specificity:0.8 needs at least 10 validation "
+                                                  "positives, 2 here: expected_accuracy instead")
+    assert o["not_estimable"]["Edema"].startswith("specificity:0.9 needs at least 10 validation negatives, 5 here")
+    assert set(o["not_estimable"]) == {"Pneumothorax", "Edema"}  # Atelectasis: one class, so the 0.5 fallback
+    assert o["criteria"]["Pleural Effusion"] == op.URGENT_CRITERION
+    roc = op.RocTable.from_scores(p[:, pe], y[:, pe])
+    assert ops["thresholds"]["Pleural Effusion"] == roc.choose(op.URGENT_CRITERION) != 0.5
+    assert o["thin"] == {}  # every fitted point rests on at least 10 images of each class
+    assert "Fracture" in o["fallback"] and "Atelectasis" in o["fallback"]
+    # A site that asks for the rate target itself still gets it, from the card's ROC points.
+    card = {"thresholds": ops["thresholds"], "operating_points": o}
+    thr, crit = op.apply(card, {"Pneumothorax": "sensitivity:0.9"})
+    assert crit["Pneumothorax"] == "sensitivity:0.9"
+    assert thr["Pneumothorax"] == op.RocTable.from_scores(p[:, pn], y[:, pn]).choose("sensitivity:0.9")
+    assert op.estimable("sensitivity:0.9", roc) and op.estimable("f1", op.RocTable.from_scores(p[:, pn], y[:, pn]))
 
 
 def test_accuracy_by_group_splits_the_urgent_columns_from_the_rest():
@@ -174,7 +190,8 @@ def test_the_default_bundle_card_states_each_labels_operating_point_with_test_co
     assert ops["urgent_labels"] == list(op.URGENT_LABELS)
     test = card["metrics"]["test"]["operating_points"]
     for k in LABELS:
-        assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if k in op.URGENT_LABELS else "expected_accuracy")
+        urgent = k in op.URGENT_LABELS and k not in ops["not_estimable"]  # too few validation positives: the default
+        assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if urgent else "expected_accuracy")
         assert set(ops["validation_roc"][k]) == {"thresholds", "tp", "fp", "n_pos", "n_neg"}
         t = test[k]
         assert t["criterion"] == ops["criteria"][k] and t["threshold"] == card["thresholds"][k]
@@ -196,7 +213,8 @@ def test_a_site_operating_point_changes_present_and_the_results_name_it(tiny_bun
     site = Predictor(site_bundle, device="cpu").predict([image], saliency_top=0)[0]
     by, own_by = {f.label: f for f in site.findings}, {f.label: f for f in own.findings}
     assert by["Pleural Effusion"].present and by["Pleural Effusion"].operating_point == "threshold:0.001"
-    assert own_by["Pleural Effusion"].operating_point == op.URGENT_CRITERION
+    own_card = json.loads((tiny_bundle / "model_card.json").read_text())
+    assert own_by["Pleural Effusion"].operating_point == own_card["operating_points"]["criteria"]["Pleural Effusion"]
     assert by["Fracture"].operating_point == "specificity:0.99"
     assert by["Cardiomegaly"].operating_point == "expected_accuracy" and by["Cardiomegaly"] == own_by["Cardiomegaly"]
     everything = Predictor(load_bundle(tiny_bundle, {"*": "threshold:1e-9"}), device="cpu").predict([image], 0)[0]

@@ -1,0 +1,63 @@
+"""Issue 16's done-when on a small run: on phantoms of a seed no rule was tuned on (5557), B5 at its
+bundle thresholds is at least as accurate elementwise as B0, B1 and B3 at theirs, and its
+macro-AUROC, Brier and ECE are no worse than before the operating-point fixes (commit 3e347d1, the
+same run: `medsam2-cxr evaluate --data phantoms:800:5557 --seeds 2 --encoder tiny`).
+
+The smallest run that shows the effect: 800 phantoms (78 validation images; at 400 every urgent
+label has a handful of validation positives and each variant's point is chance), the tiny encoder
+at 128 px, two head seeds, no shifted test copies or BL-TTA study (neither changes a head or its
+thresholds, so the figures equal the full command's). 2.6 CPU-minutes; 15 minutes of wall time
+on two cores shared with eight other processes, hence the longer timeout.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from model_training import data as data_mod
+from model_training.evaluate import EvalConfig, run_evaluation
+from model_training.train import load_encoder
+from models.encoder import SPECS
+from models.features import FeatureExtractor
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
+
+SEED = 5557
+# B5 on this run at 3e347d1 (2 head seeds): the "today" of the done-when.
+BEFORE = {"macro_auroc": 0.7689, "brier": 0.0700, "ece": 0.0258}
+# Another machine's BLAS may move a figure in the 4th decimal; a regression is larger than this.
+NUMERIC = 5e-4
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("done-when")
+    ds = data_mod.load_dataset(f"phantoms:800:{SEED}", size=512, n_ood=0)
+    encoder, digest, weights = load_encoder("tiny")
+    size = SPECS["tiny"].image_size
+    extract = FeatureExtractor(encoder, size, digest, out / "cache")
+    cfg = EvalConfig(seeds=2, variants=("B0", "B1", "B3", "B5"), shifts=(0.0,), tta_ns=())
+    report = run_evaluation(ds, extract, out / "eval", {"spec": "tiny", "image_size": size, "weights": weights},
+                            cfg, clock=time.monotonic)
+    return report["variants"]
+
+
+def test_b5_calibration_and_ranking_are_no_worse_than_before(variants):
+    b5 = variants["B5"]
+    assert b5["macro_auroc"]["mean"] >= BEFORE["macro_auroc"] - NUMERIC, b5["macro_auroc"]
+    assert b5["brier"]["mean"] <= BEFORE["brier"] + NUMERIC, b5["brier"]
+    assert b5["ece"]["mean"] <= BEFORE["ece"] - 1e-3, b5["ece"]  # the pooled temperature prior: 0.0258 -> 0.0240
+    # 9 validation positives of Pneumothorax: no sensitivity point is fitted on them, for any variant
+    for v in variants.values():
+        assert set(v["not_estimable"]) == {"Pneumothorax"} and "Pleural Effusion" in v["criteria"]
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="issue 16 open: B5 0.9055 against 0.9060 for B1 and B3 (one test cell in 2,042 over the "
+                          "two seeds), lost on Pleural Effusion's high-sensitivity point, where B5 ranks the "
+                          "effusions less well; strict, so this fails once B5 gets there")
+def test_b5_at_its_bundle_thresholds_is_as_accurate_as_b0_b1_and_b3(variants):
+    acc = {k: r["elementwise_accuracy"]["mean"] for k, r in variants.items()}
+    assert acc["B5"] >= max(acc["B0"], acc["B1"], acc["B3"]) - 1e-12, acc  # equal cell counts tie
