@@ -53,6 +53,16 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
+def _connection_timeouts(timeout_s: float) -> dict[str, int]:
+    """libpq settings that turn a silent network (a cut cable, a host gone: packets dropped, no
+    reset) into an error within seconds instead of the kernel's quarter of an hour of retransmits:
+    unacknowledged data fails the connection after tcp_user_timeout, an idle one is probed by
+    keepalives. The pool then reconnects once the server answers again."""
+    seconds = max(1, round(timeout_s))
+    return {"connect_timeout": seconds, "tcp_user_timeout": 2000 * seconds, "keepalives": 1,
+            "keepalives_idle": seconds, "keepalives_interval": 1, "keepalives_count": 3}
+
+
 def _pool(url: str, size: int, timeout_s: float) -> ConnectionPool:
     key = (url, os.getpid())  # a pool's threads and sockets do not survive a fork
     with _pools_lock:
@@ -60,7 +70,7 @@ def _pool(url: str, size: int, timeout_s: float) -> ConnectionPool:
         if pool is None:
             pool = ConnectionPool(url, min_size=1, max_size=max(1, size), open=False, configure=_configure,
                                   check=ConnectionPool.check_connection, timeout=timeout_s,
-                                  kwargs={"connect_timeout": max(1, round(timeout_s))},
+                                  kwargs=_connection_timeouts(timeout_s),
                                   name=f"store {describe(url)}")
             pool.open(wait=False)
             _pools[key] = pool
