@@ -35,6 +35,9 @@ class JobState(StrEnum):
 # States nothing more happens to until `medsam2-cxr resend`: their SOP instance may come again.
 FINAL_FAILURES = (JobState.DEAD, JobState.FAILED)
 
+# How long a state change waits for a shared store that went away (JobStore._move); seconds.
+MOVE_RETRY_S = 60.0
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -182,15 +185,27 @@ class JobStore:
 
     def _move(self, job_id: str, from_state: JobState, to_state: JobState, reason: str | None,
               attempts: str) -> bool:
-        """One compare-and-set state change; `attempts` is the SQL expression of the new count."""
-        now = self._clock()
-        with self._tx() as db:
-            cur = db.execute(
-                f"UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts={attempts}, lease_until=0, "
-                "updated_at=? WHERE id=? AND state=?",
-                (to_state, reason, now, job_id, from_state),
-            )
-            return cur.rowcount == 1
+        """One compare-and-set state change; `attempts` is the SQL expression of the new count.
+
+        A worker that finished (or gave up) a job while a shared store was away keeps trying to say
+        so for up to ``MOVE_RETRY_S``: else the job would wait out its whole lease (minutes for a
+        send) before anyone took it again. A retry after a commit in doubt finds the row moved
+        already and returns False, as for a job no longer ours; the reconciler covers both."""
+        deadline = time.monotonic() + MOVE_RETRY_S
+        while True:
+            try:
+                now = self._clock()
+                with self._tx() as db:
+                    cur = db.execute(
+                        f"UPDATE jobs SET state=?, reason=COALESCE(?, reason), attempts={attempts}, lease_until=0, "
+                        "updated_at=? WHERE id=? AND state=?",
+                        (to_state, reason, now, job_id, from_state),
+                    )
+                    return cur.rowcount == 1
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
 
     def release_claims(self) -> list[str]:
         """Give every claimed job back, uncounted (INFERRING -> QUEUED, SENDING -> INFERRED): for

@@ -85,3 +85,44 @@ def test_metrics_say_the_store_is_down_and_still_give_the_spools_gauges(tmp_path
         text = generate_latest(registry).decode()
         assert f"medsam2_store_up {up}" in text and "medsam2_spool_free_bytes" in text
         assert ("medsam2_jobs{" in text) == bool(up)
+
+
+class FlakyDatabase:
+    """A database that is away for the first ``down`` transactions, then answers (a restart)."""
+
+    def __init__(self, real, down: int) -> None:
+        self.real, self.down = real, down
+        self.kind, self.shared = real.kind, True
+
+    def transaction(self):
+        if self.down > 0:
+            self.down -= 1
+            raise StoreUnavailable("the store postgresql://db:5432/x is unavailable")
+        return self.real.transaction()
+
+    def create(self, *args, **kwargs) -> None:
+        self.real.create(*args, **kwargs)
+
+
+def test_a_state_change_waits_for_a_store_that_comes_back_then_gives_up(tmp_path, monkeypatch):
+    """A worker's give-back or finish while the store restarts is not lost to the lease: it is
+    tried again until the store answers, for MOVE_RETRY_S; after that the error is raised."""
+    import dicom_node.jobstore as jobstore
+    from dicom_node.database import SqliteDatabase
+    from dicom_node.jobstore import JobState
+
+    slept: list[float] = []
+    monkeypatch.setattr(jobstore.time, "sleep", slept.append)
+    db = FlakyDatabase(SqliteDatabase(tmp_path / "jobs.sqlite"), down=0)
+    store = JobStore(db)
+    store.add(job_id="j", sop_instance_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="1.2",
+              calling_aet="CR1", path="incoming/j.dcm", state=JobState.QUEUED)
+    assert store.claim("j", JobState.QUEUED, JobState.INFERRING, 600) is not None
+    db.down = 3
+    assert store.release("j", JobState.INFERRING, JobState.QUEUED)
+    assert len(slept) == 3 and store.get("j").state == JobState.QUEUED
+
+    monkeypatch.setattr(jobstore, "MOVE_RETRY_S", 0.0)
+    db.down = 1
+    with pytest.raises(StoreUnavailable):
+        store.advance("j", JobState.QUEUED, JobState.SKIPPED)
