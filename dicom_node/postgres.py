@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,8 +49,17 @@ def describe(url: str) -> str:
     return f"postgresql://{d.get('host', 'localhost')}:{d.get('port', 5432)}/{d.get('dbname', '')}"
 
 
+# Per session: the server ends a session whose client went silent (a host killed with its cable
+# cut sends no FIN) by TCP keepalive within half a minute, and any session idle inside a transaction
+# for a minute: else its locks outlive it and every host queues behind them. The node's own
+# transactions are a few statements long and never wait on anything outside the database.
+_SESSION = ("SET synchronous_commit TO on", "SET idle_in_transaction_session_timeout TO '60s'",
+            "SET tcp_keepalives_idle TO 10", "SET tcp_keepalives_interval TO 5", "SET tcp_keepalives_count TO 3")
+
+
 def _configure(conn: psycopg.Connection) -> None:
-    conn.execute("SET synchronous_commit TO on")
+    for statement in _SESSION:
+        conn.execute(statement)
     conn.commit()
 
 
@@ -135,6 +145,8 @@ class PostgresDatabase:
 
     def create(self, schema: str, added: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
                indexes: str = "") -> None:
+        if self._made(schema, added, indexes):
+            return  # no DDL at all: even "IF NOT EXISTS" queues for the table's lock behind every open transaction
         with self.transaction() as tx:  # DDL is transactional: all of it or none
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
             tx.execute(schema.format(**PG_TYPES))
@@ -143,6 +155,21 @@ class PostgresDatabase:
                     tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             if indexes:
                 tx.execute(indexes.format(**PG_TYPES))
+
+    def _made(self, schema: str, added: Mapping[str, tuple[tuple[str, str], ...]] | None, indexes: str) -> bool:
+        """Whether every table, added column and index of the schema is there already (read from
+        the catalogue, which takes no lock on the tables)."""
+        tables = re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema)
+        wanted_indexes = re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", schema + indexes)
+        with self.transaction() as tx:
+            have = {r[0] for r in tx.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+                                             ()).fetchall()}
+            have_indexes = {r[0] for r in tx.execute("SELECT indexname FROM pg_indexes "
+                                                     "WHERE schemaname = current_schema()", ()).fetchall()}
+            columns = {(r[0], r[1]) for r in tx.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                                        "WHERE table_schema = current_schema()", ()).fetchall()}
+        return (set(tables) <= have and set(wanted_indexes) <= have_indexes
+                and all((t, c) in columns for t, cols in (added or {}).items() for c, _ in cols))
 
     def describe(self) -> str:
         return self._where

@@ -316,3 +316,24 @@ def test_audit_all_hosts_prints_the_shared_copy(pg_url, tmp_path, monkeypatch):
     JobStore(tmp_path / "spool" / "jobs.sqlite")  # an embedded node's spool
     alone = CliRunner().invoke(app, ["audit", "--all-hosts"])
     assert alone.exit_code == 2 and "no [store] url" in alone.output
+
+
+def test_opening_the_store_takes_no_lock_behind_an_open_transaction(pg_url):
+    """A process that opens the store (every worker at start) runs no DDL when the schema is there:
+    even CREATE ... IF NOT EXISTS would queue for the table's lock behind a transaction a killed,
+    cut-off host left open, and every other host would then queue behind it."""
+    open_jobs(pg_url, Path("unused"))
+    with psycopg.connect(pg_url) as stuck:  # a transaction left open, holding a row lock on jobs
+        stuck.execute("INSERT INTO jobs (id, sop_instance_uid, sop_class_uid, study_instance_uid, calling_aet, path, "
+                      "state, created_at, updated_at) VALUES ('x', '1', '1', '1', 'A', 'p', 'queued', 0, 0)")
+        t0 = time.monotonic()
+        store = open_jobs(pg_url, Path("unused"))
+        assert time.monotonic() - t0 < 5
+        assert store.get("x") is None  # and reads go on meanwhile
+
+
+def test_the_server_ends_a_session_left_idle_in_a_transaction(pg_url):
+    jobs = open_jobs(pg_url, Path("unused"))
+    with jobs.db.transaction() as tx:
+        assert tx.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"
+        assert tx.execute("SHOW tcp_keepalives_idle").fetchone()[0] == "10"
