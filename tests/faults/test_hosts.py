@@ -99,7 +99,7 @@ def test_a_burst_spread_over_two_gpu_hosts_and_one_killed_whole(hosts, tmp_path,
           f"included) {one:.2f} images/s; {len(sources) / (time.monotonic() - t0):.2f} images/s end to end")
     print("[cpu per image] " + ", ".join(
         f"{name} {cpu[name] / max(n, 1):.2f} s" for name, n in
-        (("listen (listener + io worker)", len(sources)), ("gpu1", inferred("gpu1")), ("gpu2", at_kill["gpu2"]))))
+        (("listen", len(sources)), ("gpu1", inferred("gpu1")), ("gpu2", at_kill["gpu2"]))) + " (listen: listener + io worker)")
     assert figures["delivered"] == len(sources)
     assert at_kill["gpu1"] > 0 and at_kill["gpu2"] > 0, f"the burst was not spread over both GPU hosts: {at_kill}"
     # gpu2 back for the next scenarios: its cable and a fresh worker (what a supervisor does)
