@@ -263,12 +263,13 @@ class Hosts:
             rows = c.execute("SELECT record FROM audit WHERE event=%s", [event]).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def inferred_on(self, name: str) -> int:
-        """Jobs the host's GPU worker inferred, from its own audit file."""
+    def inferred_on(self, name: str) -> list[float]:
+        """When the host's GPU worker inferred each job (wall clock), from its own audit file."""
         f = self[name].folder / "spool" / "audit.jsonl"
         if not f.exists():
-            return 0
-        return sum(1 for line in f.read_text().splitlines() if line.strip() and json.loads(line)["event"] == "inferred")
+            return []
+        records = (json.loads(line) for line in f.read_text().splitlines() if line.strip())
+        return [r["time"] for r in records if r["event"] == "inferred"]
 
     def account(self, sources: list[Source], digest: str) -> dict[str, int]:
         """sent/delivered/lost/duplicates as tests/faults/harness.Node.account counts them, read from
