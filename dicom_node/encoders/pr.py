@@ -6,7 +6,8 @@ image untouched and tells the viewer what to draw over it, so the reader can tog
 - per shown finding (encoders.sc.shown_findings), the outlines of its saliency region (the
   contours of `Prediction.saliency[label]` at OUTLINE_LEVEL of its maximum, on the model grid,
   scaled to the source's pixel coordinates) as POLYLINE graphic objects on layer LAYER_OUTLINES,
-  and a text object naming the finding, its probability and its tier on LAYER_LABELS;
+  and a text object naming the finding, its probability and its tier on LAYER_LABELS, in a box on
+  the line above or below its region, inside the image and clear of the notices (`label_box`);
 - the notices ("AI result, not for primary diagnosis", phantom training, out of distribution,
   confidence not validated) as text in display coordinates on LAYER_NOTICE;
 - the same outlines once more as an overlay plane (group 6000) that the presentation state
@@ -50,6 +51,11 @@ OUTLINE_LEVEL = 0.5  # a region is where the saliency reaches half its maximum
 MIN_POINTS = 4  # shorter contours (a lone grid cell) are noise, not a region
 SMOOTH_GRID = 128  # the map is upsampled to about this many cells across before contouring
 MAX_POINTS = 200  # per outline, after thinning: enough for a smooth curve, small for a viewer
+# Where the labels go, as fractions of the image: one line of text each, as wide as a label needs
+# at a viewer's usual font, never in the notice band at the top (NOTICE_LINE per notice line, in
+# display units, which for the whole image displayed are these fractions too).
+LABEL_WIDTH, LABEL_HEIGHT = 0.45, 0.035
+NOTICE_TOP, NOTICE_LINE = 0.01, 0.04
 # CIELab display colours of the layers (PS3.3 C.10.7.1.1): yellow outlines, white text.
 _YELLOW_LAB = (97.1, -21.6, 94.5)
 _WHITE_LAB = (100.0, 0.0, 0.0)
@@ -193,6 +199,33 @@ def _add_overlay(ps: Dataset, bitmap: np.ndarray, labels: list[str]) -> None:
     ps.add_new((g, 0x3000), "OW", pack_bits(bitmap.astype(np.uint8).ravel(), pad=True))
 
 
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
+
+
+def label_box(region: Box | None, rows: int, columns: int, notices: int, taken: list[Box]) -> tuple[Box, bool]:
+    """Where a finding's label goes: a one-line box in the image, just above its region (below it
+    when above would reach into the notice band), left-aligned with the region, or right-aligned
+    with it where a left-aligned label would run off the image; moved down past the labels already
+    placed (``taken``). A finding without a region (a flat map) starts under the notices.
+    Returns the box and whether the text is right-justified."""
+    width, height = LABEL_WIDTH * columns, LABEL_HEIGHT * rows
+    band = rows * (NOTICE_TOP + NOTICE_LINE * notices)
+    if region is None:
+        left, top, right, bottom = columns * 0.02, band, columns * 0.02, band
+    else:
+        left, top, right, bottom = region
+    y0 = top - height if top - height >= band else min(bottom, rows - height)
+    right_justified = left + width > columns
+    x0 = max(0.0, min(right, columns) - width) if right_justified else max(0.0, left)
+
+    def clashes(y: float) -> bool:
+        return any(x0 < b[2] and b[0] < x0 + width and y < b[3] and b[1] < y + height for b in taken)
+
+    while clashes(y0) and y0 + 2 * height <= rows:
+        y0 += height
+    return (x0, max(y0, 0.0), x0 + width, max(y0, 0.0) + height), right_justified
+
+
 def encode_pr(
     source: Dataset,
     image: np.ndarray,
@@ -232,25 +265,31 @@ def encode_pr(
                   (LAYER_OUTLINES, "AI saliency outlines of the shown findings", _YELLOW_LAB),
                   (LAYER_LABELS, "AI finding, probability and confidence tier", _WHITE_LAB),
                   (LAYER_NOTICE, ENGLISH.not_for_diagnosis, _NOTICE_LAB)))}
+    notices = warnings(prediction, model)
     graphics: list[hd.pr.GraphicObject] = []
     texts: list[hd.pr.TextObject] = []
+    boxes: list[Box] = []
     every_contour: list[np.ndarray] = []
     for finding in shown:
         contours = outlines(prediction.saliency[finding.label], rows, columns)
         every_contour += contours
         graphics += [hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POLYLINE, xy, hd.pr.AnnotationUnitsValues.PIXEL)
                      for xy in contours]
-        if contours:  # the label sits on the top left corner of the finding's largest region
+        region = None
+        if contours:  # the label goes with the finding's largest region
             xy = max(contours, key=len)
-            anchor = (float(xy[:, 0].min()), float(xy[:, 1].min()))
-        else:  # a flat map: no region; the label goes to the image's corner
-            anchor = (columns * 0.02, rows * 0.1 * (1 + len(texts)))
-        texts.append(hd.pr.TextObject(label_text(finding), hd.pr.AnnotationUnitsValues.PIXEL,
-                                      anchor_point=anchor, anchor_point_visible=False))
+            region = (float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max()))
+        box, right_justified = label_box(region, rows, columns, len(notices), boxes)
+        boxes.append(box)
+        texts.append(hd.pr.TextObject(
+            label_text(finding), hd.pr.AnnotationUnitsValues.PIXEL, bounding_box=box,
+            text_justification=(hd.pr.TextJustificationValues.RIGHT if right_justified
+                                else hd.pr.TextJustificationValues.LEFT)))
     notice_objects = [hd.pr.TextObject(line, hd.pr.AnnotationUnitsValues.DISPLAY,
-                                       bounding_box=(0.01, 0.01 + 0.04 * i, 0.99, 0.05 + 0.04 * i),
+                                       bounding_box=(0.01, NOTICE_TOP + NOTICE_LINE * i, 0.99,
+                                                     NOTICE_TOP + NOTICE_LINE * (i + 1)),
                                        text_justification=hd.pr.TextJustificationValues.LEFT)
-                      for i, line in enumerate(warnings(prediction, model))]
+                      for i, line in enumerate(notices)]
     annotations = [hd.pr.GraphicAnnotation([ref], layers[LAYER_NOTICE], text_objects=notice_objects)]
     if graphics:
         annotations.append(hd.pr.GraphicAnnotation([ref], layers[LAYER_OUTLINES], graphic_objects=graphics))

@@ -80,10 +80,29 @@ def dcmp2pgm(ps: Path, image: Path, workdir: Path) -> tuple[str, np.ndarray, dic
     return dump, np.asarray(Image.open(workdir / "out.pgm")), overlays
 
 
+def text_objects(dump: str) -> list[dict]:
+    """The text objects dcmp2pgm listed: text, and the anchor point or bounding box it read, each in
+    source pixels (a display-unit box scaled by the displayed area, here the whole image)."""
+    area = re.search(r"displayed area TLHC=(\d+)\\(\d+) BRHC=(\d+)\\(\d+)", dump)
+    width, height = int(area[3]) - int(area[1]) + 1, int(area[4]) - int(area[2]) + 1
+    found = []
+    for text, anchor, box in re.findall(r'text \d+: "(.*)"\n\s*anchor point: (.*)\n\s*bounding box: (.*)', dump):
+        item: dict = {"text": text, "anchor": None, "box": None}
+        if a := re.match(r"([\d.]+)\\([\d.]+)", anchor):
+            item["anchor"] = (float(a[1]), float(a[2]))
+        if b := re.match(r"TLHC=([\d.]+)\\([\d.]+) BRHC=([\d.]+)\\([\d.]+) units=(\w+) justification=(\w+)", box):
+            x0, y0, x1, y1 = (float(v) for v in b.groups()[:4])
+            if b[5] == "display":
+                x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
+            item["box"], item["justification"] = (x0, y0, x1, y1), b[6]
+        found.append(item)
+    return found
+
+
 def render_png(dump: str, rendered: np.ndarray, overlays: dict[str, np.ndarray], path: Path,
-               long_side: int = 1024) -> list[str]:
+               long_side: int = 1024) -> list[dict]:
     """One picture of what dcmp2pgm read: its rendering, its overlay bitmaps in yellow and the text
-    objects it listed at their anchors (dcmp2pgm itself draws neither into its PGM)."""
+    objects it listed in their boxes (dcmp2pgm itself draws neither into its PGM)."""
     rgb = np.repeat(rendered[..., None], 3, axis=2).astype(np.uint8)
     for bitmap in overlays.values():
         rgb[bitmap] = (255, 220, 0)
@@ -91,17 +110,22 @@ def render_png(dump: str, rendered: np.ndarray, overlays: dict[str, np.ndarray],
     scale = long_side / max(img.size)
     img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=max(12, long_side // 45))
-    texts = re.findall(r'text \d+: "(.*)"\n\s*anchor point: (?:none|([\d.]+)\\([\d.]+)[^\n]*)\n'
-                       r'\s*bounding box: (?:none|TLHC=([\d.]+)\\([\d.]+)[^\n]*)', dump)
-    for text, ax, ay, bx, by in texts:
-        if ax:
-            xy = (float(ax) * scale, float(ay) * scale - font.size * 1.2)
+    texts = text_objects(dump)
+    for t in texts:
+        if t["box"]:
+            x0, y0, x1, y1 = (v * scale for v in t["box"])
+            size = max(8, round((y1 - y0) * 0.8))  # the box's height, or less where the text is wider than it
+            size = min(size, max(8, int(size * (x1 - x0) / draw.textlength(t["text"], font=ImageFont.load_default(size=size)))))
+            font = ImageFont.load_default(size=size)
+            w = draw.textlength(t["text"], font=font)
+            x = x1 - w if t["justification"] == "right" else x0
+            draw.text((x, y0), t["text"], font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
         else:
-            xy = (float(bx) * img.width, float(by) * img.height)
-        draw.text(xy, text, font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+            font = ImageFont.load_default(size=max(12, long_side // 45))
+            draw.text((t["anchor"][0] * scale, t["anchor"][1] * scale - font.size * 1.2), t["text"], font=font,
+                      fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
     img.save(path)
-    return [t[0] for t in texts]
+    return texts
 
 
 def _segment_distance(points: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -124,6 +148,31 @@ def test_outlines_scale_from_the_grid_to_source_pixels() -> None:
     (edge,) = pr.outlines(_blob(0, 0), rows, columns)
     assert np.array_equal(edge[0], edge[-1]) and edge.min() >= 0
     assert pr.outlines(np.zeros((32, 32)), rows, columns) == []
+
+
+def test_label_boxes_stay_in_the_image_clear_of_the_notices_and_of_each_other() -> None:
+    rows, columns, notices = 1000, 800, 3
+    band = rows * (pr.NOTICE_TOP + pr.NOTICE_LINE * notices)
+    height = pr.LABEL_HEIGHT * rows
+    # room above the region: the label sits on its top edge, left-aligned with it
+    box, right = pr.label_box((100, 500, 300, 700), rows, columns, notices, [])
+    assert box[3] == 500 and box[0] == 100 and not right
+    # a region in the notice band's reach: below it
+    box, _ = pr.label_box((100, band, 300, 400), rows, columns, notices, [])
+    assert box[1] == 400
+    # at the right edge: right-justified, ending where the region ends, inside the image
+    box, right = pr.label_box((700, 500, 790, 600), rows, columns, notices, [])
+    assert right and box[2] == 790 and box[0] >= 0
+    # at the bottom right corner with nothing above free: still inside the image
+    box, _ = pr.label_box((700, 0, 800, 1000), rows, columns, notices, [])
+    assert box[3] <= rows and box[2] <= columns
+    # the same place twice: the second moves down a line
+    first, _ = pr.label_box((100, 500, 300, 700), rows, columns, notices, [])
+    second, _ = pr.label_box((120, 500, 300, 700), rows, columns, notices, [first])
+    assert second[1] >= first[3] and second[1] - first[1] == height
+    # no region: under the notices
+    box, _ = pr.label_box(None, rows, columns, notices, [])
+    assert box[1] >= band
 
 
 def test_gsps_is_valid_and_dcmtk_reads_every_shown_finding(tmp_path) -> None:
@@ -180,6 +229,24 @@ def test_gsps_is_valid_and_dcmtk_reads_every_shown_finding(tmp_path) -> None:
     assert not bitmap[cy - 5:cy + 5, cx - 5:cx + 5].any()
     drawn = render_png(dump, rendered, overlays, tmp_path / "render.png")
     assert len(drawn) == len(shown) + len(pr.warnings(prediction, MODEL))
+
+    # Each label as dcmp2pgm read it: a box inside the image, clear of the notices and of the other
+    # labels, on the line just above or below its own outline and overlapping it horizontally.
+    labels = [t for t in drawn if t["text"] in {pr.label_text(f) for f in shown}]
+    notices = [t for t in drawn if t not in labels]
+    assert len(labels) == len(shown) and all(t["box"] and not t["anchor"] for t in drawn)
+
+    def overlap(a, b) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for i, (t, xy) in enumerate(zip(labels, contours, strict=True)):
+        x0, y0, x1, y1 = t["box"]
+        assert 0 <= x0 < x1 <= source.Columns and 0 <= y0 < y1 <= source.Rows, t
+        assert not any(overlap(t["box"], n["box"]) for n in notices), (t, notices)
+        assert not any(overlap(t["box"], o["box"]) for o in labels[i + 1:]), labels
+        left, top, right, bottom = xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()
+        assert abs(y1 - top) < 1 or abs(y0 - bottom) < 1, (t, (left, top, right, bottom))
+        assert x0 < right and left < x1, (t, (left, top, right, bottom))
 
 
 def test_gsps_is_deterministic_and_keeps_identity(tmp_path) -> None:
