@@ -189,11 +189,13 @@ class Hosts:
         path.write_text(_toml(sections))
         return path
 
-    def _node(self, host: Host, label: str, *args: str, **extra: dict) -> None:
+    def _node(self, host: Host, label: str, *args: str, cpu: int | None = None, **extra: dict) -> None:
+        """A node command on the host; ``cpu``: pinned to that core (taskset), as a host of its own would be."""
         env = {**S3_KEYS, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         repo = Path(__file__).resolve().parents[2]
-        host.popen(label, [sys.executable, "-m", "worker.cli", *args, "--config", str(self.config(host, **extra))],
-                   env=env, cwd=repo)
+        pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
+        host.popen(label, [*pin, sys.executable, "-m", "worker.cli", *args, "--config",
+                           str(self.config(host, **extra))], env=env, cwd=repo)
 
     def start_listener(self, name: str = "listen", io: bool = True) -> None:
         """`listen` (with its reconciler) on the host, and an io worker beside it (``io``)."""
@@ -202,15 +204,18 @@ class Hosts:
         wait_for(lambda: "medsam2-cxr listening" in host.log("listen") and connects(host.ip, DICOM_PORT), 120,
                  lambda: f"the listener on {name} (log: {host.log('listen')[-2000:]})")
         if io:
-            self._node(host, "io", "worker", "--queues", "io", model={"bundle": str(self.bundle)})
+            self.start_io(name)
+
+    def start_io(self, name: str = "listen") -> None:
+        self._node(self[name], "io", "worker", "--queues", "io", model={"bundle": str(self.bundle)})
 
     def add_listener(self, name: str) -> None:
         """A second listener host for the same node (PACS failover), its own scratch, no io worker."""
         if "listen" not in self[name].procs:
             self.start_listener(name, io=False)
 
-    def start_gpu(self, name: str) -> None:
-        self._node(self[name], "gpu", "worker", "--queues", "gpu")
+    def start_gpu(self, name: str, cpu: int | None = None) -> None:
+        self._node(self[name], "gpu", "worker", "--queues", "gpu", cpu=cpu)
 
     # -- the modality --------------------------------------------------------------------------
     def send(self, files: list[Path], to: str = "listen", timeout: float = 600) -> Sent:
