@@ -223,7 +223,8 @@ def label_box(region: Box | None, rows: int, columns: int, notices: int, taken: 
 
     while clashes(y0) and y0 + 2 * height <= rows:
         y0 += height
-    return (x0, max(y0, 0.0), x0 + width, max(y0, 0.0) + height), right_justified
+    y0 = max(y0, 0.0)
+    return (x0, y0, x0 + width, y0 + height), right_justified
 
 
 def encode_pr(
