@@ -45,6 +45,7 @@ from index.retrieval import CaseIndex, Retriever, Similar
 from index.sources import BoxSet, default_beta, rank_sources
 from index.store import new_case
 from index.vectors import VectorConfig, VectorIndex, recall_at_k
+from models.calibration import calibrated
 from models.labels import LABELS
 from models.prediction import Prediction
 
@@ -134,7 +135,8 @@ def predict(bundle, items: list[Item], batch: int = 16) -> list[Prediction]:
 def point_probabilities(bundle, pred: Prediction) -> dict[str, float]:
     """Center-only (no box) probabilities for the Bootstrapping-style baseline."""
     with torch.no_grad():
-        logits = bundle.head.logits(torch.as_tensor(pred.center[None], dtype=torch.float32)) / bundle.temperature
+        logits = calibrated(bundle.head.logits(torch.as_tensor(pred.center[None], dtype=torch.float32)),
+                            bundle.temperature, bundle.bias)
     p = torch.sigmoid(logits)[0].numpy()
     return dict(zip(LABELS, map(float, p)))
 
@@ -235,7 +237,7 @@ def source_selection(bundle, cfg: EvalConfig, cache_dir: Path | None) -> dict:
     beta = default_beta(*(s["boxes"] for s in sites.values()))
     auroc: dict[str, dict[str, float]] = {}
     for target, t in sites.items():
-        auroc[target] = {name: float(np.mean([macro_auroc(t["y"], score(h, t["x"], 8).probabilities(np.ones(len(LABELS))))[0]
+        auroc[target] = {name: float(np.mean([macro_auroc(t["y"], score(h, t["x"], 8).probabilities(np.ones(len(LABELS)), np.zeros(len(LABELS))))[0]
                                               for h in heads[name]])) for name in sites if name != target}
     out = {"sites": {n: int(len(s["x"])) for n, s in sites.items()},
            "head": f"B4 box head, {cfg.head_seeds} seeds averaged, trained on all of a source site's images",

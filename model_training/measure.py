@@ -17,17 +17,18 @@ from model_training import metrics
 from model_training.variants import Variant
 from models import operating_points
 from models.boxhead import BoxHead, ood_score
+from models.calibration import calibrated
 from models.labels import LABELS
 from models.tta import box_samples, linear_limit
 
 
 @dataclass
 class Scores:
-    logits_n: np.ndarray  # (B, N, L) per-sample logits before temperature
+    logits_n: np.ndarray  # (B, N, L) per-sample logits before calibration
     ood: np.ndarray  # (B,)
 
-    def probabilities(self, temperature: np.ndarray) -> np.ndarray:
-        return (1 / (1 + np.exp(-self.logits_n / temperature))).mean(1)
+    def probabilities(self, temperature: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        return (1 / (1 + np.exp(-calibrated(self.logits_n, temperature, bias)))).mean(1)
 
 
 def score(head: BoxHead, x: np.ndarray, n: int, seed: int = 0) -> Scores:
@@ -39,28 +40,30 @@ def score(head: BoxHead, x: np.ndarray, n: int, seed: int = 0) -> Scores:
     return Scores(logits_n=logits, ood=ood_score(r).numpy())
 
 
-def closed_form_probabilities(head: BoxHead, x: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+def closed_form_probabilities(head: BoxHead, x: np.ndarray, temperature: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """The N -> infinity BL-TTA limit for the head's linear classifier (probit approximation)."""
     t = torch.as_tensor(np.asarray(temperature), dtype=torch.float32)
     with torch.no_grad():
         c, r = head(torch.as_tensor(x))
-        w, b = head.classifier.weight / t[:, None], head.classifier.bias / t
+        w = head.classifier.weight / t[:, None]
+        b = calibrated(head.classifier.bias, t, torch.as_tensor(np.asarray(bias), dtype=torch.float32))
         return linear_limit(w, b, c, r).numpy()
 
 
-def tta_gap(head: BoxHead, x: np.ndarray, y: np.ndarray, temperature: np.ndarray, ns: Sequence[int] = (1, 8, 64),
+def tta_gap(head: BoxHead, x: np.ndarray, y: np.ndarray, temperature: np.ndarray, bias: np.ndarray,
+            ns: Sequence[int] = (1, 8, 64),
             reference_n: int = 4096, chunk: int = 32) -> dict[str, dict]:
     """How far the N-sample BL-TTA estimate is from its limit, and what N does to the figures.
 
     gap_to_closed_form: mean |p_N - closed form| over test cells; gap_to_reference: the same
     against a 4096-sample estimate (the closed form is itself an approximation, to about 0.01).
     """
-    ref = np.concatenate([score(head, x[i:i + chunk], reference_n).probabilities(temperature)
+    ref = np.concatenate([score(head, x[i:i + chunk], reference_n).probabilities(temperature, bias)
                           for i in range(0, len(x), chunk)]) if len(x) else np.zeros((0, len(LABELS)))
-    limit = closed_form_probabilities(head, x, temperature)
+    limit = closed_form_probabilities(head, x, temperature, bias)
     out = {}
     for n in ns:
-        p = score(head, x, n).probabilities(temperature)
+        p = score(head, x, n).probabilities(temperature, bias)
         out[str(n)] = {"macro_auroc": metrics.macro_auroc(y, p)[0], "brier": metrics.brier(y, p),
                        "gap_to_closed_form": float(np.abs(p - limit).mean()),
                        "gap_to_reference": float(np.abs(p - ref).mean())}
@@ -82,9 +85,10 @@ def measure(head: BoxHead, variant: Variant, cal: dict, y: np.ndarray, x: np.nda
     name -> features. Keys starting with "_" hold arrays for plots, not for JSON.
     """
     temps = np.array([cal["temperatures"][k] for k in LABELS])
+    bias = np.array([cal["biases"][k] for k in LABELS])
     thr = np.array([cal["thresholds"][k] for k in LABELS])
     sc = score(head, x, variant.tta_n)
-    p = sc.probabilities(temps)
+    p = sc.probabilities(temps, bias)
     auroc, scored = metrics.macro_auroc(y, p)
     out: dict = {
         "n_test": int(len(x)), "macro_auroc": auroc, "labels_scored": scored,
@@ -106,14 +110,14 @@ def measure(head: BoxHead, variant: Variant, cal: dict, y: np.ndarray, x: np.nda
 
     def ood_of(feats: np.ndarray) -> np.ndarray:
         s = score(head, feats, variant.tta_n)
-        return s.ood if variant.box else predictive_entropy(s.probabilities(temps))
+        return s.ood if variant.box else predictive_entropy(s.probabilities(temps, bias))
 
     if variant.box:
         out["mean_log_radius"] = float(sc.ood.mean())
     if shifted:
         curve = {0.0: auroc}
         for s_, xs in sorted(shifted.items()):
-            curve[float(s_)] = metrics.macro_auroc(y, score(head, xs, variant.tta_n).probabilities(temps))[0]
+            curve[float(s_)] = metrics.macro_auroc(y, score(head, xs, variant.tta_n).probabilities(temps, bias))[0]
         out["shift_auroc"] = {str(k): v for k, v in sorted(curve.items())}
         if 2.0 in curve:
             out["shift_drop_at_2"] = metrics.shift_drop(curve, 2.0)
@@ -126,7 +130,7 @@ def measure(head: BoxHead, variant: Variant, cal: dict, y: np.ndarray, x: np.nda
             out["ood"][name] = metrics.ood_auroc(s_in, s_out)
             out[f"_ood_{name}"] = s_out
     if variant.box and tta_ns:
-        out["bl_tta"] = tta_gap(head, x, y, temps, tta_ns)
+        out["bl_tta"] = tta_gap(head, x, y, temps, bias, tta_ns)
     return out
 
 

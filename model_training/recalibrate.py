@@ -1,10 +1,11 @@
-"""Local recalibration: new per-label temperatures and thresholds from a site's validated studies,
+"""Local recalibration: new per-label temperatures, biases and thresholds from a site's validated studies,
 measured on patients it was not fitted on, written as a new bundle version beside the old one.
 
 The weights stay as they are; only what the card says about them changes. Per-sample BL-TTA
 logits are recomputed from the box each result kept in the spool (center and radius) with the
 bundle's own head and sample points, so nothing is run through the encoder again. Temperatures
-are fitted as at training (models.calibration.fit_temperature) and thresholds at the bundle's own
+and biases are fitted as at training (models.calibration.fit_calibration; the bias is what
+follows a site's own prevalence) and thresholds at the bundle's own
 criteria (models.operating_points.fit with the card's criteria), on one part of the patients;
 ECE, Brier and AUROC before and after are reported on the rest. The node never switches to the
 new bundle by itself: an administrator points [model] bundle at it.
@@ -28,7 +29,7 @@ from model_training.split import split_patients
 from models import drift
 from models import operating_points as op
 from models.bundle import CARD, Bundle, card_digest, load_bundle
-from models.calibration import fit_temperature
+from models.calibration import fit_calibration
 from models.labels import LABELS
 
 DEFAULT_HELD_FRACTION = 0.5
@@ -78,15 +79,15 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
                                  "back) are too few to recalibrate; wait for more reports")
     card = bundle.card
     logits = box_logits(bundle, cases.center, cases.radius)
-    t0 = np.array([float(card["temperatures"][k]) for k in LABELS])
+    t0, b0 = bundle.temperature.numpy().astype(np.float64), bundle.bias.numpy().astype(np.float64)
     thr0 = np.array([float(card["thresholds"][k]) for k in LABELS])
-    before = Scores(logits, np.zeros(len(cases))).probabilities(t0)
-    t1 = fit_temperature(logits[fit_m], cases.y[fit_m])
-    p_fit = Scores(logits[fit_m], np.zeros(int(fit_m.sum()))).probabilities(t1)
+    before = Scores(logits, np.zeros(len(cases))).probabilities(t0, b0)
+    t1, b1 = fit_calibration(logits[fit_m], cases.y[fit_m])
+    p_fit = Scores(logits[fit_m], np.zeros(int(fit_m.sum()))).probabilities(t1, b1)
     criteria = (card.get("operating_points") or {}).get("criteria") or op.default_criteria()
     ops = op.fit(p_fit, cases.y[fit_m], criteria)
     thr1 = np.array([ops["thresholds"][k] for k in LABELS])
-    after = Scores(logits, np.zeros(len(cases))).probabilities(t1)
+    after = Scores(logits, np.zeros(len(cases))).probabilities(t1, b1)
     y_h = cases.y[held_m]
     result = {
         "from": {"name": card["name"], "version": card["version"], "digest": card["digest"], "path": str(bundle.root)},
@@ -97,12 +98,13 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
         # how far the rescored probabilities are from what the results said: ~0 unless a result came
         # from other temperatures (it would not be this bundle's)
         "rescoring_max_abs_difference": float(np.abs(before - cases.p).max()) if len(cases) else 0.0,
-        "labels": {k: {"temperature": [float(t0[i]), float(t1[i])], "threshold": [float(thr0[i]), float(thr1[i])],
+        "labels": {k: {"temperature": [float(t0[i]), float(t1[i])], "bias": [float(b0[i]), float(b1[i])],
+                       "threshold": [float(thr0[i]), float(thr1[i])],
                        "criterion": str(criteria.get(k, "")),
                        "note": ops["operating_points"]["fallback"].get(k) or ops["operating_points"]["thin"].get(k, "")}
                    for i, k in enumerate(LABELS)},
     }
-    new = _new_card(card, t1, ops, result, data, version, now or dt.datetime.now(dt.UTC),
+    new = _new_card(card, t1, b1, ops, result, data, version, now or dt.datetime.now(dt.UTC),
                     present=after[fit_m] >= thr1, ood=cases.ood[fit_m], mean_radius=cases.radius[fit_m].mean(1))
     _write(bundle.root, out, new)
     load_bundle(out)  # the new version loads and verifies, or this raises before anyone is told to use it
@@ -112,12 +114,13 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
     return result
 
 
-def _new_card(card: Mapping, temperatures: np.ndarray, ops: Mapping, result: Mapping, data: Mapping, version: str,
+def _new_card(card: Mapping, temperatures: np.ndarray, biases: np.ndarray, ops: Mapping, result: Mapping, data: Mapping, version: str,
               now: dt.datetime, present: np.ndarray, ood: np.ndarray, mean_radius: np.ndarray) -> dict:
     new = json.loads(json.dumps(card))  # a deep copy of plain JSON
     new["version"] = version
     new["created"] = now.isoformat(timespec="seconds")
     new["temperatures"] = dict(zip(LABELS, map(float, temperatures)))
+    new["biases"] = dict(zip(LABELS, map(float, biases)))
     new["thresholds"] = {k: float(v) for k, v in ops["thresholds"].items()}
     new["operating_points"] = {**ops["operating_points"],
                                "fitted_on": "the site's own validated studies (fit part), calibrated probabilities"}
@@ -127,7 +130,7 @@ def _new_card(card: Mapping, temperatures: np.ndarray, ops: Mapping, result: Map
         "held": {"images": result["held"]["images"], "patients": result["held"]["patients"],
                  **{w: {m: result["held"][w][m] for m in ("ece", "brier", "macro_auroc")} for w in ("before", "after")}},
         "reference": "first readers' reports (ris.second_read.ReportLabels.truth)",
-        "changed": "temperatures, thresholds, operating points and the drift range; the weights are the same files",
+        "changed": "temperatures, biases, thresholds, operating points and the drift range; the weights are the same files",
     }
     new["limitations"] = [*card.get("limitations", []),
                           f"Recalibrated on local studies ({result['fit']['images']} images) from version "

@@ -114,10 +114,11 @@ def recalibration_html(result: Mapping, summary: Mapping, plots: Mapping[str, Pa
     for m, words in (("ece", "ECE"), ("brier", "Brier"), ("macro_auroc", "macro-AUROC")):
         parts.append(f"<tr><th>{words}</th><td>{_num(b[m])}</td><td>{_num(a[m])}</td></tr>")
     parts.append("</table><h2>Per label</h2><table><tr><th>label</th><th>temperature before</th><th>after</th>"
-                 "<th>threshold before</th><th>after</th><th>criterion</th></tr>")
+                 "<th>bias before</th><th>after</th><th>threshold before</th><th>after</th><th>criterion</th></tr>")
     for k in LABELS:
         r = result["labels"][k]
         parts.append(f"<tr><td>{html.escape(k)}</td><td>{r['temperature'][0]:.3f}</td><td>{r['temperature'][1]:.3f}</td>"
+                     f"<td>{r['bias'][0]:+.2f}</td><td>{r['bias'][1]:+.2f}</td>"
                      f"<td>{r['threshold'][0]:.3f}</td><td>{r['threshold'][1]:.3f}</td>"
                      f"<td>{html.escape(r['criterion'])}{' (' + html.escape(r['note']) + ')' if r.get('note') else ''}"
                      "</td></tr>")

@@ -26,5 +26,5 @@ VARIANTS: dict[str, Variant] = {
     "B3": Variant("B3", "box head trained with in-box sampling; center only at inference", tta_n=1),
     "B4": Variant("B4", "box head + BL-TTA (N=8)"),
     "B5": Variant("B5", "box head + BL-TTA (N=8) + device-invariant training (pixel shifts and a box "
-                        "containment term) + per-label temperature calibration", invariance=True, calibrate=True),
+                        "containment term) + per-label temperature and bias calibration", invariance=True, calibrate=True),
 }

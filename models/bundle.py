@@ -70,6 +70,7 @@ class Bundle:
     encoder: nn.Module
     head: BoxHead
     temperature: torch.Tensor  # (L,)
+    bias: torch.Tensor  # (L,) added to logit / temperature (models.calibration)
     thresholds: np.ndarray  # (L,)
     samples: torch.Tensor  # (N, d) BL-TTA points
     ood_threshold: float
@@ -140,6 +141,8 @@ def load_bundle(root: Path, operating_points: Mapping[str, str] | None = None) -
     return Bundle(
         root=root, card=card, encoder=encoder, head=head,
         temperature=torch.tensor([card["temperatures"][k] for k in LABELS], dtype=torch.float32),
+        # a card from before issue 16 has temperatures only: its bias is 0, as it was fitted
+        bias=torch.tensor([card.get("biases", {}).get(k, 0.0) for k in LABELS], dtype=torch.float32),
         thresholds=np.array([thresholds[k] for k in LABELS], dtype=np.float64),
         samples=box_samples(tta["n"], h["latent_dim"], tta["seed"]),
         ood_threshold=float(card["ood"]["threshold"]),

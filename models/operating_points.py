@@ -10,8 +10,8 @@ Criteria (the spec strings a card and a configuration use):
   second reader is best served by a call that is right most often (it is what the elementwise
   accuracy of the paper's table measures), and for a calibrated probability the call with the
   highest expected accuracy is p >= 0.5 (Bayes' rule for 0/1 loss). It rests on the per-label
-  temperature (one parameter fitted on validation) instead of a threshold searched on a
-  validation split of a few dozen positives, which is noisier.
+  calibration (a temperature and a bias, models.calibration, fitted on validation with priors)
+  instead of a threshold searched on a validation split of a few dozen positives, which is noisier.
 - "accuracy": the highest empirical validation accuracy (for the label: TP + TN over known
   images), ties broken towards 0.5.
 - "sensitivity:X": the highest threshold whose validation sensitivity is at least X;

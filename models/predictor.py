@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from models import encoder as enc
 from models.boxhead import ood_score, pool_features
 from models.bundle import Bundle
-from models.calibration import tier
+from models.calibration import calibrated, tier
 from models.labels import LABELS
 from models.prediction import Finding, Prediction
 from models.saliency import grad_cam
@@ -51,6 +51,7 @@ class Predictor:
         self.head = bundle.head.to(self.device)
         self.samples = bundle.samples.to(self.device)
         self.temperature = bundle.temperature.to(self.device)
+        self.bias = bundle.bias.to(self.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder forward (models.encoder.forward, as for training and the index); vision_features
@@ -66,12 +67,12 @@ class Predictor:
         vf = self.encode(x).requires_grad_(True)
         with torch.enable_grad():
             c, r = self.head(pool_features(vf))
-            probs_n = bl_tta(self.head, c, r, self.samples, self.temperature)  # (B, N, L)
+            probs_n = bl_tta(self.head, c, r, self.samples, self.temperature, self.bias)  # (B, N, L)
             p = probs_n.mean(1).detach().cpu().numpy()
             spread = probs_n.std(1, unbiased=False).detach().cpu().numpy()
             thr = self.bundle.thresholds
             targets = [self._shown(p[b], thr, saliency_top) for b in range(len(images))]
-            center_logits = self.head.logits(c) / self.temperature
+            center_logits = calibrated(self.head.logits(c), self.temperature, self.bias)
             maps = grad_cam(vf, center_logits, targets) if saliency_top > 0 else [{} for _ in images]
         scores = ood_score(r).detach().cpu().numpy()
         ops = self.bundle.operating_points or ("",) * len(LABELS)

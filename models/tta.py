@@ -1,6 +1,6 @@
 """BL-TTA: average the classifier over points drawn inside the box.
 
-p = (1/N) sum_n sigmoid(g(c + r * u_n) / T). The u_n are a fixed, scrambled Sobol set made
+p = (1/N) sum_n sigmoid(g(c + r * u_n) / T + b), T and b the label's calibration. The u_n are a fixed, scrambled Sobol set made
 antithetic (u, -u), so a result is deterministic and the N = 8 estimate has low variance.
 """
 
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from scipy.stats import qmc
+
+from models.calibration import calibrated
 
 if TYPE_CHECKING:
     from models.boxhead import BoxHead
@@ -31,13 +33,10 @@ def box_samples(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def bl_tta(head: BoxHead, center: torch.Tensor, radius: torch.Tensor, samples: torch.Tensor,
-           temperature: torch.Tensor | None = None) -> torch.Tensor:
+           temperature: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Per-sample probabilities, shape (B, N, L). Mean over dim 1 is the BL-TTA estimate."""
     z = center[:, None, :] + radius[:, None, :] * samples[None].to(center)
-    logits = head.logits(z)
-    if temperature is not None:
-        logits = logits / temperature
-    return torch.sigmoid(logits)
+    return torch.sigmoid(calibrated(head.logits(z), temperature, bias))
 
 
 def linear_limit(weight: torch.Tensor, bias: torch.Tensor, center: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from model_training.train import VARIANTS, FeatureSet, calibrate, fit_head, macr
 from models import encoder as enc
 from models.boxhead import BoxHead, ood_score, pool_features
 from models.bundle import BundleError, load_bundle, write_bundle
-from models.calibration import fit_temperature, fit_thresholds, tier
+from models.calibration import fit_calibration, fit_thresholds, tier
 from models.labels import LABELS
 from models.predictor import Predictor, to_input
 from models.preprocess import resize_for_model
@@ -72,7 +72,7 @@ def test_bl_tta_converges_to_the_linear_closed_form():
     errors = {}
     with torch.no_grad():
         for n in (1, 8, 64, 4096):
-            p = bl_tta(head, c, r, box_samples(n, d)).mean(1)
+            p = bl_tta(head, c, r, box_samples(n, d), torch.ones(len(LABELS)), torch.zeros(len(LABELS))).mean(1)
             errors[n] = (p - limit).abs().mean().item()
     assert errors[4096] < 0.01  # the probit approximation itself is accurate to about this
     assert errors[64] <= errors[1]
@@ -98,8 +98,8 @@ def test_temperature_undoes_overconfidence():
     true_logit = rng.normal(0, 2, (2000, 1))
     y = (rng.random((2000, 1)) < 1 / (1 + np.exp(-true_logit))).astype(float)
     logits = (true_logit * 4)[:, None, :]  # 4x overconfident
-    t = fit_temperature(logits, y)
-    assert 3.0 < t[0] < 5.5
+    t, b = fit_calibration(logits, y)
+    assert 3.0 < t[0] < 5.5 and abs(b[0]) <= 0.2  # overconfident, not shifted: no bias to speak of
     thr = fit_thresholds(1 / (1 + np.exp(-logits[:, 0] / t)), y)
     assert 0.2 < thr[0] < 0.8
     assert tier(0.97, 0.5, 0.01) == "high" and tier(0.52, 0.5, 0.01) == "low"
@@ -118,14 +118,39 @@ def test_temperature_prior_pulls_a_thin_label_to_the_pooled_fit_and_leaves_a_ric
     y[:85, 1] = 0
     y[:2, 1] = 1
     logits[:85, 0, 1] = np.r_[4.0, 3.5, rng.normal(-3, 1.5, 83)]
-    alone = fit_temperature(logits, y, prior_sd=None)
-    shrunk = fit_temperature(logits, y)
+    alone, _ = fit_calibration(logits, y, prior_sd=None, bias_sd=0.0)
+    shrunk, _ = fit_calibration(logits, y, bias_sd=0.0)
     assert alone[1] < 0.6 and 2.4 < alone[0] < 3.8  # the thin label alone: sharpened
     assert abs(np.log(shrunk[1] / shrunk[0])) < abs(np.log(alone[1] / shrunk[0])) - 0.5  # pulled towards the pool
     assert abs(np.log(shrunk[0] / alone[0])) < 0.06  # 2000 images outweigh the prior (one grid step is 0.054)
     one_class = np.where(np.isnan(y), np.nan, 0.0)
     one_class[:, 0] = y[:, 0]
-    assert fit_temperature(logits, one_class)[1] == fit_temperature(logits, one_class)[0]  # nothing to fit: the pool
+    t, b = fit_calibration(logits, one_class)
+    assert t[1] == t[0] and b[1] == 0.0  # nothing to fit: the pool, and no bias
+
+
+def test_bias_moves_the_decision_a_temperature_cannot():
+    # Logits 1.5 too high on held-out images (the head has seen its training labels): sign(l / T)
+    # is sign(l) for every T, so only the bias brings the p >= 0.5 calls back to the right ones.
+    rng = np.random.default_rng(2)
+    n = 3000
+    true = rng.normal(-1.0, 1.5, (n, 1))
+    y = (rng.random((n, 1)) < 1 / (1 + np.exp(-true))).astype(float)
+    logits = (true + 1.5)[:, None, :]
+    t_only, b_none = fit_calibration(logits, y, bias_sd=0.0)
+    t, b = fit_calibration(logits, y)
+    assert b_none[0] == 0.0 and -1.8 <= b[0] <= -1.2 and 0.8 < t[0] < 1.25
+
+    def acc(t_, b_):
+        return float(((1 / (1 + np.exp(-(logits[:, 0] / t_ + b_))) >= 0.5) == (y == 1)).mean())
+
+    assert acc(t, b) > acc(t_only, 0.0) + 0.03  # calls present at logit >= 0 were too many
+    # a thin label (8 images) keeps its bias near the prior's 0
+    thin = np.full((n, 2), np.nan)
+    thin[:, 0] = y[:, 0]
+    thin[:8, 1] = [1, 0, 0, 0, 1, 0, 0, 0]
+    _, b2 = fit_calibration(np.concatenate([logits, logits], axis=2), thin)
+    assert abs(b2[1]) < abs(b[0])
 
 
 def _synthetic_features(n=300, d=24, seed=0):

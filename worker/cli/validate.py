@@ -1,5 +1,5 @@
 """Local validation: validate (the bundle's figures on the site's own reported studies) and
-recalibrate (a new bundle version with local temperatures and thresholds; worker.validation)."""
+recalibrate (a new bundle version with local temperatures, biases and thresholds; worker.validation)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def recalibrate(since: SinceOpt, out: OutOpt, until: UntilOpt = None, bundle: Bu
                 held: Annotated[float, typer.Option(help="fraction of patients held back to measure")] = 0.5,
                 seed: Annotated[int, typer.Option(help="patient split seed")] = 0, calling_aet: AetOpt = None,
                 config: ConfigOpt = None) -> None:
-    """A new bundle version with temperatures and thresholds fitted on this site's reported studies
+    """A new bundle version with temperatures, biases and thresholds fitted on this site's reported studies
     (one part of the patients), ECE, Brier and AUROC before and after on the rest. The node keeps
     its bundle until [model] bundle is pointed at the new one."""
     from model_training.recalibrate import RecalibrationError
