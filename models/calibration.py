@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 
@@ -65,7 +67,10 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, prior_sd: float | None = 
     return temperature, bias
 
 
-def calibrated(logits, temperature, bias):
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def calibrated(logits: Array, temperature: Array, bias: Array) -> Array:
     """logit / T + b: the one place the calibration meets a logit (numpy arrays or torch tensors)."""
     return logits / temperature + bias
 
