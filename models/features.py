@@ -8,6 +8,7 @@ features for the same image.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -59,9 +60,11 @@ class FeatureExtractor:
             for (i, key, _), row in zip(pending, f):
                 out[i] = row
                 if self.cache:
-                    tmp = self.cache / f"{key}.tmp.npy"
-                    np.save(tmp, row)
-                    tmp.replace(self.cache / f"{key}.npy")
+                    # A temporary file of its own: two processes filling one cache (a build beside an
+                    # evaluation) otherwise rename each other's file away and one fails.
+                    with tempfile.NamedTemporaryFile(dir=self.cache, prefix=f"{key}.", suffix=".tmp", delete=False) as fh:
+                        np.save(fh, row)
+                    Path(fh.name).replace(self.cache / f"{key}.npy")
             self.encoded += len(pending)
             pending.clear()
 
