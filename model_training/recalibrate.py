@@ -85,7 +85,8 @@ def recalibrate(bundle: Bundle, cases: Cases, out: Path, *, version: str, data: 
     t1, b1 = fit_calibration(logits[fit_m], cases.y[fit_m])
     p_fit = Scores(logits[fit_m], np.zeros(int(fit_m.sum()))).probabilities(t1, b1)
     criteria = (card.get("operating_points") or {}).get("criteria") or op.default_criteria()
-    ops = op.fit(p_fit, cases.y[fit_m], criteria)
+    ops = op.fit(p_fit, cases.y[fit_m], criteria,
+                 fitted_on="the site's own validated studies (fit part), calibrated probabilities")
     thr1 = np.array([ops["thresholds"][k] for k in LABELS])
     after = Scores(logits, np.zeros(len(cases))).probabilities(t1, b1)
     y_h = cases.y[held_m]
@@ -122,8 +123,7 @@ def _new_card(card: Mapping, temperatures: np.ndarray, biases: np.ndarray, ops: 
     new["temperatures"] = dict(zip(LABELS, map(float, temperatures)))
     new["biases"] = dict(zip(LABELS, map(float, biases)))
     new["thresholds"] = {k: float(v) for k, v in ops["thresholds"].items()}
-    new["operating_points"] = {**ops["operating_points"],
-                               "fitted_on": "the site's own validated studies (fit part), calibrated probabilities"}
+    new["operating_points"] = ops["operating_points"]
     new["drift"] = drift.reference(present, ood, mean_radius)
     new["local_recalibration"] = {
         "from": result["from"], "data": dict(data), "split": result["split"], "fit": result["fit"],

@@ -1,7 +1,9 @@
 """Operating points: the threshold at which a finding is called present, and the rule that chose it.
 
-A bundle fits every label's threshold on its validation split, after calibration, by a stated
-criterion, and keeps each label's validation confusion counts at every candidate threshold
+A bundle fits every label's threshold on held-out scores, after calibration, by a stated
+criterion: its validation split and the training split's out-of-fold scores
+(model_training.train.out_of_fold; "validation" below means these held-out images). It keeps each
+label's held-out confusion counts at every candidate threshold
 (`RocTable`) so a site can switch a label to another criterion in its configuration without
 refitting (`[model.operating_points]`, applied by models.bundle.load_bundle).
 
@@ -10,8 +12,8 @@ Criteria (the spec strings a card and a configuration use):
   second reader is best served by a call that is right most often (it is what the elementwise
   accuracy of the paper's table measures), and for a calibrated probability the call with the
   highest expected accuracy is p >= 0.5 (Bayes' rule for 0/1 loss). It rests on the per-label
-  calibration (a temperature and a bias, models.calibration, fitted on validation with priors)
-  instead of a threshold searched on a validation split of a few dozen positives, which is noisier.
+  calibration (a temperature and a bias, models.calibration, fitted on the validation split
+  alone, with priors) instead of a threshold searched on a few dozen positives, which is noisier.
 - "accuracy": the highest empirical validation accuracy (for the label: TP + TN over known
   images), ties broken towards 0.5.
 - "sensitivity:X": the highest threshold whose validation sensitivity is at least X;
@@ -28,17 +30,26 @@ A label whose validation split has fewer than MIN_KNOWN known images or one clas
 and the card says so.
 
 A rate target needs the images it is a rate of: "sensitivity:X" fitted on fewer than
-MIN_CLASS_COUNT validation positives (or "specificity:X" on fewer negatives) is no point a reader
+MIN_CLASS_COUNT held-out positives (or "specificity:X" on fewer negatives) is no point a reader
 can trust, since one image moves the rate by more than 10 points. On 800 phantoms of seed 3131
 Pneumothorax had 2 validation positives: every variant's sensitivity point caught at most one of
-them, and its specificity floor flagged one normal image in five. A bundle's own fit therefore
+them, and its specificity floor flagged one normal image in five (the out-of-fold scores of the
+training split now add about eight times as many). A bundle's own fit therefore
 gives such a label the default criterion instead (`fit`; the card lists it under "not_estimable"
 with the counts). A site that names the rate target in its configuration still gets it (`apply`);
 the card's "not_estimable" entry says on how few images it rests.
+
+A sensitivity target also needs scores that rank the finding's positives above its negatives
+better than chance (one-sided Mann-Whitney p < CHANCE_P over the held-out images). Without that,
+the threshold that reaches it flags as many images as the specificity floor allows, at random.
+On phantoms (random-weight features), with thresholds on the out-of-fold scores and without this
+rule, B5's Pneumothorax point flagged 18% of the test images without one and caught 7 of 26
+pneumothoraces (seeds 101-505). With it, Pneumothorax is listed as not estimable.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -60,6 +71,8 @@ MIN_KNOWN = 5
 # one image: the card names such labels ("thin"), since their fitted point is mostly chance (on
 # 800 phantoms Pneumothorax had 1-2 validation positives).
 MIN_CLASS_COUNT = 10
+# A sensitivity target needs held-out scores that beat chance at this one-sided level (Mann-Whitney).
+CHANCE_P = 0.05
 FALLBACK_THRESHOLD = 0.5
 ALL_OTHERS = "*"  # configuration key: every label not named
 
@@ -240,44 +253,74 @@ class RocTable:
                    np.asarray(d["fp"], np.int64), int(d["n_pos"]), int(d["n_neg"]))
 
 
-def estimable(criterion: str | Criterion, table: RocTable) -> bool:
-    """Whether the validation split holds enough images to fit the criterion's rate target: at
-    least MIN_CLASS_COUNT positives for a sensitivity, negatives for a specificity. Other criteria
-    (and a table `usable` says is not) are judged elsewhere."""
+    @property
+    def auroc(self) -> float:
+        """The empirical AUROC of the scores the table was built from (ties count half), exactly."""
+        tpr = np.r_[self.tp / self.n_pos, 0.0][::-1]
+        fpr = np.r_[self.fp / self.n_neg, 0.0][::-1]
+        return float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2))
+
+    @property
+    def chance_p(self) -> float:
+        """One-sided p-value that the scores rank positives above negatives no better than chance
+        (Mann-Whitney U, normal approximation)."""
+        sd = math.sqrt((self.n_pos + self.n_neg + 1) / (12 * self.n_pos * self.n_neg))
+        return 0.5 * math.erfc((self.auroc - 0.5) / sd / math.sqrt(2))
+
+
+def not_estimable_because(criterion: str | Criterion, table: RocTable) -> str | None:
+    """Why the held-out images cannot carry the criterion's rate target, or None when they can.
+
+    A sensitivity needs at least MIN_CLASS_COUNT positives (a specificity as many negatives), and
+    a sensitivity needs scores that rank the positives above the negatives better than chance
+    (one-sided p < CHANCE_P): otherwise the threshold that reaches it flags images at random, as
+    many as the specificity floor allows, and a reader learns to ignore the flag. Other criteria
+    (and a table `usable` says is not) are judged elsewhere.
+    """
     c = Criterion.parse(criterion)
     if not table.usable or c.kind not in ("sensitivity", "specificity"):
-        return True
-    return (table.n_pos if c.kind == "sensitivity" else table.n_neg) >= MIN_CLASS_COUNT
+        return None
+    n, of = (table.n_pos, "positives") if c.kind == "sensitivity" else (table.n_neg, "negatives")
+    if n < MIN_CLASS_COUNT:
+        return f"{c} needs at least {MIN_CLASS_COUNT} held-out {of}, {n} here"
+    if c.kind == "sensitivity" and table.chance_p >= CHANCE_P:
+        return (f"{c} needs scores that rank the finding above chance; held-out AUROC {table.auroc:.2f} over "
+                f"{table.n_pos} positives and {table.n_neg} negatives (one-sided p = {table.chance_p:.2f})")
+    return None
 
 
-def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None) -> dict:
-    """The card's "operating_points" entry and the thresholds it implies, from validation scores.
+def estimable(criterion: str | Criterion, table: RocTable) -> bool:
+    """Whether the held-out images can carry the criterion's rate target (not_estimable_because)."""
+    return not_estimable_because(criterion, table) is None
 
-    p, y: (B, L) calibrated validation probabilities and labels (nan = unknown). Returns
-    {"thresholds": {label: t}, "operating_points": {...}}. A rate target the validation split
-    cannot estimate (`estimable`) gives way to DEFAULT_CRITERION; "not_estimable" says which and why.
+
+def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None,
+        fitted_on: str = "validation split, calibrated probabilities") -> dict:
+    """The card's "operating_points" entry and the thresholds it implies, from held-out scores.
+
+    p, y: (B, L) calibrated held-out probabilities and labels (nan = unknown); fitted_on says which
+    images they are, for the card. Returns {"thresholds": {label: t}, "operating_points": {...}}.
+    A rate target the held-out images cannot estimate (`estimable`) gives way to DEFAULT_CRITERION; "not_estimable" says which and why.
     """
     criteria = {**default_criteria(), **(criteria or {})}
     tables = {k: RocTable.from_scores(p[:, i], y[:, i]) for i, k in enumerate(LABELS)}
     not_estimable = {}
     for k in LABELS:
-        if not estimable(criteria[k], tables[k]):
-            c = Criterion.parse(criteria[k])
-            n, of = (tables[k].n_pos, "positives") if c.kind == "sensitivity" else (tables[k].n_neg, "negatives")
-            not_estimable[k] = (f"{c} needs at least {MIN_CLASS_COUNT} validation {of}, {n} here: "
-                                f"{DEFAULT_CRITERION} instead")
+        why = not_estimable_because(criteria[k], tables[k])
+        if why:
+            not_estimable[k] = f"{why}: {DEFAULT_CRITERION} instead"
             criteria[k] = DEFAULT_CRITERION
     thresholds = {k: tables[k].choose(criteria[k]) for k in LABELS}
-    fallback = {k: (f"{tables[k].n_pos + tables[k].n_neg} known validation images, {tables[k].n_pos} positive: "
+    fallback = {k: (f"{tables[k].n_pos + tables[k].n_neg} known held-out images, {tables[k].n_pos} positive: "
                     f"threshold {FALLBACK_THRESHOLD}") for k in LABELS
                 if not tables[k].usable and Criterion.parse(criteria[k]).kind != "threshold"}
-    thin = {k: f"fitted on {tables[k].n_pos} validation positives and {tables[k].n_neg} negatives"
+    thin = {k: f"fitted on {tables[k].n_pos} held-out positives and {tables[k].n_neg} negatives"
             for k in LABELS if k not in fallback and Criterion.parse(criteria[k]).kind not in ("threshold", "expected_accuracy")
             and min(tables[k].n_pos, tables[k].n_neg) < MIN_CLASS_COUNT}
     return {
         "thresholds": thresholds,
         "operating_points": {
-            "fitted_on": "validation split, calibrated probabilities",
+            "fitted_on": fitted_on,
             "default_criterion": DEFAULT_CRITERION,
             "urgent_labels": list(URGENT_LABELS),
             "urgent_criterion": URGENT_CRITERION,

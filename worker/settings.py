@@ -191,7 +191,7 @@ class Model(Section):
     default_index_cases: int = 200  # phantom cases of the default similar-cases index
     device: str = ""  # empty: cuda when available, else cpu
     # Per-label operating point, instead of the bundle's own (calibrated p >= 0.5; sensitivity >= 0.90 for
-    # the urgent findings that had >= 10 validation positives): label (or "*" for every other label) -> "expected_accuracy", "accuracy", "f1", "youden",
+    # the urgent findings that had >= 10 held-out positives): label (or "*" for every other label) -> "expected_accuracy", "accuracy", "f1", "youden",
     # "sensitivity:X", "specificity:X" or "threshold:X". Applied from the bundle's validation ROC
     # points without refitting; every result names the operating point it used.
     operating_points: dict[str, str] = {}

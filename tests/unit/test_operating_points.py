@@ -13,8 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from scipy.stats import mannwhitneyu
 
 from dicom_node.uids import results_key
+from model_training.metrics import binary_auroc
 from models import operating_points as op
 from models.bundle import BundleError, load_bundle
 from models.calibration import fit_thresholds
@@ -121,14 +123,15 @@ def test_a_rate_target_on_too_few_validation_positives_gives_way_to_the_default_
     pn, pe = LABELS.index("Pneumothorax"), LABELS.index("Pleural Effusion")
     y[:2, pn] = 1
     y[:12, pe] = 1
+    p[:12, pe] = 0.4 + 0.6 * p[:12, pe]  # scores that rank its positives above chance
     y[:2, LABELS.index("Cardiomegaly")] = 1  # expected_accuracy: fitted on nothing, so never thin
     y[:75, LABELS.index("Edema")] = 1  # 5 negatives: a specificity target cannot be fitted either
     ops = op.fit(p, y, {"Fracture": "f1", "Edema": "specificity:0.9", "Atelectasis": "sensitivity:0.8"})
     o = ops["operating_points"]
     assert o["criteria"]["Pneumothorax"] == op.DEFAULT_CRITERION and ops["thresholds"]["Pneumothorax"] == 0.5
-    assert o["not_estimable"]["Pneumothorax"] == ("sensitivity:0.9,min_specificity:0.8 needs at least 10 validation "
+    assert o["not_estimable"]["Pneumothorax"] == ("sensitivity:0.9,min_specificity:0.8 needs at least 10 held-out "
                                                   "positives, 2 here: expected_accuracy instead")
-    assert o["not_estimable"]["Edema"].startswith("specificity:0.9 needs at least 10 validation negatives, 5 here")
+    assert o["not_estimable"]["Edema"].startswith("specificity:0.9 needs at least 10 held-out negatives, 5 here")
     assert set(o["not_estimable"]) == {"Pneumothorax", "Edema"}  # Atelectasis: one class, so the 0.5 fallback
     assert o["criteria"]["Pleural Effusion"] == op.URGENT_CRITERION
     roc = op.RocTable.from_scores(p[:, pe], y[:, pe])
@@ -141,6 +144,34 @@ def test_a_rate_target_on_too_few_validation_positives_gives_way_to_the_default_
     assert crit["Pneumothorax"] == "sensitivity:0.9"
     assert thr["Pneumothorax"] == op.RocTable.from_scores(p[:, pn], y[:, pn]).choose("sensitivity:0.9")
     assert op.estimable("sensitivity:0.9", roc) and op.estimable("f1", op.RocTable.from_scores(p[:, pn], y[:, pn]))
+
+
+def test_a_sensitivity_point_on_scores_no_better_than_chance_gives_way_to_the_default():
+    # 700 held-out images, 25 pneumothoraces: enough positives, but scores that do not rank them
+    # (phantom features carry no pneumothorax). Its high-sensitivity point would flag one image
+    # in five at random; the fit says so and uses the default. Pleural Effusion, ranked, keeps it.
+    rng = np.random.default_rng(11)
+    n = 700
+    p = rng.random((n, len(LABELS))) * 0.2
+    y = np.zeros_like(p)
+    pn, pe = LABELS.index("Pneumothorax"), LABELS.index("Pleural Effusion")
+    y[rng.choice(n, 25, replace=False), pn] = 1
+    pos = rng.choice(n, 60, replace=False)
+    y[pos, pe] = 1
+    p[pos, pe] += 0.15
+    chance, ranked = op.RocTable.from_scores(p[:, pn], y[:, pn]), op.RocTable.from_scores(p[:, pe], y[:, pe])
+    assert abs(chance.auroc - 0.5) < 0.1 and chance.chance_p > op.CHANCE_P and ranked.chance_p < 1e-6
+    ops = op.fit(p, y)["operating_points"]
+    assert ops["criteria"]["Pneumothorax"] == op.DEFAULT_CRITERION
+    assert ops["not_estimable"]["Pneumothorax"].startswith(
+        f"{op.URGENT_CRITERION} needs scores that rank the finding above chance; held-out AUROC {chance.auroc:.2f} "
+        "over 25 positives and 675 negatives")
+    assert ops["criteria"]["Pleural Effusion"] == op.URGENT_CRITERION and "Pleural Effusion" not in ops["not_estimable"]
+    # the table's AUROC is the scores' own (ties count half), and its p-value the Mann-Whitney one
+    assert ranked.auroc == pytest.approx(binary_auroc(y[:, pe], p[:, pe]), abs=1e-12)
+    u = mannwhitneyu(p[y[:, pn] == 1, pn], p[y[:, pn] == 0, pn], alternative="greater", method="asymptotic",
+                     use_continuity=False)
+    assert chance.chance_p == pytest.approx(u.pvalue, rel=1e-3)
 
 
 def test_accuracy_by_group_splits_the_urgent_columns_from_the_rest():
@@ -190,7 +221,7 @@ def test_the_default_bundle_card_states_each_labels_operating_point_with_test_co
     assert ops["urgent_labels"] == list(op.URGENT_LABELS)
     test = card["metrics"]["test"]["operating_points"]
     for k in LABELS:
-        urgent = k in op.URGENT_LABELS and k not in ops["not_estimable"]  # too few validation positives: the default
+        urgent = k in op.URGENT_LABELS and k not in ops["not_estimable"]  # too few held-out positives: the default
         assert ops["criteria"][k] == ("sensitivity:0.9,min_specificity:0.8" if urgent else "expected_accuracy")
         assert set(ops["validation_roc"][k]) == {"thresholds", "tp", "fp", "n_pos", "n_neg"}
         t = test[k]
