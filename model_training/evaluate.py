@@ -30,7 +30,15 @@ from imagedata.item import Item
 from model_training import metrics, plots
 from model_training.data import TRAIN_SHIFT_RANGE, Dataset
 from model_training.measure import measure, public
-from model_training.train import VARIANTS, FeatureSet, build_description, calibrate, fit_head, text_features
+from model_training.train import (
+    VARIANTS,
+    FeatureSet,
+    build_description,
+    calibrate,
+    fit_head,
+    out_of_fold,
+    text_features,
+)
 from models import operating_points
 from models.features import FeatureExtractor
 from models.labels import LABELS
@@ -189,7 +197,7 @@ def aggregate(runs: list[dict], name: str, cfg: EvalConfig, shift_method: str) -
         "elementwise_accuracy_other": _summ(runs, "elementwise_accuracy_other"),
         "operating_points": _operating_points(runs),
         "criteria": criteria_summary({k: v["criterion"] for k, v in r0["operating_points"].items()}),
-        # labels whose criterion's rate target the validation split could not estimate (the default instead)
+        # labels whose criterion's rate target the held-out images could not estimate (the default instead)
         "not_estimable": r0.get("not_estimable", {}),
         "brier": _summ(runs, "brier", False),
         "ece": _summ(runs, "ece", False),
@@ -250,7 +258,7 @@ def run_evaluation(dataset: Dataset, extract: FeatureExtractor, out: Path, encod
             runs = []
             for seed in seeds:
                 head = fit_head(train, v, seed, epochs=cfg.epochs)
-                cal = calibrate(head, v, val)
+                cal = calibrate(head, v, val, held_out=out_of_fold(train, v, seed, epochs=cfg.epochs))
                 r = measure(head, v, cal, y_te, x_te, f.test_shifted, f.ood, cfg.tta_ns)
                 r["seed"] = seed
                 r["temperatures_mean"] = float(np.mean(list(cal["temperatures"].values())))
@@ -283,7 +291,8 @@ def run_evaluation(dataset: Dataset, extract: FeatureExtractor, out: Path, encod
             "ood_sets": f.ood_descriptions,
             "ood_positive_class": "out-of-distribution (higher score = more foreign)",
             "thresholds": ("elementwise_accuracy and operating_points (per-label sensitivity, specificity, PPV) use "
-                           "each model's per-label thresholds, fitted on its calibrated validation probabilities by "
+                           "each model's per-label thresholds, fitted on its calibrated held-out probabilities (the "
+                           "validation split and the training split's out-of-fold scores) by "
                            "the criterion its bundle would use (models.operating_points; each variant's `criteria` "
                            "names them); elementwise_accuracy_at_0.5 uses 0.5"),
             "ece": f"{metrics.ECE_BINS} equal-width bins over all known (image, label) cells",
@@ -384,6 +393,10 @@ def _operating_point_table(res: dict, order: list[str]) -> list[str]:
         L.append(f"| {lab} | " + " | ".join(cell(res[k]["operating_points"][lab]) for k in shown)
                  + f" | {o_last['criterion']} | {(c['tp'] + c['fn']) // n_seeds} |")
     L += ["", "n/a: no positive (sensitivity) or no negative (specificity) test image for the label."]
+    gave_way = res[shown[-1]].get("not_estimable", {})
+    if gave_way:
+        L += ["", f"Criteria that gave way to the default ({shown[-1]}, first seed):", ""]
+        L += [f"- {lab}: {why}" for lab, why in gave_way.items()]
     return L
 
 
@@ -429,11 +442,12 @@ def render_table(report: dict) -> str:
                  f"{r.get('criteria', 'n/a')} | {_fmt(r['elementwise_accuracy_at_0.5'])} | "
                  f"{_fmt(r.get('elementwise_accuracy_urgent'))} | {_fmt(r.get('elementwise_accuracy_other'))} | {_fmt(r['brier'])} | "
                  f"{_fmt(r['ece'])} | " + " | ".join(oods) + f" | {_fmt(r.get('shift_drop_at_2'))} |")
-    L += ["", "Elementwise accuracy: at each model's per-label thresholds, fitted on its calibrated validation "
-          "probabilities by the criterion its bundle uses (\"thresholds by\": accuracy = best validation accuracy, "
-          "ties towards 0.5; expected_accuracy = calibrated p >= 0.5; sensitivity:X = the highest threshold with "
-          "validation sensitivity >= X, used only where validation has at least "
-          f"{operating_points.MIN_CLASS_COUNT} positives of the label, else expected_accuracy), and at 0.5; "
+    L += ["", "Elementwise accuracy: at each model's per-label thresholds, fitted on its calibrated held-out "
+          "probabilities (the validation split and the training split's out-of-fold scores) by the criterion its "
+          "bundle uses (\"thresholds by\": accuracy = best held-out accuracy, ties towards 0.5; expected_accuracy = "
+          "calibrated p >= 0.5; sensitivity:X = the highest threshold with held-out sensitivity >= X, used only where "
+          f"the held-out images have at least {operating_points.MIN_CLASS_COUNT} positives of the label and the scores "
+          "rank them above chance, else expected_accuracy), and at 0.5; "
           "\"acc. urgent labels\" is the same over the urgent findings' columns only (their high-sensitivity "
           "points), \"acc. other labels\" over the rest. "
           "OOD score: mean log radius of the box for B3-B5; the point-embedding baselines "

@@ -22,13 +22,18 @@ from models.labels import LABELS
 from models.tta import box_samples, linear_limit
 
 
+def probabilities(logits_n: np.ndarray, temperature: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """BL-TTA probabilities (B, L): the mean over samples of the calibrated per-sample probabilities."""
+    return (1 / (1 + np.exp(-calibrated(logits_n, temperature, bias)))).mean(1)
+
+
 @dataclass
 class Scores:
     logits_n: np.ndarray  # (B, N, L) per-sample logits before calibration
     ood: np.ndarray  # (B,)
 
     def probabilities(self, temperature: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        return (1 / (1 + np.exp(-calibrated(self.logits_n, temperature, bias)))).mean(1)
+        return probabilities(self.logits_n, temperature, bias)
 
 
 def score(head: BoxHead, x: np.ndarray, n: int, seed: int = 0) -> Scores:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from model_training import train as train_mod
 from model_training.split import split_patients
-from model_training.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc
+from model_training.train import VARIANTS, FeatureSet, calibrate, fit_head, macro_auroc, out_of_fold
 from models import encoder as enc
 from models.boxhead import BoxHead, ood_score, pool_features
 from models.bundle import BundleError, load_bundle, write_bundle
@@ -171,6 +172,52 @@ def test_heads_learn_separable_features(name):
     cal = calibrate(head, VARIANTS[name], FeatureSet(fs.x[va], fs.y[va], fs.patients[va]))
     assert cal["validation"]["macro_auroc"] > 0.85
     assert cal["validation"]["labels_scored"] == len(LABELS)
+
+
+def test_out_of_fold_scores_every_training_image_with_a_head_that_never_saw_its_patient(monkeypatch):
+    fs = _synthetic_features(n=120)
+    trained_on: dict[int, set] = {}
+    scored: list[tuple[set, np.ndarray]] = []
+    real_fit, real_score = train_mod.fit_head, train_mod.score
+
+    def spy_fit(sub, variant, seed, **kw):
+        head = real_fit(sub, variant, seed, **kw)
+        trained_on[id(head)] = set(sub.patients)
+        return head
+
+    def spy_score(head, x, n, **kw):
+        rows = np.flatnonzero((fs.x[:, None, :] == x[None]).all(-1).any(1))
+        scored.append((trained_on[id(head)], rows))
+        return real_score(head, x, n, **kw)
+
+    monkeypatch.setattr(train_mod, "fit_head", spy_fit)
+    monkeypatch.setattr(train_mod, "score", spy_score)
+    logits, y = out_of_fold(fs, VARIANTS["B5"], seed=3, epochs=2)
+    assert logits.shape == (120, VARIANTS["B5"].tta_n, len(LABELS)) and np.array_equal(y, fs.y, equal_nan=True)
+    assert len(scored) == train_mod.THRESHOLD_FOLDS
+    rows = np.concatenate([r for _, r in scored])
+    assert sorted(rows) == list(range(120))  # every image once
+    for seen, r in scored:
+        assert not seen & set(fs.patients[r])  # never by a head trained on its patient
+        assert len(seen) + len(set(fs.patients[r])) == len(set(fs.patients))
+
+
+def test_calibrate_fits_thresholds_on_validation_and_the_out_of_fold_scores():
+    fs = _synthetic_features()
+    tr, va, _ = split_patients(fs.patients, seed=0)
+    train, val = fs.subset(tr), fs.subset(va)
+    head = fit_head(train, VARIANTS["B5"], seed=0, epochs=5)
+    alone = calibrate(head, VARIANTS["B5"], val)
+    pooled = calibrate(head, VARIANTS["B5"], val, held_out=out_of_fold(train, VARIANTS["B5"], seed=0, epochs=5))
+    roc_alone, roc = alone["operating_points"]["validation_roc"], pooled["operating_points"]["validation_roc"]
+    for i, k in enumerate(LABELS):
+        assert roc_alone[k]["n_pos"] == int(np.nansum(val.y[:, i]))
+        assert roc[k]["n_pos"] == int(np.nansum(val.y[:, i]) + np.nansum(train.y[:, i]))
+    assert "out-of-fold" in pooled["operating_points"]["fitted_on"]
+    # the calibration is the bundle head's own, on validation: the out-of-fold heads saw less data
+    assert pooled["temperatures"] == alone["temperatures"] and pooled["biases"] == alone["biases"]
+    # the validation figures stay those of the bundle's head on the validation split
+    assert pooled["validation"]["n_images"] == alone["validation"]["n_images"] == int(va.sum())
 
 
 def test_macro_auroc_skips_single_class_labels():
