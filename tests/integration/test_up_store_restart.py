@@ -29,7 +29,10 @@ def _results(folder) -> set[str]:
     """The source SOP Instance UIDs the PACS has a Comprehensive 3D SR for."""
     out = set()
     for f in folder.iterdir():
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, EOFError):
+            continue  # storescp is still writing it (seen on a busy machine): the next poll reads it
         if ds.SOPClassUID.name == "Comprehensive 3D SR Storage":
             out.add(ds.SOPInstanceUID)
     return out
