@@ -300,7 +300,8 @@ def fit(p: np.ndarray, y: np.ndarray, criteria: Mapping[str, str] | None = None,
 
     p, y: (B, L) calibrated held-out probabilities and labels (nan = unknown); fitted_on says which
     images they are, for the card. Returns {"thresholds": {label: t}, "operating_points": {...}}.
-    A rate target the held-out images cannot estimate (`estimable`) gives way to DEFAULT_CRITERION; "not_estimable" says which and why.
+    A rate target the held-out images cannot carry (`not_estimable_because`) gives way to
+    DEFAULT_CRITERION; "not_estimable" says which and why.
     """
     criteria = {**default_criteria(), **(criteria or {})}
     tables = {k: RocTable.from_scores(p[:, i], y[:, i]) for i, k in enumerate(LABELS)}
