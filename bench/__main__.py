@@ -96,10 +96,23 @@ def bench_train(n: Annotated[int, typer.Option("--n", help="phantom images")] = 
                                     epochs=epochs, device=device, work=work)))
 
 
+@bench_app.command("operating-points")
+def bench_operating_points(seeds: Annotated[str, typer.Option(help="phantom seeds no rule was tuned on, comma-separated")],
+                           n: Annotated[int, typer.Option("--n", help="phantom images per seed")] = 800,
+                           head_seeds: Annotated[int, typer.Option(help="head seeds per variant")] = 2,
+                           work: WorkOpt = None) -> None:
+    """Issue 16's done-when (B5 at least as accurate as B0, B1, B3 at their bundle thresholds) over several seeds."""
+    from bench import operating_points
+
+    _print(operating_points.run, seeds=_ints(seeds), n=n, head_seeds=head_seeds, work=work)
+
+
 def main() -> None:
     from dicom_node.config import configure
+    from worker import logs
 
     configure()  # as the product's command line does
+    logs.configure()  # structlog JSON on stderr: stdout carries the one JSON object
     bench_app()
 
 

@@ -18,21 +18,18 @@ split and the training split's out-of-fold scores, where the scores rank the fin
 chance (model_training.train.out_of_fold, models.operating_points). On seeds 101-505 that raised
 B5's test sensitivity for Pleural Effusion from 0.49 to 0.78 and its lead over the best of B0, B1
 and B3 from +0.0021 to +0.0039. On this seed, B1's effusion point gained five cells and B5 now
-trails it by one cell in about 2,000 (0.9079 against 0.9084). On the unseen seeds 6263 and 9091,
-B5 trails B1 under either rule. That is the shortfall the strict xfail names.
+trails it by one cell in about 2,000 (0.9079 against 0.9084). That is the shortfall the strict
+xfail names. One seed decides little here: one image's call moves a variant's accuracy by about
+0.0009. Over nine seeds no rule was tuned on (`python -m bench operating-points`, bench/
+operating_points.py), B5 met the done-when on four, and against B1 it was +0.0007 (standard error
+0.0027; ahead on 4 of 9), against B0 +0.0060 and B3 +0.0044 (ahead on 7 of 9 each).
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from model_training import data as data_mod
-from model_training.evaluate import EvalConfig, run_evaluation
-from model_training.train import load_encoder
-from models.encoder import SPECS
-from models.features import FeatureExtractor
+from bench import operating_points
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 
@@ -45,15 +42,7 @@ NUMERIC = 5e-4
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("done-when")
-    ds = data_mod.load_dataset(f"phantoms:800:{SEED}", size=512, n_ood=0)
-    encoder, digest, weights = load_encoder("tiny")
-    size = SPECS["tiny"].image_size
-    extract = FeatureExtractor(encoder, size, digest, out / "cache")
-    cfg = EvalConfig(seeds=2, variants=("B0", "B1", "B3", "B5"), shifts=(0.0,), tta_ns=())
-    report = run_evaluation(ds, extract, out / "eval", {"spec": "tiny", "image_size": size, "weights": weights},
-                            cfg, clock=time.monotonic)
-    return report["variants"]
+    return operating_points.evaluate_seed(SEED, 800, tmp_path_factory.mktemp("done-when"))["variants"]
 
 
 def test_b5_calibration_and_ranking_are_no_worse_than_before(variants):
@@ -76,3 +65,18 @@ def test_b5_calibration_and_ranking_are_no_worse_than_before(variants):
 def test_b5_at_its_bundle_thresholds_is_as_accurate_as_b0_b1_and_b3(variants):
     acc = {k: r["elementwise_accuracy"]["mean"] for k, r in variants.items()}
     assert acc["B5"] >= max(acc["B0"], acc["B1"], acc["B3"]) - 1e-12, acc  # equal cell counts tie
+
+
+def test_the_several_seed_comparison_counts_ties_as_met_and_pairs_by_seed():
+    """bench operating-points' summary, on accuracies made up so every figure is known."""
+    per_seed = {1: {"B0": 0.90, "B1": 0.91, "B3": 0.89, "B5": 0.91},  # tie with B1: met
+                2: {"B0": 0.88, "B1": 0.90, "B3": 0.92, "B5": 0.91},  # B3 ahead by 0.01
+                3: {"B0": 0.90, "B1": 0.89, "B3": 0.90, "B5": 0.93}}
+    out = operating_points.compare(per_seed)
+    assert out["b5_minus_best_other"] == {"1": 0.0, "2": -0.01, "3": 0.03}
+    assert out["done_when_met_on"] == 2 and out["mean_b5_minus_best_other"] == pytest.approx(0.0067, abs=1e-4)
+    b1 = out["b5_against"]["B1"]  # differences 0, 0.01, 0.04: mean 0.0167, sd 0.0208
+    assert b1["mean_difference"] == pytest.approx(0.0167, abs=1e-4) and b1["b5_ahead_or_tied"] == 3
+    assert b1["standard_error"] == pytest.approx(0.0208 / 3 ** 0.5, abs=1e-4)
+    assert out["b5_against"]["B3"]["b5_ahead_or_tied"] == 2
+    assert operating_points.compare({1: per_seed[1]})["b5_against"]["B1"]["standard_error"] is None  # one seed
