@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -50,16 +51,15 @@ def compare(per_seed: dict[int, dict[str, float]]) -> dict:
 
     def paired(b: str) -> dict:
         d = [acc["B5"] - acc[b] for acc in per_seed.values()]
-        mean = sum(d) / len(d)
-        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None  # one seed: none
-        return {"mean_difference": round(mean, 4), "standard_error": None if se is None else round(se, 4),
+        se = round(statistics.stdev(d) / math.sqrt(len(d)), 4) if len(d) > 1 else None  # one seed: none
+        return {"mean_difference": round(statistics.mean(d), 4), "standard_error": se,
                 "b5_ahead_or_tied": sum(x >= -1e-12 for x in d), "seeds": len(d)}
 
     return {
         "b5_minus_best_other": {str(s): round(g, 4) for s, g in gaps.items()},
-        "mean_b5_minus_best_other": round(sum(gaps.values()) / len(gaps), 4),
+        "mean_b5_minus_best_other": round(statistics.mean(gaps.values()), 4),
         "done_when_met_on": sum(g >= -1e-12 for g in gaps.values()),  # equal cell counts tie
-        "mean_accuracy": {k: round(sum(a[k] for a in per_seed.values()) / len(per_seed), 4) for k in (*BASELINES, "B5")},
+        "mean_accuracy": {k: round(statistics.mean(a[k] for a in per_seed.values()), 4) for k in (*BASELINES, "B5")},
         "b5_against": {b: paired(b) for b in BASELINES},
     }
 
